@@ -1,0 +1,201 @@
+"""The cluster split: which observed results feed l(x) and which feed g(x).
+
+Pure numpy (plus scikit-learn's k-means): values in, index sets out. Nothing here knows about
+Optuna trials; :mod:`optuna_ctpe.sampler` turns trials into the ``scores`` used here.
+
+Our interpretation of arXiv:2308.06422
+--------------------------------------
+The paper's abstracts say that the method "combines k-means clustering with tree-structured Parzen
+estimation" and builds a "dual-threshold" estimator; they do not say what is clustered, how many
+clusters are used or which clusters form each group. This module implements one reading, with the
+choices exposed as parameters whose defaults were chosen by the benchmarks in ``benchmarks/``:
+
+1. ``scores`` (lower is better) are transformed (``transform``): ``"log"`` compresses the long
+   tail of bad results so that k-means separates the good region finely (see :func:`transform`),
+   ``"rank"`` uses normalised ranks and ``"none"`` the raw values.
+2. 1-D k-means with ``n_clusters`` clusters (or the Calinski-Harabasz best of 2-5 with ``"auto"``)
+   runs on the transformed finite scores, started from evenly spaced quantiles, so it is
+   deterministic and independent of any random seed.
+3. The first threshold is the upper edge of the best cluster: its members form the good group,
+   capped at ``n_good_max`` (Optuna's TPE good-set size by default) by keeping the best of them.
+   The second threshold is the lower edge of the worst cluster: with ``bad_group="worst"`` only
+   the worst cluster forms the bad group and the middle clusters are left out of both densities;
+   with ``bad_group="rest"`` everything outside the good group is bad, as in plain TPE.
+4. Whenever clustering is not meaningful (fewer distinct finite values than clusters, all values
+   equal, too few points) the split falls back to TPE's quantile split: the ``n_good_max`` best
+   scores are good and all others bad. The reason is reported in :attr:`Split.fallback_reason`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from typing import NamedTuple
+import warnings
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+
+
+Transform = Literal["log", "rank", "none"]
+BadGroup = Literal["worst", "rest"]
+
+TRANSFORMS: tuple[str, ...] = ("log", "rank", "none")
+BAD_GROUPS: tuple[str, ...] = ("worst", "rest")
+AUTO_CLUSTER_RANGE = (2, 5)
+
+
+class Split(NamedTuple):
+    """Result of :func:`cluster_split`.
+
+    Attributes:
+        good: Indices (into ``scores``) of the good group, the observations of l(x).
+        bad: Indices of the bad group, the observations of g(x).
+        n_clusters: Number of clusters used; 0 when the quantile fallback was used.
+        threshold: Largest raw score in the good group (``nan`` when the group is empty).
+        fallback_reason: Empty when clustering decided the split, else why it did not.
+    """
+
+    good: np.ndarray
+    bad: np.ndarray
+    n_clusters: int
+    threshold: float
+    fallback_reason: str
+
+
+def transform(scores: np.ndarray, method: Transform, n_good: int) -> np.ndarray:
+    """Map finite scores (lower is better) to the values that k-means clusters.
+
+    ``"log"`` computes ``log1p((y - y_min) / s)`` where ``s`` is the gap between the best score
+    and the ``n_good``-th best one (TPE's threshold). Scores inside TPE's good set therefore land
+    in ``[0, log 2]`` while a long tail of bad scores is compressed, so k-means spends its
+    clusters where the good results are instead of isolating a few catastrophic ones. When that
+    gap is zero (ties at the top), the smallest positive gap is used instead.
+    """
+    if method == "none":
+        return scores.astype(float)
+    if method == "rank":
+        # Average ranks keep ties together, so equal scores always share a cluster.
+        order = np.argsort(scores, kind="stable")
+        ranks = np.empty(len(scores), dtype=float)
+        ranks[order] = np.arange(len(scores), dtype=float)
+        _, inverse = np.unique(scores, return_inverse=True)
+        sums = np.bincount(inverse, weights=ranks)
+        counts = np.bincount(inverse)
+        return (sums / counts)[inverse] / max(len(scores) - 1, 1)
+    if method == "log":
+        shifted = scores - scores.min()
+        k = min(max(n_good, 1), len(scores)) - 1
+        scale = np.partition(shifted, k)[k]
+        if scale <= 0:
+            positive = shifted[shifted > 0]
+            scale = positive.min() if positive.size else 1.0
+        return np.log1p(shifted / scale)
+    raise ValueError(f"transform must be one of {TRANSFORMS}, got {method!r}.")
+
+
+def _kmeans_1d(values: np.ndarray, n_clusters: int) -> tuple[np.ndarray, float]:
+    """Cluster 1-D values; return labels ordered by centroid (0 = lowest) and the inertia."""
+    init = np.quantile(values, (np.arange(n_clusters) + 0.5) / n_clusters).reshape(-1, 1)
+    with warnings.catch_warnings():
+        # Duplicate initial centres on tied data are legal here: empty clusters are handled
+        # below by relabelling, so scikit-learn's convergence warning is noise for users.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(n_clusters=n_clusters, init=init, n_init=1, algorithm="lloyd").fit(
+            values.reshape(-1, 1)
+        )
+    centres = km.cluster_centers_.ravel()
+    order = np.argsort(centres, kind="stable")
+    rank_of = np.empty(n_clusters, dtype=int)
+    rank_of[order] = np.arange(n_clusters)
+    labels = rank_of[km.labels_]
+    # Compact labels so that empty clusters (possible with ties) do not leave gaps.
+    _, labels = np.unique(labels, return_inverse=True)
+    return labels, float(km.inertia_)
+
+
+def _calinski_harabasz(values: np.ndarray, labels: np.ndarray, inertia: float) -> float:
+    n, k = len(values), int(labels.max()) + 1
+    if k < 2 or n <= k:
+        return -np.inf
+    total = float(((values - values.mean()) ** 2).sum())
+    if inertia <= 0:
+        return np.inf
+    return ((total - inertia) / (k - 1)) / (inertia / (n - k))
+
+
+def _choose_clustering(values: np.ndarray, n_clusters: int | Literal["auto"]) -> np.ndarray:
+    if n_clusters != "auto":
+        return _kmeans_1d(values, n_clusters)[0]
+    n_distinct = len(np.unique(values))
+    best_labels, best_score = None, -np.inf
+    for k in range(AUTO_CLUSTER_RANGE[0], min(AUTO_CLUSTER_RANGE[1], n_distinct) + 1):
+        labels, inertia = _kmeans_1d(values, k)
+        score = _calinski_harabasz(values, labels, inertia)
+        if best_labels is None or score > best_score:
+            best_labels, best_score = labels, score
+    assert best_labels is not None
+    return best_labels
+
+
+def quantile_split(scores: np.ndarray, n_good: int, reason: str) -> Split:
+    """TPE's split: the ``n_good`` best scores are good, all others bad (stable for ties)."""
+    order = np.argsort(scores, kind="stable")
+    n_good = min(max(n_good, 0), len(scores))
+    good = np.sort(order[:n_good])
+    threshold = float(scores[order[n_good - 1]]) if n_good > 0 else float("nan")
+    return Split(good, np.sort(order[n_good:]), 0, threshold, reason)
+
+
+def cluster_split(
+    scores: np.ndarray,
+    *,
+    n_clusters: int | Literal["auto"],
+    transform_method: Transform,
+    bad_group: BadGroup,
+    n_good_max: int,
+) -> Split:
+    """Split scores (lower is better) into good and bad groups by k-means.
+
+    Args:
+        scores: One score per observation; ``+inf`` is worse than any finite score and
+            ``-inf`` better. NaN is not allowed (the sampler never passes it).
+        n_clusters: Number of k-means clusters (``>= 2``), or ``"auto"``.
+        transform_method: ``"log"``, ``"rank"`` or ``"none"``; see :func:`transform`.
+        bad_group: ``"worst"`` keeps only the worst cluster in the bad group, ``"rest"`` keeps
+            every observation outside the good group.
+        n_good_max: Upper bound on the size of the good group.
+
+    Returns:
+        The :class:`Split`. Observations that are in neither group are left out of both densities.
+    """
+    scores = np.asarray(scores, dtype=float)
+    if np.isnan(scores).any():
+        raise ValueError("scores must not contain NaN.")
+    n = len(scores)
+    n_good_max = max(int(n_good_max), 1)
+    finite = np.flatnonzero(np.isfinite(scores))
+    k_min = AUTO_CLUSTER_RANGE[0] if n_clusters == "auto" else int(n_clusters)
+
+    n_distinct = len(np.unique(scores[finite]))
+    if n_distinct < k_min or n_distinct < 2:
+        return quantile_split(scores, n_good_max, f"{n_distinct} distinct finite values")
+
+    values = transform(scores[finite], transform_method, n_good_max)
+    labels = _choose_clustering(values, n_clusters)
+    n_used = int(labels.max()) + 1
+    if n_used < 2:
+        return quantile_split(scores, n_good_max, "k-means found a single cluster")
+
+    # -inf scores are better than any cluster, +inf scores worse than any.
+    neg_inf = np.flatnonzero(scores == -np.inf)
+    pos_inf = np.flatnonzero(scores == np.inf)
+    best_cluster = np.concatenate([neg_inf, finite[labels == 0]])
+    best_cluster = best_cluster[np.argsort(scores[best_cluster], kind="stable")]
+    good = np.sort(best_cluster[:n_good_max])
+
+    if bad_group == "worst":
+        bad = np.concatenate([finite[labels == n_used - 1], pos_inf])
+    else:
+        bad = np.setdiff1d(np.arange(n), good)
+    return Split(good, np.sort(bad), n_used, float(scores[good].max()), "")
