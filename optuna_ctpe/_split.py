@@ -13,9 +13,9 @@ choices exposed as parameters whose defaults were chosen by the benchmarks in ``
 1. ``scores`` (lower is better) are transformed (``transform``): ``"log"`` compresses the long
    tail of bad results so that k-means separates the good region finely (see :func:`transform`),
    ``"rank"`` uses normalised ranks and ``"none"`` the raw values.
-2. 1-D k-means with ``n_clusters`` clusters (or the Calinski-Harabasz best of 2-5 with ``"auto"``)
-   runs on the transformed finite scores, started from evenly spaced quantiles, so it is
-   deterministic and independent of any random seed.
+2. Exact 1-D k-means (Lloyd) with ``n_clusters`` clusters (or the silhouette-best of 2-5 with
+   ``"auto"``) runs on the transformed finite scores, started from evenly spaced quantiles, so
+   it is deterministic and independent of any random seed.
 3. The first threshold is the upper edge of the best cluster: its members form the good group,
    capped at ``n_good_max`` (Optuna's TPE good-set size by default) by keeping the best of them.
    The second threshold is the lower edge of the worst cluster: with ``bad_group="worst"`` only
@@ -30,11 +30,9 @@ from __future__ import annotations
 
 from typing import Literal
 from typing import NamedTuple
-import warnings
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import silhouette_score
 
 
 Transform = Literal["log", "rank", "none"]
@@ -43,6 +41,8 @@ BadGroup = Literal["worst", "rest"]
 TRANSFORMS: tuple[str, ...] = ("log", "rank", "none")
 BAD_GROUPS: tuple[str, ...] = ("worst", "rest")
 AUTO_CLUSTER_RANGE = (2, 5)
+_SILHOUETTE_SAMPLE = 300
+_MAX_LLOYD_ITERATIONS = 300
 
 
 class Split(NamedTuple):
@@ -94,47 +94,55 @@ def transform(scores: np.ndarray, method: Transform, n_good: int) -> np.ndarray:
     raise ValueError(f"transform must be one of {TRANSFORMS}, got {method!r}.")
 
 
-def _kmeans_1d(values: np.ndarray, n_clusters: int) -> tuple[np.ndarray, float]:
-    """Cluster 1-D values; return labels ordered by centroid (0 = lowest) and the inertia."""
-    init = np.quantile(values, (np.arange(n_clusters) + 0.5) / n_clusters).reshape(-1, 1)
-    with warnings.catch_warnings():
-        # Duplicate initial centres on tied data are legal here: empty clusters are handled
-        # below by relabelling, so scikit-learn's convergence warning is noise for users.
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        km = KMeans(n_clusters=n_clusters, init=init, n_init=1, algorithm="lloyd").fit(
-            values.reshape(-1, 1)
-        )
-    centres = km.cluster_centers_.ravel()
-    order = np.argsort(centres, kind="stable")
-    rank_of = np.empty(n_clusters, dtype=int)
-    rank_of[order] = np.arange(n_clusters)
-    labels = rank_of[km.labels_]
-    # Compact labels so that empty clusters (possible with ties) do not leave gaps.
-    _, labels = np.unique(labels, return_inverse=True)
-    return labels, float(km.inertia_)
+def _kmeans_1d(values: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Lloyd's k-means on 1-D values; labels ordered by centroid (0 = lowest), without gaps.
 
-
-def _calinski_harabasz(values: np.ndarray, labels: np.ndarray, inertia: float) -> float:
-    n, k = len(values), int(labels.max()) + 1
-    if k < 2 or n <= k:
-        return -np.inf
-    total = float(((values - values.mean()) ** 2).sum())
-    if inertia <= 0:
-        return np.inf
-    return ((total - inertia) / (k - 1)) / (inertia / (n - k))
+    In one dimension every cluster is an interval, so an assignment step is a ``searchsorted``
+    against the midpoints between sorted centroids. That is exact, whereas scikit-learn's
+    ``KMeans`` expands ``|x - c|^2`` and loses small differences next to values of 1e8 or more
+    (seen with objective values spanning that range). Starting from evenly spaced quantiles
+    makes it deterministic; empty clusters (ties) are dropped.
+    """
+    x = np.sort(values)
+    centres = np.unique(np.quantile(x, (np.arange(n_clusters) + 0.5) / n_clusters))
+    for _ in range(_MAX_LLOYD_ITERATIONS):
+        labels = np.searchsorted((centres[:-1] + centres[1:]) / 2, x, side="right")
+        counts = np.bincount(labels, minlength=len(centres))
+        sums = np.bincount(labels, weights=x, minlength=len(centres))
+        updated = np.unique(sums[counts > 0] / counts[counts > 0])
+        if np.array_equal(updated, centres):
+            break
+        centres = updated
+    labels = np.searchsorted((centres[:-1] + centres[1:]) / 2, values, side="right")
+    return np.unique(labels, return_inverse=True)[1]
 
 
 def _choose_clustering(values: np.ndarray, n_clusters: int | Literal["auto"]) -> np.ndarray:
     if n_clusters != "auto":
-        return _kmeans_1d(values, n_clusters)[0]
+        return _kmeans_1d(values, n_clusters)
+    # The silhouette (unlike Calinski-Harabasz, which keeps rising as tight groups are split
+    # further) peaks at the natural number of groups. A fixed subsample keeps it O(n) and
+    # deterministic.
     n_distinct = len(np.unique(values))
+    column = values.reshape(-1, 1)
     best_labels, best_score = None, -np.inf
     for k in range(AUTO_CLUSTER_RANGE[0], min(AUTO_CLUSTER_RANGE[1], n_distinct) + 1):
-        labels, inertia = _kmeans_1d(values, k)
-        score = _calinski_harabasz(values, labels, inertia)
+        labels = _kmeans_1d(values, k)
+        n_used = int(labels.max()) + 1
+        if not 2 <= n_used < len(values):
+            continue
+        # Manhattan equals Euclidean in 1-D and avoids the expanded form's cancellation.
+        score = silhouette_score(
+            column,
+            labels,
+            metric="manhattan",
+            sample_size=min(len(values), _SILHOUETTE_SAMPLE),
+            random_state=0,
+        )
         if best_labels is None or score > best_score:
             best_labels, best_score = labels, score
-    assert best_labels is not None
+    if best_labels is None:
+        return _kmeans_1d(values, AUTO_CLUSTER_RANGE[0])
     return best_labels
 
 

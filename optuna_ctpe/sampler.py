@@ -104,7 +104,7 @@ class ClusterTPESampler(BaseSampler):
             from ``prior_weights``, before the model is used.
         n_ei_candidates: Number of candidates drawn from l(x) and ranked by l(x)/g(x).
         n_clusters: Number of k-means clusters (an integer >= 2), or ``"auto"`` to choose 2 to 5
-            clusters by the Calinski-Harabasz index at every trial.
+            clusters by the silhouette score at every trial.
         transform: Transform of the values before clustering: ``"log"`` (compress the tail of
             bad results relative to the gap between the best and TPE's threshold), ``"rank"``
             (normalised ranks) or ``"none"``.
