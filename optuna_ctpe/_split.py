@@ -18,9 +18,10 @@ choices exposed as parameters whose defaults were chosen by the benchmarks in ``
    it is deterministic and independent of any random seed.
 3. The first threshold is the upper edge of the best cluster: its members form the good group,
    capped at ``n_good_max`` (Optuna's TPE good-set size by default) by keeping the best of them.
-   The second threshold is the lower edge of the worst cluster: with ``bad_group="worst"`` only
-   the worst cluster forms the bad group and the middle clusters are left out of both densities;
-   with ``bad_group="rest"`` everything outside the good group is bad, as in plain TPE.
+   The second threshold is the lower edge of the worst cluster, which forms the bad group. The
+   observations in between (the middle clusters and the best cluster's members beyond the cap)
+   are returned separately; the sampler weights them in g(x) by ``middle_weight``, from 0 (left
+   out: a strict dual threshold) to 1 (plain TPE's "everything else is bad").
 4. Whenever clustering is not meaningful (fewer distinct finite values than clusters, all values
    equal, too few points) the split falls back to TPE's quantile split: the ``n_good_max`` best
    scores are good and all others bad. The reason is reported in :attr:`Split.fallback_reason`.
@@ -36,10 +37,8 @@ from sklearn.metrics import silhouette_score
 
 
 Transform = Literal["log", "rank", "none"]
-BadGroup = Literal["worst", "rest"]
 
 TRANSFORMS: tuple[str, ...] = ("log", "rank", "none")
-BAD_GROUPS: tuple[str, ...] = ("worst", "rest")
 AUTO_CLUSTER_RANGE = (2, 5)
 _SILHOUETTE_SAMPLE = 300
 _MAX_LLOYD_ITERATIONS = 300
@@ -50,7 +49,10 @@ class Split(NamedTuple):
 
     Attributes:
         good: Indices (into ``scores``) of the good group, the observations of l(x).
-        bad: Indices of the bad group, the observations of g(x).
+        bad: Indices of the worst cluster (beyond the second threshold), the core of g(x).
+        middle: Indices between the two thresholds, including members of the best cluster
+            beyond the cap on the good group. The sampler weights them in g(x) by
+            ``middle_weight``.
         n_clusters: Number of clusters used; 0 when the quantile fallback was used.
         threshold: Largest raw score in the good group (``nan`` when the group is empty).
         fallback_reason: Empty when clustering decided the split, else why it did not.
@@ -58,6 +60,7 @@ class Split(NamedTuple):
 
     good: np.ndarray
     bad: np.ndarray
+    middle: np.ndarray
     n_clusters: int
     threshold: float
     fallback_reason: str
@@ -152,7 +155,7 @@ def quantile_split(scores: np.ndarray, n_good: int, reason: str) -> Split:
     n_good = min(max(n_good, 0), len(scores))
     good = np.sort(order[:n_good])
     threshold = float(scores[order[n_good - 1]]) if n_good > 0 else float("nan")
-    return Split(good, np.sort(order[n_good:]), 0, threshold, reason)
+    return Split(good, np.sort(order[n_good:]), np.empty(0, dtype=int), 0, threshold, reason)
 
 
 def cluster_split(
@@ -160,22 +163,19 @@ def cluster_split(
     *,
     n_clusters: int | Literal["auto"],
     transform_method: Transform,
-    bad_group: BadGroup,
     n_good_max: int,
 ) -> Split:
-    """Split scores (lower is better) into good and bad groups by k-means.
+    """Split scores (lower is better) into good, middle and bad groups by k-means.
 
     Args:
         scores: One score per observation; ``+inf`` is worse than any finite score and
             ``-inf`` better. NaN is not allowed (the sampler never passes it).
         n_clusters: Number of k-means clusters (``>= 2``), or ``"auto"``.
         transform_method: ``"log"``, ``"rank"`` or ``"none"``; see :func:`transform`.
-        bad_group: ``"worst"`` keeps only the worst cluster in the bad group, ``"rest"`` keeps
-            every observation outside the good group.
         n_good_max: Upper bound on the size of the good group.
 
     Returns:
-        The :class:`Split`. Observations that are in neither group are left out of both densities.
+        The :class:`Split`; every index is in exactly one of its three groups.
     """
     scores = np.asarray(scores, dtype=float)
     if np.isnan(scores).any():
@@ -202,8 +202,6 @@ def cluster_split(
     best_cluster = best_cluster[np.argsort(scores[best_cluster], kind="stable")]
     good = np.sort(best_cluster[:n_good_max])
 
-    if bad_group == "worst":
-        bad = np.concatenate([finite[labels == n_used - 1], pos_inf])
-    else:
-        bad = np.setdiff1d(np.arange(n), good)
-    return Split(good, np.sort(bad), n_used, float(scores[good].max()), "")
+    bad = np.sort(np.concatenate([finite[labels == n_used - 1], pos_inf]))
+    middle = np.setdiff1d(np.setdiff1d(np.arange(n), good), bad)
+    return Split(good, bad, middle, n_used, float(scores[good].max()), "")

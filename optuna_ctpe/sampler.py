@@ -26,8 +26,6 @@ from optuna.trial import TrialState
 
 from optuna_ctpe import _optuna_compat as compat
 from optuna_ctpe._parzen import PriorParzenEstimator
-from optuna_ctpe._split import BAD_GROUPS
-from optuna_ctpe._split import BadGroup
 from optuna_ctpe._split import cluster_split
 from optuna_ctpe._split import quantile_split
 from optuna_ctpe._split import Split
@@ -56,6 +54,7 @@ def default_max_good(n_finished: int) -> int:
 class _GroupedTrials(NamedTuple):
     good: list[FrozenTrial]
     bad: list[FrozenTrial]
+    bad_weights: np.ndarray  # relative weight of each bad trial in g(x)
     split: Split
     n_finished: int
 
@@ -108,9 +107,11 @@ class ClusterTPESampler(BaseSampler):
         transform: Transform of the values before clustering: ``"log"`` (compress the tail of
             bad results relative to the gap between the best and TPE's threshold), ``"rank"``
             (normalised ranks) or ``"none"``.
-        bad_group: ``"worst"`` fits g(x) to the worst cluster only (the middle clusters are left
-            out, the dual threshold); ``"rest"`` fits it to every trial outside the good group.
-            Pruned, infeasible and (with ``constant_liar``) running trials always go to g(x).
+        middle_weight: What g(x) keeps: the weight, relative to the worst cluster, of the trials
+            between the two thresholds (the middle clusters and the best cluster's members
+            beyond ``max_good``). ``0`` leaves them out (a strict dual threshold), ``1`` fits
+            g(x) to every trial outside the good group as plain TPE does. Pruned, infeasible
+            and (with ``constant_liar``) running trials always go to g(x) with full weight.
         max_good: Function from the number of finished trials to the largest good group, or
             ``None`` for no cap. Defaults to Optuna's TPE good-set size ``min(ceil(0.1 n), 25)``.
         multivariate: Model parameters jointly (multivariate TPE). Parameters outside the
@@ -126,6 +127,10 @@ class ClusterTPESampler(BaseSampler):
             search leans on them until observations take over (see
             :meth:`optuna_ctpe.HessianSearchSpace.prior_weights`).
         prior_weight: Weight of the prior kernel in both densities, as in Optuna's TPE.
+        avoid_duplicates: Never propose a configuration of the modelled parameters that an
+            observed or running trial already has, unless every candidate is one. Re-evaluating
+            a known configuration wastes a trial in deterministic problems, and without it a
+            small ``middle_weight`` can make the search propose its incumbent again and again.
         record_decisions: Record each trial's sampling decisions as trial user attributes
             prefixed with ``ctpe:`` (mode, sizes of l and g, clusters, threshold, fallback
             reason), which optuna-dashboard shows as columns.
@@ -144,13 +149,14 @@ class ClusterTPESampler(BaseSampler):
         n_ei_candidates: int = 24,
         n_clusters: int | Literal["auto"] = 3,
         transform: Transform = "log",
-        bad_group: BadGroup = "worst",
+        middle_weight: float = 0.0,
         max_good: Callable[[int], int] | None = default_max_good,
         multivariate: bool = True,
         group: bool = False,
         constant_liar: bool = True,
         prior_weights: Mapping[str, Sequence[float]] | None = None,
         prior_weight: float = 1.0,
+        avoid_duplicates: bool = True,
         record_decisions: bool = False,
         warn_independent_sampling: bool = True,
     ) -> None:
@@ -160,8 +166,8 @@ class ClusterTPESampler(BaseSampler):
             _check_int("n_clusters", n_clusters, minimum=2, extra='or "auto"')
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}.")
-        if bad_group not in BAD_GROUPS:
-            raise ValueError(f"bad_group must be one of {BAD_GROUPS}, got {bad_group!r}.")
+        if not (isinstance(middle_weight, (int, float)) and 0 <= middle_weight <= 1):
+            raise ValueError(f"middle_weight must be a number in [0, 1], got {middle_weight!r}.")
         if max_good is not None and not callable(max_good):
             raise ValueError(
                 f"max_good must be a callable n_finished -> int or None, got {max_good!r}."
@@ -177,7 +183,8 @@ class ClusterTPESampler(BaseSampler):
         self._n_ei_candidates = n_ei_candidates
         self._n_clusters = n_clusters
         self._transform = transform
-        self._bad_group = bad_group
+        self._middle_weight = float(middle_weight)
+        self._avoid_duplicates = avoid_duplicates
         self._max_good = max_good
         self._multivariate = multivariate
         self._group = group
@@ -206,7 +213,7 @@ class ClusterTPESampler(BaseSampler):
         return (
             f"ClusterTPESampler(n_startup_trials={self._n_startup_trials}, "
             f"n_ei_candidates={self._n_ei_candidates}, n_clusters={self._n_clusters!r}, "
-            f"transform={self._transform!r}, bad_group={self._bad_group!r}, "
+            f"transform={self._transform!r}, middle_weight={self._middle_weight}, "
             f"multivariate={self._multivariate}, group={self._group}, "
             f"constant_liar={self._constant_liar})"
         )
@@ -333,21 +340,30 @@ class ClusterTPESampler(BaseSampler):
             for name, dist in search_space.items()
             if (probs := self._prior_for(name, dist)) is not None
         }
-        good_weights = np.ones(len(grouped.good)) if len(study.directions) > 1 else None
-        good_obs = self._observations(study, grouped.good, search_space)
-        if good_weights is not None:
-            good_weights = good_weights[: _n_observations(good_obs)]
+        observations, row_of = self._observations(trials, search_space)
+        good_obs = _subset(observations, [row_of[t.number] for t in grouped.good if t.number in row_of])
+        # As in Optuna's MOTPE, good trials of a multi-objective study weigh the same.
+        good_weights = np.ones(_n_rows(good_obs)) if len(study.directions) > 1 else None
         mpe_good = PriorParzenEstimator(
             good_obs, search_space, self._parzen_parameters, priors, good_weights
         )
+        bad_kept = np.array([t.number in row_of for t in grouped.bad], dtype=bool)
+        bad_obs = _subset(
+            observations, [row_of[t.number] for t, k in zip(grouped.bad, bad_kept) if k]
+        )
+        bad_weights = grouped.bad_weights[bad_kept]
         mpe_bad = compat.ParzenEstimator(
-            self._observations(study, grouped.bad, search_space),
+            bad_obs,
             search_space,
             self._parzen_parameters,
+            # Optuna's age ramp, scaled down for the trials between the two thresholds.
+            compat.default_weights(len(bad_weights)) * bad_weights if bad_weights.size else None,
         )
         with self._rng_lock:
             candidates = mpe_good.sample(self._rng.rng, self._n_ei_candidates)
         score = mpe_good.log_pdf(candidates) - mpe_bad.log_pdf(candidates)
+        if self._avoid_duplicates:
+            score = _penalise_duplicates(score, candidates, observations)
         best = int(np.argmax(score))
 
         if self._record_decisions:
@@ -358,7 +374,7 @@ class ClusterTPESampler(BaseSampler):
         }
 
     def _group_trials(self, study: Study, trials: list[FrozenTrial]) -> _GroupedTrials:
-        """Assign trials to l(x) (good) and g(x) (bad); other trials are left out."""
+        """Assign trials to l(x) (good) and g(x) (bad, with weights); others are left out."""
         running, infeasible, complete, pruned = [], [], [], []
         for t in trials:
             if t.state == TrialState.RUNNING:
@@ -370,9 +386,7 @@ class ClusterTPESampler(BaseSampler):
             else:
                 pruned.append(t)
         n_finished = len(complete) + len(pruned) + len(infeasible)
-        n_good_max = (
-            n_finished if self._max_good is None else int(self._max_good(n_finished))
-        )
+        n_good_max = n_finished if self._max_good is None else int(self._max_good(n_finished))
         n_good_max = max(n_good_max, 1)
 
         split: Split | None = None
@@ -381,12 +395,14 @@ class ClusterTPESampler(BaseSampler):
                 _complete_scores(study, complete),
                 n_clusters=self._n_clusters,
                 transform_method=self._transform,
-                bad_group=self._bad_group,
                 n_good_max=n_good_max,
             )
+        middle: list[FrozenTrial] = []
         if split is not None and not split.fallback_reason:
             good = [complete[i] for i in split.good]
             bad = [complete[i] for i in split.bad] + pruned + infeasible + running
+            if self._middle_weight > 0:
+                middle = [complete[i] for i in split.middle]
         else:
             # TPE's order: feasible complete trials by value, then pruned trials by progress,
             # then infeasible trials by total violation.
@@ -398,20 +414,28 @@ class ClusterTPESampler(BaseSampler):
             split = quantile_split(np.arange(len(ranked), dtype=float), n_good_max, reason)
             good = [ranked[i] for i in split.good]
             bad = [ranked[i] for i in split.bad] + running
+        weight_of = {t.number: self._middle_weight for t in middle}
+        bad = sorted(bad + middle, key=lambda t: t.number)
+        bad_weights = np.array([weight_of.get(t.number, 1.0) for t in bad])
         good.sort(key=lambda t: t.number)
-        bad.sort(key=lambda t: t.number)
-        return _GroupedTrials(good, bad, split, n_finished)
+        return _GroupedTrials(good, bad, bad_weights, split, n_finished)
 
     def _observations(
-        self, study: Study, trials: list[FrozenTrial], search_space: dict[str, BaseDistribution]
-    ) -> dict[str, np.ndarray]:
+        self, trials: list[FrozenTrial], search_space: dict[str, BaseDistribution]
+    ) -> tuple[dict[str, np.ndarray], dict[int, int]]:
+        """Internal representations of the trials that set every parameter of the space.
+
+        Returns the observations (one row per such trial) and trial number -> row.
+        """
         values: dict[str, list[float]] = {name: [] for name in search_space}
+        row_of: dict[int, int] = {}
         for t in trials:
             params = self._params_of(t)
             if search_space.keys() <= params.keys():
+                row_of[t.number] = len(row_of)
                 for name, dist in search_space.items():
                     values[name].append(dist.to_internal_repr(params[name]))
-        return {k: np.asarray(v, dtype=float) for k, v in values.items()}
+        return {k: np.asarray(v, dtype=float) for k, v in values.items()}, row_of
 
     def _params_of(self, trial: FrozenTrial) -> dict[str, Any]:
         """Parameters of a trial, including relative ones a RUNNING worker has only published."""
@@ -496,7 +520,28 @@ def _normalise_priors(prior_weights: Mapping[str, Sequence[float]] | None) -> di
     return probs
 
 
-def _n_observations(observations: dict[str, np.ndarray]) -> int:
+def _penalise_duplicates(
+    score: np.ndarray, candidates: dict[str, np.ndarray], observations: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Set the acquisition of already-observed configurations to -inf, unless all are."""
+    if _n_rows(observations) == 0:
+        return score
+    names = list(observations)
+    seen = np.ascontiguousarray(np.column_stack([observations[n] for n in names]))
+    proposed = np.ascontiguousarray(np.column_stack([candidates[n] for n in names]))
+    seen_rows = {row.tobytes() for row in seen}
+    duplicate = np.array([row.tobytes() in seen_rows for row in proposed])
+    if duplicate.all():
+        return score
+    return np.where(duplicate, -np.inf, score)
+
+
+def _subset(observations: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
+    index = np.asarray(rows, dtype=int)
+    return {name: values[index] for name, values in observations.items()}
+
+
+def _n_rows(observations: dict[str, np.ndarray]) -> int:
     return len(next(iter(observations.values()))) if observations else 0
 
 

@@ -19,7 +19,7 @@ from optuna_ctpe import ClusterTPESampler
 def _variant(request: pytest.FixtureRequest) -> dict:
     return {
         "defaults": {},
-        "rest-auto": {"bad_group": "rest", "n_clusters": "auto", "transform": "rank"},
+        "rest-auto": {"middle_weight": 1.0, "n_clusters": "auto", "transform": "rank"},
         "group": {"group": True, "constant_liar": False},
     }[request.param]
 

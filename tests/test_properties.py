@@ -69,7 +69,8 @@ outcomes = st.tuples(st.sampled_from(["complete", "pruned", "fail", "infeasible"
         {
             "n_clusters": st.sampled_from([2, 3, 4, "auto"]),
             "transform": st.sampled_from(["log", "rank", "none"]),
-            "bad_group": st.sampled_from(["worst", "rest"]),
+            "middle_weight": st.sampled_from([0.0, 0.3, 1.0]),
+            "avoid_duplicates": st.booleans(),
             "multivariate": st.booleans(),
             "constant_liar": st.booleans(),
             "n_startup_trials": st.integers(0, 3),
@@ -103,26 +104,28 @@ def test_suggestions_always_lie_in_their_distributions(space, plan, options, dir
     ),
     n_clusters=st.sampled_from([2, 3, 5, "auto"]),
     transform=st.sampled_from(["log", "rank", "none"]),
-    bad_group=st.sampled_from(["worst", "rest"]),
     n_good_max=st.integers(1, 30),
 )
 def test_split_groups_are_disjoint_bounded_and_ordered(
-    scores, n_clusters, transform, bad_group, n_good_max
+    scores, n_clusters, transform, n_good_max
 ):
     arr = np.asarray(scores, dtype=float)
     s = cluster_split(
         arr,
         n_clusters=n_clusters,
         transform_method=transform,
-        bad_group=bad_group,
         n_good_max=n_good_max,
     )
-    good, bad = set(s.good.tolist()), set(s.bad.tolist())
-    assert good and good.isdisjoint(bad)
+    good, bad, middle = set(s.good.tolist()), set(s.bad.tolist()), set(s.middle.tolist())
+    assert good and good.isdisjoint(bad) and middle.isdisjoint(good | bad)
     assert len(good) <= n_good_max
-    assert good | bad <= set(range(len(arr)))
+    # Every observation is in exactly one group.
+    assert good | bad | middle == set(range(len(arr)))
+    assert len(good) + len(bad) + len(middle) == len(arr)
+    # The thresholds are ordered: good <= middle <= bad.
     if bad:
-        # Every good observation is at least as good as every bad one.
         assert arr[list(good)].max() <= arr[list(bad)].min()
-    if bad_group == "rest" or s.fallback_reason:
-        assert good | bad == set(range(len(arr)))
+    if middle and bad:
+        assert arr[list(middle)].max() <= arr[list(bad)].min()
+    if s.fallback_reason:
+        assert not middle

@@ -168,7 +168,8 @@ def test_inf_values_do_not_crash_and_go_to_the_right_side():
         ({"n_clusters": "many"}, "n_clusters"),
         ({"n_clusters": True}, "n_clusters"),
         ({"transform": "sqrt"}, "transform"),
-        ({"bad_group": "middle"}, "bad_group"),
+        ({"middle_weight": 1.5}, "middle_weight"),
+        ({"middle_weight": "all"}, "middle_weight"),
         ({"max_good": 5}, "max_good"),
         ({"group": True, "multivariate": False}, "group"),
         ({"prior_weight": -1.0}, "prior_weight"),
@@ -337,3 +338,33 @@ def test_categorical_with_mixed_types_returns_the_choice_objects():
     study = optuna.create_study(sampler=ClusterTPESampler(seed=0, n_startup_trials=2))
     study.optimize(lambda t: float(str(t.suggest_categorical("c", dist.choices)) == "a"), 15)
     assert all(t.params["c"] in dist.choices for t in study.trials)
+
+
+@pytest.mark.parametrize("middle_weight", [0.0, 0.5, 1.0])
+def test_middle_trials_enter_g_with_middle_weight(middle_weight):
+    sampler = ClusterTPESampler(transform="none", max_good=None, middle_weight=middle_weight)
+    study = make_study(THREE_GROUPS, sampler=sampler)
+    g = sampler._group_trials(study, study.get_trials(deepcopy=False))
+    weights = {t.number: w for t, w in zip(g.bad, g.bad_weights)}
+    middle = [0, 4, 7]
+    if middle_weight == 0:
+        assert set(weights) == {2, 5, 8}
+    else:
+        assert set(weights) == {0, 2, 4, 5, 7, 8}
+        assert all(weights[m] == middle_weight for m in middle)
+    assert all(weights[b] == 1.0 for b in (2, 5, 8))
+
+
+def test_avoid_duplicates_never_repeats_a_configuration_while_new_ones_exist():
+    def objective(trial):
+        return float(sum(trial.suggest_categorical(f"b{i}", [0, 1]) for i in range(5)))
+
+    def n_distinct(avoid):
+        sampler = ClusterTPESampler(seed=0, n_startup_trials=3, avoid_duplicates=avoid)
+        study = optuna.create_study(sampler=sampler)
+        study.optimize(objective, n_trials=25)
+        return len({tuple(sorted(t.params.items())) for t in study.trials})
+
+    # 32 configurations exist; start-up trials are random and may repeat, nothing after them.
+    assert n_distinct(True) >= 25 - 3
+    assert n_distinct(False) < n_distinct(True)

@@ -11,7 +11,7 @@ from optuna_ctpe._split import transform
 
 
 def split(scores, **kwargs):
-    options = dict(n_clusters=3, transform_method="none", bad_group="worst", n_good_max=100)
+    options = dict(n_clusters=3, transform_method="none", n_good_max=100)
     options.update(kwargs)
     return cluster_split(np.asarray(scores, dtype=float), **options)
 
@@ -19,27 +19,22 @@ def split(scores, **kwargs):
 THREE_GROUPS = [5.0, 0.0, 100.0, 0.1, 5.1, 101.0, 0.2, 5.2]  # best: 1,3,6; middle: 0,4,7
 
 
-def test_dual_threshold_leaves_middle_cluster_out():
+def test_dual_threshold_separates_good_middle_and_bad():
     s = split(THREE_GROUPS)
     assert s.good.tolist() == [1, 3, 6]
     assert s.bad.tolist() == [2, 5]
+    assert s.middle.tolist() == [0, 4, 7]
     assert s.n_clusters == 3
     assert s.threshold == pytest.approx(0.2)
     assert s.fallback_reason == ""
-
-
-def test_rest_puts_every_non_good_observation_in_g():
-    s = split(THREE_GROUPS, bad_group="rest")
-    assert s.good.tolist() == [1, 3, 6]
-    assert s.bad.tolist() == [0, 2, 4, 5, 7]
 
 
 def test_good_cluster_is_capped_by_keeping_its_best_members():
     s = split(THREE_GROUPS, n_good_max=2)
     assert s.good.tolist() == [1, 3]
     assert s.threshold == pytest.approx(0.1)
-    # The capped-off member of the best cluster is in neither group with bad_group="worst".
-    assert 6 not in s.bad
+    # The capped-off member of the best cluster lies between the two thresholds.
+    assert s.middle.tolist() == [0, 4, 6, 7]
 
 
 def test_two_clusters_split_best_from_worst():
@@ -52,6 +47,7 @@ def test_all_equal_values_fall_back_to_quantile_split_in_trial_order():
     s = split([3.0] * 6, n_good_max=2)
     assert s.good.tolist() == [0, 1]
     assert s.bad.tolist() == [2, 3, 4, 5]
+    assert s.middle.tolist() == []
     assert s.n_clusters == 0
     assert "distinct" in s.fallback_reason
 
