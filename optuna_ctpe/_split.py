@@ -17,11 +17,11 @@ choices exposed as parameters whose defaults were chosen by the benchmarks in ``
    ``"auto"``) runs on the transformed finite scores, started from evenly spaced quantiles, so
    it is deterministic and independent of any random seed.
 3. The first threshold is the upper edge of the best cluster: its members form the good group,
-   capped at ``n_good_max`` (Optuna's TPE good-set size by default) by keeping the best of them.
-   The second threshold is the lower edge of the worst cluster, which forms the bad group. The
-   observations in between (the middle clusters and the best cluster's members beyond the cap)
-   are returned separately; the sampler weights them in g(x) by ``middle_weight``, from 0 (left
-   out: a strict dual threshold) to 1 (plain TPE's "everything else is bad").
+   capped at ``n_good_max`` by keeping the best of them; the members beyond the cap are the
+   *near misses*. The second threshold is the lower edge of the worst cluster, which forms the
+   bad group. The clusters in between are the *middle*. The sampler fits g(x) to the bad group
+   plus the near misses and the middle with their own weights (by default near misses count
+   fully, as they are the informative negatives next to l(x), and the middle is left out).
 4. Whenever clustering is not meaningful (fewer distinct finite values than clusters, all values
    equal, too few points) the split falls back to TPE's quantile split: the ``n_good_max`` best
    scores are good and all others bad. The reason is reported in :attr:`Split.fallback_reason`.
@@ -50,9 +50,11 @@ class Split(NamedTuple):
     Attributes:
         good: Indices (into ``scores``) of the good group, the observations of l(x).
         bad: Indices of the worst cluster (beyond the second threshold), the core of g(x).
-        middle: Indices between the two thresholds, including members of the best cluster
-            beyond the cap on the good group. The sampler weights them in g(x) by
-            ``middle_weight``.
+        near_miss: Members of the best cluster beyond the cap on the good group: the results
+            closest to l(x) that did not make it. The sampler weights them in g(x) by
+            ``near_miss_weight``.
+        middle: Indices of the clusters between the best and the worst. The sampler weights
+            them in g(x) by ``middle_weight``.
         n_clusters: Number of clusters used; 0 when the quantile fallback was used.
         threshold: Largest raw score in the good group (``nan`` when the group is empty).
         fallback_reason: Empty when clustering decided the split, else why it did not.
@@ -60,6 +62,7 @@ class Split(NamedTuple):
 
     good: np.ndarray
     bad: np.ndarray
+    near_miss: np.ndarray
     middle: np.ndarray
     n_clusters: int
     threshold: float
@@ -155,7 +158,8 @@ def quantile_split(scores: np.ndarray, n_good: int, reason: str) -> Split:
     n_good = min(max(n_good, 0), len(scores))
     good = np.sort(order[:n_good])
     threshold = float(scores[order[n_good - 1]]) if n_good > 0 else float("nan")
-    return Split(good, np.sort(order[n_good:]), np.empty(0, dtype=int), 0, threshold, reason)
+    empty = np.empty(0, dtype=int)
+    return Split(good, np.sort(order[n_good:]), empty, empty, 0, threshold, reason)
 
 
 def cluster_split(
@@ -202,6 +206,8 @@ def cluster_split(
     best_cluster = best_cluster[np.argsort(scores[best_cluster], kind="stable")]
     good = np.sort(best_cluster[:n_good_max])
 
+    near_miss = np.sort(best_cluster[n_good_max:])
     bad = np.sort(np.concatenate([finite[labels == n_used - 1], pos_inf]))
-    middle = np.setdiff1d(np.setdiff1d(np.arange(n), good), bad)
-    return Split(good, bad, middle, n_used, float(scores[good].max()), "")
+    middle = np.flatnonzero((labels > 0) & (labels < n_used - 1))
+    middle = np.sort(finite[middle])
+    return Split(good, bad, near_miss, middle, n_used, float(scores[good].max()), "")

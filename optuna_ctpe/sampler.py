@@ -44,11 +44,17 @@ _RELATIVE_PARAMS_KEY = "ctpe:relative_params"
 # RDBStorage limits system attribute values to 2045 characters.
 _SYSTEM_ATTR_MAX_LENGTH = 2045
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Extra batches of candidates drawn when every candidate repeats an observed configuration.
+_MAX_CANDIDATE_ROUNDS = 8
 
 
 def default_max_good(n_finished: int) -> int:
-    """Optuna's TPE good-set size, ``min(ceil(0.1 n), 25)``, used to cap the best cluster."""
-    return min(math.ceil(0.1 * n_finished), 25)
+    """Cap on the good group, ``min(ceil(0.05 n), 25)``: half of Optuna's TPE good-set share.
+
+    Measured in ``benchmarks/results/ablation.md``: a smaller good group concentrates l(x) on
+    the best results and needs fewer trials on per-layer quantization problems.
+    """
+    return min(math.ceil(0.05 * n_finished), 25)
 
 
 class _GroupedTrials(NamedTuple):
@@ -66,8 +72,8 @@ class ClusterTPESampler(BaseSampler):
     ``min(ceil(0.1 n), 25)`` trials and g(x) to all others, then proposes the candidate that
     maximises l(x)/g(x). ``ClusterTPESampler`` replaces that fixed quantile by a *dual
     threshold* found by 1-D k-means on the (transformed) objective values: l(x) is fitted to the
-    best cluster (capped in size), g(x) to the worst cluster, and the clusters in between are
-    left out of both. Everything else behaves as Optuna's TPE: start-up random trials,
+    best cluster (capped in size), g(x) to the worst cluster plus the best cluster's members
+    beyond the cap (near misses), and the clusters in between are left out. Everything else behaves as Optuna's TPE: start-up random trials,
     multivariate and group-decomposed kernels, constant liar for parallel workers, pruned trials
     ranked by their last intermediate value, constraints from :meth:`optuna.trial.Trial.set_constraint`
     and multi-objective studies.
@@ -75,7 +81,8 @@ class ClusterTPESampler(BaseSampler):
     The method follows arXiv:2308.06422 (Azizi et al., DATE 2024), of which only the abstract is
     public. **Our interpretation, not the paper's:** what is clustered (the transformed objective
     or, for several objectives, non-domination rank plus a tie-break), the number of clusters,
-    the cap on the good cluster, leaving the middle clusters out of g(x), the quantile fallback,
+    the cap on the good cluster, which clusters enter g(x) and with what weight, the smaller
+    default prior weight, the quantile fallback,
     the handling of pruned, infeasible and running trials, and the categorical priors. The
     defaults come from the measurements in ``benchmarks/results/``.
 
@@ -107,11 +114,15 @@ class ClusterTPESampler(BaseSampler):
         transform: Transform of the values before clustering: ``"log"`` (compress the tail of
             bad results relative to the gap between the best and TPE's threshold), ``"rank"``
             (normalised ranks) or ``"none"``.
-        middle_weight: What g(x) keeps: the weight, relative to the worst cluster, of the trials
-            between the two thresholds (the middle clusters and the best cluster's members
-            beyond ``max_good``). ``0`` leaves them out (a strict dual threshold), ``1`` fits
-            g(x) to every trial outside the good group as plain TPE does. Pruned, infeasible
-            and (with ``constant_liar``) running trials always go to g(x) with full weight.
+        near_miss_weight: Weight in g(x), relative to the worst cluster, of the *near misses*:
+            members of the best cluster beyond ``max_good``. They are the results closest to
+            l(x) that did not make it, so they keep the search from re-proposing the
+            neighbourhood of its incumbent. In ``[0, 1]``.
+        middle_weight: Weight in g(x) of the clusters between the best and the worst. ``0``
+            leaves them out (the dual threshold), ``1`` together with ``near_miss_weight=1``
+            fits g(x) to every trial outside the good group as plain TPE does. Pruned,
+            infeasible and (with ``constant_liar``) running trials always go to g(x) with full
+            weight. In ``[0, 1]``.
         max_good: Function from the number of finished trials to the largest good group, or
             ``None`` for no cap. Defaults to Optuna's TPE good-set size ``min(ceil(0.1 n), 25)``.
         multivariate: Model parameters jointly (multivariate TPE). Parameters outside the
@@ -126,7 +137,12 @@ class ClusterTPESampler(BaseSampler):
             parameter from these weights and they replace the uniform prior of l(x), so the
             search leans on them until observations take over (see
             :meth:`optuna_ctpe.HessianSearchSpace.prior_weights`).
-        prior_weight: Weight of the prior kernel in both densities, as in Optuna's TPE.
+        prior_weight: Weight of the prior in both densities, as in Optuna's TPE (where it is
+            1). It also sets how much each categorical kernel spreads to other choices, i.e.
+            how many parameters a candidate changes relative to the good trial it is drawn
+            from. The default 0.05 was measured (``benchmarks/results/ablation.md``): with tens
+            of categorical parameters, Optuna's 1.0 changes most of them at once and the search
+            degrades towards random sampling.
         avoid_duplicates: Never propose a configuration of the modelled parameters that an
             observed or running trial already has, unless every candidate is one. Re-evaluating
             a known configuration wastes a trial in deterministic problems, and without it a
@@ -149,13 +165,14 @@ class ClusterTPESampler(BaseSampler):
         n_ei_candidates: int = 24,
         n_clusters: int | Literal["auto"] = 3,
         transform: Transform = "log",
+        near_miss_weight: float = 1.0,
         middle_weight: float = 0.0,
         max_good: Callable[[int], int] | None = default_max_good,
         multivariate: bool = True,
         group: bool = False,
         constant_liar: bool = True,
         prior_weights: Mapping[str, Sequence[float]] | None = None,
-        prior_weight: float = 1.0,
+        prior_weight: float = 0.05,
         avoid_duplicates: bool = True,
         record_decisions: bool = False,
         warn_independent_sampling: bool = True,
@@ -166,8 +183,9 @@ class ClusterTPESampler(BaseSampler):
             _check_int("n_clusters", n_clusters, minimum=2, extra='or "auto"')
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}.")
-        if not (isinstance(middle_weight, (int, float)) and 0 <= middle_weight <= 1):
-            raise ValueError(f"middle_weight must be a number in [0, 1], got {middle_weight!r}.")
+        for name, weight in (("near_miss_weight", near_miss_weight), ("middle_weight", middle_weight)):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {weight!r}.")
         if max_good is not None and not callable(max_good):
             raise ValueError(
                 f"max_good must be a callable n_finished -> int or None, got {max_good!r}."
@@ -183,6 +201,7 @@ class ClusterTPESampler(BaseSampler):
         self._n_ei_candidates = n_ei_candidates
         self._n_clusters = n_clusters
         self._transform = transform
+        self._near_miss_weight = float(near_miss_weight)
         self._middle_weight = float(middle_weight)
         self._avoid_duplicates = avoid_duplicates
         self._max_good = max_good
@@ -213,7 +232,8 @@ class ClusterTPESampler(BaseSampler):
         return (
             f"ClusterTPESampler(n_startup_trials={self._n_startup_trials}, "
             f"n_ei_candidates={self._n_ei_candidates}, n_clusters={self._n_clusters!r}, "
-            f"transform={self._transform!r}, middle_weight={self._middle_weight}, "
+            f"transform={self._transform!r}, near_miss_weight={self._near_miss_weight}, "
+            f"middle_weight={self._middle_weight}, "
             f"multivariate={self._multivariate}, group={self._group}, "
             f"constant_liar={self._constant_liar})"
         )
@@ -359,11 +379,18 @@ class ClusterTPESampler(BaseSampler):
             # Optuna's age ramp, scaled down for the trials between the two thresholds.
             compat.default_weights(len(bad_weights)) * bad_weights if bad_weights.size else None,
         )
-        with self._rng_lock:
-            candidates = mpe_good.sample(self._rng.rng, self._n_ei_candidates)
-        score = mpe_good.log_pdf(candidates) - mpe_bad.log_pdf(candidates)
-        if self._avoid_duplicates:
-            score = _penalise_duplicates(score, candidates, observations)
+        seen = _configurations(observations) if self._avoid_duplicates else set()
+        for _ in range(_MAX_CANDIDATE_ROUNDS):
+            with self._rng_lock:
+                candidates = mpe_good.sample(self._rng.rng, self._n_ei_candidates)
+            score = mpe_good.log_pdf(candidates) - mpe_bad.log_pdf(candidates)
+            is_new = ~_is_seen(candidates, seen)
+            if is_new.any() or not seen:
+                break
+        # When no new configuration turned up in several rounds the space near l(x) is
+        # exhausted; proposing the best known one is then better than failing.
+        if is_new.any():
+            score = np.where(is_new, score, -np.inf)
         best = int(np.argmax(score))
 
         if self._record_decisions:
@@ -397,12 +424,17 @@ class ClusterTPESampler(BaseSampler):
                 transform_method=self._transform,
                 n_good_max=n_good_max,
             )
-        middle: list[FrozenTrial] = []
+        weight_of: dict[int, float] = {}
         if split is not None and not split.fallback_reason:
             good = [complete[i] for i in split.good]
             bad = [complete[i] for i in split.bad] + pruned + infeasible + running
-            if self._middle_weight > 0:
-                middle = [complete[i] for i in split.middle]
+            for indices, weight in (
+                (split.near_miss, self._near_miss_weight),
+                (split.middle, self._middle_weight),
+            ):
+                if weight > 0:
+                    bad += [complete[i] for i in indices]
+                    weight_of.update((complete[i].number, weight) for i in indices)
         else:
             # TPE's order: feasible complete trials by value, then pruned trials by progress,
             # then infeasible trials by total violation.
@@ -414,8 +446,7 @@ class ClusterTPESampler(BaseSampler):
             split = quantile_split(np.arange(len(ranked), dtype=float), n_good_max, reason)
             good = [ranked[i] for i in split.good]
             bad = [ranked[i] for i in split.bad] + running
-        weight_of = {t.number: self._middle_weight for t in middle}
-        bad = sorted(bad + middle, key=lambda t: t.number)
+        bad.sort(key=lambda t: t.number)
         bad_weights = np.array([weight_of.get(t.number, 1.0) for t in bad])
         good.sort(key=lambda t: t.number)
         return _GroupedTrials(good, bad, bad_weights, split, n_finished)
@@ -520,20 +551,17 @@ def _normalise_priors(prior_weights: Mapping[str, Sequence[float]] | None) -> di
     return probs
 
 
-def _penalise_duplicates(
-    score: np.ndarray, candidates: dict[str, np.ndarray], observations: dict[str, np.ndarray]
-) -> np.ndarray:
-    """Set the acquisition of already-observed configurations to -inf, unless all are."""
+def _configurations(observations: dict[str, np.ndarray]) -> set[bytes]:
+    """The observed configurations, as hashable rows of internal representations."""
     if _n_rows(observations) == 0:
-        return score
-    names = list(observations)
-    seen = np.ascontiguousarray(np.column_stack([observations[n] for n in names]))
-    proposed = np.ascontiguousarray(np.column_stack([candidates[n] for n in names]))
-    seen_rows = {row.tobytes() for row in seen}
-    duplicate = np.array([row.tobytes() in seen_rows for row in proposed])
-    if duplicate.all():
-        return score
-    return np.where(duplicate, -np.inf, score)
+        return set()
+    rows = np.ascontiguousarray(np.column_stack(list(observations.values())))
+    return {row.tobytes() for row in rows}
+
+
+def _is_seen(candidates: dict[str, np.ndarray], seen: set[bytes]) -> np.ndarray:
+    rows = np.ascontiguousarray(np.column_stack(list(candidates.values())))
+    return np.array([row.tobytes() in seen for row in rows], dtype=bool)
 
 
 def _subset(observations: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:

@@ -116,16 +116,16 @@ def test_split_groups_are_disjoint_bounded_and_ordered(
         transform_method=transform,
         n_good_max=n_good_max,
     )
-    good, bad, middle = set(s.good.tolist()), set(s.bad.tolist()), set(s.middle.tolist())
-    assert good and good.isdisjoint(bad) and middle.isdisjoint(good | bad)
+    groups = [set(g.tolist()) for g in (s.good, s.near_miss, s.middle, s.bad)]
+    good, near_miss, middle, bad = groups
+    assert good
     assert len(good) <= n_good_max
     # Every observation is in exactly one group.
-    assert good | bad | middle == set(range(len(arr)))
-    assert len(good) + len(bad) + len(middle) == len(arr)
-    # The thresholds are ordered: good <= middle <= bad.
-    if bad:
-        assert arr[list(good)].max() <= arr[list(bad)].min()
-    if middle and bad:
-        assert arr[list(middle)].max() <= arr[list(bad)].min()
+    assert set().union(*groups) == set(range(len(arr)))
+    assert sum(len(g) for g in groups) == len(arr)
+    # The groups are ordered: good <= near misses <= middle <= bad.
+    non_empty = [arr[list(g)] for g in groups if g]
+    for better, worse in zip(non_empty, non_empty[1:]):
+        assert better.max() <= worse.min()
     if s.fallback_reason:
-        assert not middle
+        assert not middle and not near_miss

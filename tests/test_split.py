@@ -33,8 +33,9 @@ def test_good_cluster_is_capped_by_keeping_its_best_members():
     s = split(THREE_GROUPS, n_good_max=2)
     assert s.good.tolist() == [1, 3]
     assert s.threshold == pytest.approx(0.1)
-    # The capped-off member of the best cluster lies between the two thresholds.
-    assert s.middle.tolist() == [0, 4, 6, 7]
+    # The capped-off member of the best cluster is a near miss.
+    assert s.near_miss.tolist() == [6]
+    assert s.middle.tolist() == [0, 4, 7]
 
 
 def test_two_clusters_split_best_from_worst():
@@ -47,7 +48,7 @@ def test_all_equal_values_fall_back_to_quantile_split_in_trial_order():
     s = split([3.0] * 6, n_good_max=2)
     assert s.good.tolist() == [0, 1]
     assert s.bad.tolist() == [2, 3, 4, 5]
-    assert s.middle.tolist() == []
+    assert s.middle.tolist() == [] and s.near_miss.tolist() == []
     assert s.n_clusters == 0
     assert "distinct" in s.fallback_reason
 
