@@ -65,6 +65,30 @@ class _GroupedTrials(NamedTuple):
     n_finished: int
 
 
+class _RowCache:
+    """Internal representations of finished trials, per search space, bounded in size.
+
+    Keyed by trial id, which is unique within a storage; a sampler serves one study at a time
+    (as Optuna's own samplers assume), and a trial id seen again always means the same trial.
+    Trials that set only part of a space are not cached (they are skipped quickly anyway).
+    """
+
+    _MAX_SPACES = 16
+
+    def __init__(self) -> None:
+        self._spaces: dict[tuple[tuple[str, str], ...], dict[int, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def rows_for(self, search_space: dict[str, BaseDistribution]) -> dict[int, np.ndarray]:
+        key = tuple((name, repr(dist)) for name, dist in search_space.items())
+        with self._lock:
+            if key not in self._spaces:
+                if len(self._spaces) >= self._MAX_SPACES:
+                    self._spaces.pop(next(iter(self._spaces)))
+                self._spaces[key] = {}
+            return self._spaces[key]
+
+
 class ClusterTPESampler(BaseSampler):
     """TPE whose good and bad groups come from k-means clustering of the observed results.
 
@@ -227,6 +251,7 @@ class ClusterTPESampler(BaseSampler):
         self._group_decomposition = compat.GroupDecomposedSearchSpace(include_pruned=True)
         # infer_relative_search_space and sample_relative run back to back in one thread.
         self._thread_state = threading.local()
+        self._row_cache = _RowCache()
 
     def __repr__(self) -> str:
         return (
@@ -456,17 +481,29 @@ class ClusterTPESampler(BaseSampler):
     ) -> tuple[dict[str, np.ndarray], dict[int, int]]:
         """Internal representations of the trials that set every parameter of the space.
 
-        Returns the observations (one row per such trial) and trial number -> row.
+        Returns the observations (one row per such trial) and trial number -> row. Rows of
+        finished trials never change, so they are cached per search space: converting every
+        parameter of every trial at every trial dominated the sampling time otherwise.
         """
-        values: dict[str, list[float]] = {name: [] for name in search_space}
+        cache = self._row_cache.rows_for(search_space)
+        rows: list[np.ndarray] = []
         row_of: dict[int, int] = {}
         for t in trials:
-            params = self._params_of(t)
-            if search_space.keys() <= params.keys():
-                row_of[t.number] = len(row_of)
-                for name, dist in search_space.items():
-                    values[name].append(dist.to_internal_repr(params[name]))
-        return {k: np.asarray(v, dtype=float) for k, v in values.items()}, row_of
+            row = cache.get(t._trial_id) if t.state.is_finished() else None
+            if row is None:
+                params = self._params_of(t)
+                if not search_space.keys() <= params.keys():
+                    continue
+                row = np.array(
+                    [dist.to_internal_repr(params[n]) for n, dist in search_space.items()],
+                    dtype=float,
+                )
+                if t.state.is_finished():
+                    cache[t._trial_id] = row
+            row_of[t.number] = len(rows)
+            rows.append(row)
+        matrix = np.array(rows, dtype=float).reshape(len(rows), len(search_space))
+        return {name: matrix[:, i] for i, name in enumerate(search_space)}, row_of
 
     def _params_of(self, trial: FrozenTrial) -> dict[str, Any]:
         """Parameters of a trial, including relative ones a RUNNING worker has only published."""
