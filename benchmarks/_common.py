@@ -41,14 +41,17 @@ SAMPLER_KINDS = ("ctpe", "tpe", "random")
 
 
 def _git_version() -> str:
-    """The repository's commit, plus a hash of the uncommitted changes to tracked files if any."""
+    """The repository's commit, plus a hash of uncommitted changes to the code if any.
+
+    Only the package and the benchmark scripts count, not the results they write.
+    """
 
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", "-C", str(BENCH_DIR), *args], capture_output=True, text=True
         ).stdout
 
-    diff = git("diff", "HEAD")
+    diff = git("diff", "HEAD", "--", ":(top)optuna_ctpe", ":(top)benchmarks/*.py")
     commit = git("rev-parse", "--short", "HEAD").strip()
     return f"{commit}+diff {hashlib.sha1(diff.encode()).hexdigest()[:8]}" if diff else commit
 
@@ -411,13 +414,16 @@ def plot_convergence(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    many = len(curves) > 5
+    fig, ax = plt.subplots(figsize=(10, 5) if many else (7, 4.5))
+    colors = plt.get_cmap("tab20" if len(curves) > 10 else "tab10").colors
     top = -np.inf
-    for label, c in curves.items():
+    for i, (label, c) in enumerate(curves.items()):
+        color = colors[i % len(colors)]
         x = np.arange(1, c.curves.shape[1] + 1)
         q25, q50, q75 = np.percentile(c.curves, [25, 50, 75], axis=0)
-        (line,) = ax.plot(x, q50, label=label)
-        ax.fill_between(x, q25, q75, alpha=0.2, color=line.get_color())
+        ax.plot(x, q50, label=label, color=color)
+        ax.fill_between(x, q25, q75, alpha=0.08 if many else 0.2, color=color)
         top = max(top, q75[min(9, len(q75) - 1)])
     if reference in curves:
         target = float(median_curve(curves[reference].curves)[-1])
@@ -429,7 +435,10 @@ def plot_convergence(
     ax.set_ylabel("best objective so far (median, IQR band)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -22,14 +22,17 @@ configurations cost nothing; wall times include the sampler.
 
 Samplers (each for ``--seeds`` seeds and ``--trials`` trials; warm starts count as trials):
 
-* ``ctpe+prune+prior+warm``: ClusterTPESampler on the pruned space, with the space's prior
-  weights and its ILP warm starts enqueued (the package's recommended use);
-* ``ctpe+prune``: ClusterTPESampler on the pruned space, nothing else;
+* ``ctpe+prune16+prior+warm``: ClusterTPESampler on the space pruned at the default budget
+  16, with the space's prior weights and its ILP warm starts enqueued (the package defaults);
+* ``ctpe+prune16``: the same space, without priors and warm starts;
+* ``ctpe+prune1+prior+warm``, ``ctpe+prune1``: the same with pruning budget 1, the first
+  default, which pruned the best configurations away (hence the default 16; see the results);
 * ``ctpe+prior+warm``: the full grid with priors and warm starts (no pruning);
 * ``ctpe``: ClusterTPESampler on the full grid;
 * ``tpe``: Optuna's ``TPESampler()`` on the full grid;
 * ``random``: ``RandomSampler`` on the full grid;
-* ``ilp``: the first warm start alone (one deterministic configuration, a horizontal line).
+* ``ilp``: the HAWQ-V3-style ILP allocation over the full grid (least summed Ω within B; one
+  deterministic configuration, a horizontal line).
 
 Writes ``results/hessian_search.md``, ``results/hessian_search.png`` and
 ``results/hessian_search.json`` (raw curves)::
@@ -63,16 +66,19 @@ import optuna
 
 
 TASK_SEED = 0
+# "prune": the pruning budget (multiple of Omega_ref) of the space, math.inf for the full grid.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "ctpe+prune+prior+warm": {"kind": "ctpe", "prune": True, "prior": True, "warm": True},
-    "ctpe+prune": {"kind": "ctpe", "prune": True, "prior": False, "warm": False},
-    "ctpe+prior+warm": {"kind": "ctpe", "prune": False, "prior": True, "warm": True},
-    "ctpe": {"kind": "ctpe", "prune": False, "prior": False, "warm": False},
-    "tpe": {"kind": "tpe", "prune": False, "prior": False, "warm": False},
-    "random": {"kind": "random", "prune": False, "prior": False, "warm": False},
+    "ctpe+prune1+prior+warm": {"kind": "ctpe", "prune": 1.0, "prior": True, "warm": True},
+    "ctpe+prune1": {"kind": "ctpe", "prune": 1.0, "prior": False, "warm": False},
+    "ctpe+prune16+prior+warm": {"kind": "ctpe", "prune": 16.0, "prior": True, "warm": True},
+    "ctpe+prune16": {"kind": "ctpe", "prune": 16.0, "prior": False, "warm": False},
+    "ctpe+prior+warm": {"kind": "ctpe", "prune": math.inf, "prior": True, "warm": True},
+    "ctpe": {"kind": "ctpe", "prune": math.inf, "prior": False, "warm": False},
+    "tpe": {"kind": "tpe", "prune": math.inf, "prior": False, "warm": False},
+    "random": {"kind": "random", "prune": math.inf, "prior": False, "warm": False},
 }
 REFERENCE = "tpe"
-METHOD = "ctpe+prune+prior+warm"
+METHOD = "ctpe+prune16+prior+warm"  # the package defaults
 N_WARM = 3
 
 
@@ -134,6 +140,12 @@ class Evaluator:
 _STATE: dict[str, Any] = {}
 
 
+def _spaces(space: Any, budget_bits: int) -> dict[float, Any]:
+    """The space at every pruning budget of :data:`CONFIGS`, each relaxed to contain size B."""
+    budgets = {c["prune"] for c in CONFIGS.values()}
+    return {b: space.with_budget(b).relaxed_for_size(size_bits=budget_bits) for b in budgets}
+
+
 def _init_worker(space_json: str, budget_bits: int) -> None:
     import torch
 
@@ -146,9 +158,7 @@ def _init_worker(space_json: str, budget_bits: int) -> None:
     task = digits_task(seed=TASK_SEED)
     space = HessianSearchSpace.from_json(space_json)
     _STATE.update(
-        task=task,
-        pruned=space,
-        full=space.with_budget(math.inf),
+        spaces=_spaces(space, budget_bits),
         evaluator=Evaluator(task, space),
         budget_bits=budget_bits,
     )
@@ -176,7 +186,7 @@ def run_one(spec: tuple[str, int, int]) -> tuple[str, int, list[float], list[flo
     """One study: returns label, seed, best-so-far curve and elapsed seconds after each trial."""
     label, seed, n_trials = spec
     setting = CONFIGS[label]
-    space = _STATE["pruned"] if setting["prune"] else _STATE["full"]
+    space = _STATE["spaces"][setting["prune"]]
     evaluator, budget_bits = _STATE["evaluator"], _STATE["budget_bits"]
     priors = space.prior_weights() if setting["prior"] else None
     study = optuna.create_study(sampler=_make_sampler(setting["kind"], seed, priors))
@@ -201,7 +211,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=10, help="runs per sampler (seeds 0..n-1)")
     parser.add_argument("--trials", type=int, default=200, help="trials per run")
     parser.add_argument("--budget-bits", type=float, default=2.5, help="B = uniform b-bit size")
-    parser.add_argument("--pruning-budget", type=float, default=1.0, help="space budget")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samplers", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--tag", default="", help="suffix of the result files")
@@ -249,7 +258,6 @@ def main(argv: list[str]) -> None:
         task.loss_fn,
         task.calibration_batches,
         example_inputs=task.example_inputs,
-        budget=args.pruning_budget,
         seed=0,
     )
     sens_seconds = time.perf_counter() - t0
@@ -257,7 +265,7 @@ def main(argv: list[str]) -> None:
     lo, hi = math.floor(args.budget_bits), math.ceil(args.budget_bits)
     size_lo, size_hi = space.size(space.uniform(lo)), space.size(space.uniform(hi))
     budget_bits = int(size_lo + (args.budget_bits - lo) * (size_hi - size_lo))
-    space = space.relaxed_for_size(size_bits=budget_bits)
+    spaces = _spaces(space, budget_bits)
     evaluator = Evaluator(task, space)
 
     # The cached evaluation must equal the package's own apply(); check a few configurations.
@@ -274,7 +282,7 @@ def main(argv: list[str]) -> None:
         assert direct == evaluator.accuracy(config), config
 
     ilp_configs = [
-        space.config_from_params(p) for p in space.warm_starts(size_bits=budget_bits, n=N_WARM)
+        full.config_from_params(p) for p in full.warm_starts(size_bits=budget_bits, n=N_WARM)
     ]
     ilp = ilp_configs[0]
     ilp_value = objective_value(space, evaluator, ilp, budget_bits)
@@ -383,21 +391,27 @@ def main(argv: list[str]) -> None:
         f"- Size budget B = uniform {args.budget_bits:g}-bit weights at full width = {budget_bits} "
         f"bits ({budget_bits / space.fp32_bits:.4f} of FP32). Objective: validation error if "
         "size <= B, else 1 + (size - B)/B.",
-        f"- Sensitivities (Hutchinson, seed 0): {sens_seconds:.1f} s. Pruning budget "
-        f"{args.pruning_budget:g} x Omega_ref, relaxed to {space.budget:.4g} to fit B.",
-        f"- Search space: 10^{full.log10_size_before:.2f} configurations before pruning, "
-        f"10^{space.log10_size_after:.2f} after ({len(full.distributions)} -> "
-        f"{len(space.distributions)} searched parameters).",
+        f"- Sensitivities (Hutchinson, seed 0): {sens_seconds:.1f} s.",
+        f"- Search space: 10^{full.log10_size_before:.2f} configurations before pruning "
+        f"({len(full.distributions)} searched parameters); after pruning: "
+        + "; ".join(
+            f"budget {b:g} (relaxed to {s.budget:.4g} to fit B): 10^{s.log10_size_after:.2f} "
+            f"({len(s.distributions)} parameters)"
+            for b, s in sorted(spaces.items())
+            if math.isfinite(b)
+        )
+        + ".",
         f"- One uncached evaluation (prune + quantize + validate via `space.apply`): "
         f"{1000 * per_trial:.0f} ms; cached evaluator used in the runs.",
         "",
         markdown_table(
-            ["parameter", "full grid", "after pruning", "mean trace"],
+            ["parameter", "full grid"]
+            + [f"pruned, budget {b:g}" for b in sorted(spaces) if math.isfinite(b)]
+            + ["mean trace"],
             [
-                [
-                    name,
-                    str(list(full.choices[name])),
-                    str(list(space.choices[name])),
+                [name, str(list(full.choices[name]))]
+                + [str(list(s.choices[name])) for b, s in sorted(spaces.items()) if math.isfinite(b)]
+                + [
                     fmt(
                         space.sensitivities[name.split(":", 1)[1]].mean_trace
                         if name.startswith("bits:")
@@ -411,7 +425,8 @@ def main(argv: list[str]) -> None:
         "Uniform configurations (full width): "
         + ", ".join(f"{b}-bit error {e:.4f} at {s:.2f} B" for b, (e, s) in uniform.items()),
         "",
-        "ILP warm starts at B (least summed Omega first): "
+        "ILP warm starts over the full grid at B (least summed Omega first; the first is the "
+        "ILP baseline): "
         + "; ".join(
             f"`{dict(c.bits)}` widths `{dict(c.widths)}` -> objective "
             f"{objective_value(space, evaluator, c, budget_bits):.4f}, size {space.size(c) / budget_bits:.3f} B"

@@ -259,7 +259,11 @@ def model_size(
     Raises:
         ValueError: On unknown layer names, modules without a weight, or bad bit-widths.
     """
-    if isinstance(default_bits, bool) or not isinstance(default_bits, numbers.Integral) or not 1 <= default_bits <= 64:
+    if (
+        isinstance(default_bits, bool)
+        or not isinstance(default_bits, numbers.Integral)
+        or not 1 <= default_bits <= 64
+    ):
         raise ValueError(f"default_bits must be an integer in [1, 64], got {default_bits!r}.")
     bits = {} if bits is None else bits
     if not isinstance(bits, Mapping):
@@ -314,7 +318,10 @@ def bops(
     checked = {name: _check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
     _check_layer_names(model, checked, "bits", need_weight=True)
     if isinstance(activation_bits, Mapping):
-        act = {n: _check_bits(b, f"activation_bits[{n!r}]", hi=32) for n, b in activation_bits.items()}
+        act = {
+            n: _check_bits(b, f"activation_bits[{n!r}]", hi=32)
+            for n, b in activation_bits.items()
+        }
         _check_layer_names(model, act, "activation_bits", need_weight=False)
         default_act = _FP32_BITS
     else:

@@ -21,9 +21,11 @@ rule. This module implements OUR interpretation, built from HAWQ-V2 and NNCF's H
 2. The reference ``Ω_ref`` is the largest ``Ω`` over the searched layers at the median bit
    choice (4 bits for the default grid ``(2, 3, 4, 6, 8)``): the damage of quantizing the most
    fragile layer to a middling precision. A choice is kept if ``Ω <= budget × Ω_ref``, so
-   ``budget`` is dimensionless and means the same on every model: ``budget=1`` drops exactly
-   the choices that hurt more than "the worst layer at 4 bits". Widths use the same threshold,
-   so a width ratio survives only if it perturbs the loss no more than that either.
+   ``budget`` is dimensionless and means the same on every model. Since ``Ω`` of uniform
+   rounding falls about 4× per bit, the default ``budget=16`` admits choices up to about as
+   harmful as the most fragile layer two bits below the median; ``budget=1`` (tried first)
+   pruned the best configurations of the digits CNN away. Widths use the same threshold, so a
+   width ratio survives only if it perturbs the loss no more than that either.
 3. The safest choice (the highest bit-width, the widest ratio) is always kept.
 4. Monotonicity (as NNCF's HAWQ enumerates only such sequences): a layer with a larger mean
    trace never has a smaller minimum bit-width than a less sensitive layer.
@@ -72,6 +74,10 @@ SCHEMA = "optuna-ctpe/hessian-search-space"
 SCHEMA_VERSION = 1
 DEFAULT_BITS = (2, 3, 4, 6, 8)
 DEFAULT_WIDTHS = (0.5, 0.75, 1.0)
+# Ω of uniform rounding falls about 4x per bit, so 16 = 4^2 admits choices up to about two bits
+# below the most sensitive layer's median-bit damage. Budget 1 (no slack) pruned the best
+# configurations away on the digits CNN (benchmarks/results/hessian_search.md).
+DEFAULT_BUDGET = 16.0
 BITS_PREFIX = "bits:"
 WIDTH_PREFIX = "width:"
 USER_ATTR_KEY = "ctpe:search_space"
@@ -345,7 +351,7 @@ class HessianSearchSpace:
         tensors: Sequence[ParamTensor | Mapping[str, Any]] | None = None,
         bits: Sequence[int] = DEFAULT_BITS,
         widths: Sequence[float] = DEFAULT_WIDTHS,
-        budget: float = 1.0,
+        budget: float = DEFAULT_BUDGET,
         fixed_bits: Mapping[str, int] | None = None,
     ) -> None:
         self._bits = _check_bits_grid(bits)
@@ -1141,7 +1147,7 @@ class HessianSearchSpace:
         tensors: Sequence[ParamTensor | Mapping[str, Any]] | None = None,
         bits: Sequence[int] = DEFAULT_BITS,
         widths: Sequence[float] = DEFAULT_WIDTHS,
-        budget: float = 1.0,
+        budget: float = DEFAULT_BUDGET,
         fixed_bits: Mapping[str, int] | None = None,
     ) -> HessianSearchSpace:
         """Build a space from saved sensitivities, without torch. Same arguments as the class."""
@@ -1167,7 +1173,7 @@ class HessianSearchSpace:
         layers: Sequence[str] | None = None,
         example_inputs: Any = None,
         keep_first_last_bits: int | None = 8,
-        budget: float = 1.0,
+        budget: float = DEFAULT_BUDGET,
         estimator: Literal["hutchinson", "fisher"] = "hutchinson",
         seed: int = 0,
         max_probes: int = 200,

@@ -112,7 +112,9 @@ class LayerTrace:
         """
         keys = {"name", "trace", "stderr", "n_params", "n_probes"}
         if not isinstance(data, dict) or set(data) != keys:
-            raise ValueError(f"a LayerTrace dict needs exactly the keys {sorted(keys)}, got {data!r}.")
+            raise ValueError(
+                f"a LayerTrace dict needs exactly the keys {sorted(keys)}, got {data!r}."
+            )
         return cls(
             name=str(data["name"]),
             trace=float(data["trace"]),
@@ -358,7 +360,8 @@ class _RunningStats:
 
     def worst_relative_stderr(self) -> float:
         err = self.stderr()
-        rel = torch.where(self.mean != 0, err / self.mean.abs(), torch.where(err == 0, 0.0, math.inf))
+        undefined = torch.where(err == 0, 0.0, math.inf)  # zero trace: exact only if no spread
+        rel = torch.where(self.mean != 0, err / self.mean.abs(), undefined)
         return float(rel.max())
 
     def result(self, names: list[str], weights: list[torch.Tensor]) -> dict[str, LayerTrace]:
@@ -403,7 +406,10 @@ def _block_quadratic_forms(
         hv = (None,) * len(weights)
     zero = torch.zeros((), dtype=torch.float64, device=weights[0].device)
     return torch.stack(
-        [zero if h is None else torch.dot(v.flatten(), h.flatten()).double() for v, h in zip(probes, hv)]
+        [
+            zero if h is None else torch.dot(v.flatten(), h.flatten()).double()
+            for v, h in zip(probes, hv)
+        ]
     )
 
 
@@ -509,7 +515,9 @@ def _select(model: nn.Module, layers: Layers) -> tuple[list[str], list[torch.Ten
             raise ValueError(f"the model has no layer of types {[t.__name__ for t in types]}.")
     elif isinstance(layers, Sequence) and not isinstance(layers, str):
         if not layers or not all(isinstance(n, str) for n in layers):
-            raise ValueError(f"layers must be a non-empty sequence of module names, got {layers!r}.")
+            raise ValueError(
+                f"layers must be a non-empty sequence of module names, got {layers!r}."
+            )
         unknown = [n for n in layers if n not in modules]
         if unknown:
             raise ValueError(f"layers names modules the model lacks: {unknown}.")
@@ -539,7 +547,7 @@ def _check_probes(max_probes: Any, min_probes: Any, rtol: Any, seed: Any) -> Non
         raise ValueError(f"max_probes must be an integer >= 2, got {max_probes!r}.")
     if not is_int(min_probes) or min_probes < 2:
         raise ValueError(f"min_probes must be an integer >= 2, got {min_probes!r}.")
-    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not rtol >= 0 or not math.isfinite(rtol):
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 <= rtol < math.inf:
         raise ValueError(f"rtol must be a finite number >= 0, got {rtol!r}.")
     if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
@@ -547,7 +555,9 @@ def _check_probes(max_probes: Any, min_probes: Any, rtol: Any, seed: Any) -> Non
 
 def _check_batches(batches: Iterable[Any]) -> list[Any]:
     if isinstance(batches, torch.Tensor):
-        raise TypeError("batches must be an iterable of batches, not a single tensor; wrap it in a list.")
+        raise TypeError(
+            "batches must be an iterable of batches, not a single tensor; wrap it in a list."
+        )
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: at least one batch is needed.")
@@ -556,9 +566,13 @@ def _check_batches(batches: Iterable[Any]) -> list[Any]:
 
 def _checked_loss(loss: Any, index: int) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__} on batch {index}.")
+        raise TypeError(
+            f"loss_fn must return a tensor, got {type(loss).__name__} on batch {index}."
+        )
     if loss.numel() != 1:
-        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)} on batch {index}.")
+        raise ValueError(
+            f"loss_fn must return a scalar, got shape {tuple(loss.shape)} on batch {index}."
+        )
     if not torch.isfinite(loss).all():
         raise ValueError(f"loss_fn returned a non-finite loss ({loss.item()}) on batch {index}.")
     if not loss.requires_grad:
@@ -570,7 +584,7 @@ def _checked_loss(loss: Any, index: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _preserved(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
-    """Eval mode and differentiable ``weights`` inside; every flag, grad and mode restored after."""
+    """Eval mode and differentiable ``weights`` inside; flags, grads and modes restored after."""
     modes = [(m, m.training) for m in model.modules()]
     params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     try:
@@ -595,6 +609,17 @@ def _map_any(fn: Callable[[Any], Any], batch: Any) -> Any:
     return fn(batch)
 
 
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, (tuple, list)):
+        for x in batch:
+            yield from _tensors(x)
+    elif isinstance(batch, dict):
+        for x in batch.values():
+            yield from _tensors(x)
+
+
 def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> Any:
     return _map_any(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, batch)
 
@@ -604,12 +629,16 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _n_samples(batch: Any, index: int) -> int:
-    sizes: set[int] = set()
-    _map_tensors(lambda t: sizes.add(t.shape[0] if t.dim() else -1) or t, batch)
+    sizes = {t.shape[0] if t.dim() else -1 for t in _tensors(batch)}
     if not sizes or -1 in sizes:
-        raise ValueError(f"batch {index} must hold tensors with a sample dimension, got {type(batch).__name__}.")
+        raise ValueError(
+            f"batch {index} must hold tensors with a sample dimension, "
+            f"got {type(batch).__name__}."
+        )
     if len(sizes) > 1:
-        raise ValueError(f"the tensors of batch {index} disagree on the number of samples: {sorted(sizes)}.")
+        raise ValueError(
+            f"the tensors of batch {index} disagree on the number of samples: {sorted(sizes)}."
+        )
     return sizes.pop()
 
 

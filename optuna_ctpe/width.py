@@ -287,7 +287,8 @@ def width_perturbation(model: nn.Module, group: WidthGroup, width: float) -> flo
         if module is None:
             raise ValueError(f"group {group.name!r} names layer {m.layer!r}, which model lacks.")
         if isinstance(module, nn.GroupNorm) or (
-            isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups != module.out_channels
+            isinstance(module, nn.modules.conv._ConvNd)
+            and 1 < module.groups != module.out_channels
         ):
             raise ValueError(
                 f"layer {m.layer!r} of group {group.name!r} is a grouped convolution or group "

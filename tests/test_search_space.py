@@ -32,7 +32,9 @@ def _layer(name: str, trace: float, n: int = 100) -> LayerSensitivity:
 
 def _three_layers(**kwargs) -> HessianSearchSpace:  # type: ignore[no-untyped-def]
     return HessianSearchSpace.from_sensitivities(
-        [_layer("a", 1.0), _layer("b", 10.0), _layer("c", 0.1)], bits=BITS, **kwargs
+        [_layer("a", 1.0), _layer("b", 10.0), _layer("c", 0.1)],
+        bits=BITS,
+        **{"budget": 1.0, **kwargs},
     )
 
 
@@ -88,7 +90,7 @@ def test_monotonicity_lifts_more_sensitive_layer() -> None:
     # the more sensitive "small" must then not go below big's minimum either.
     big = LayerSensitivity("big", 1.0, 10, {2: 100.0, 4: 1.0, 8: 0.01})
     small = LayerSensitivity("small", 2.0, 10, {2: 0.001, 4: 0.0001, 8: 0.0})
-    space = HessianSearchSpace.from_sensitivities([big, small], bits=BITS)
+    space = HessianSearchSpace.from_sensitivities([big, small], bits=BITS, budget=1.0)
     assert space.choices["bits:big"] == (4, 8)
     assert space.choices["bits:small"] == (4, 8)
 

@@ -1,0 +1,169 @@
+"""The objective of ``optuna-ctpe search``: apply a configuration, optionally fine-tune, score.
+
+Each trial suggests a :class:`~optuna_ctpe.search_space.QuantConfig`, builds the width-pruned,
+weight-quantized copy of the task's model and records, as trial user attributes that
+optuna-dashboard shows as sortable columns:
+
+* ``accuracy``: the task metric of the copy (after fine-tuning, if any);
+* ``size_bytes``, ``size_kb`` and ``compression_ratio`` (FP32 size / size);
+* ``feasible`` (budget objective): whether the size is within the budget.
+
+With ``finetune_epochs > 0`` the copy is fine-tuned by quantization-aware training: the weights
+stay in float and every forward pass quantizes them, with straight-through gradients
+(:func:`optuna_ctpe.quantize.quantize_weight`). Each epoch is one pass over the task's
+calibration batches, after which the validation accuracy is reported as the intermediate value
+of that step, so a pruner can stop an unpromising trial. The fine-tuning is deterministic on a
+CPU, which lets ``optuna-ctpe export`` rebuild the exact model a trial scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import threading
+from typing import Any
+
+import optuna
+
+from optuna_ctpe._cli_storage import WORKER_ATTR
+from optuna_ctpe._cli_storage import worker_id
+from optuna_ctpe._cli_study import Settings
+from optuna_ctpe.search_space import HessianSearchSpace
+from optuna_ctpe.search_space import QuantConfig
+from optuna_ctpe.tasks import Task
+
+
+__all__ = ["FINETUNE_LR", "Objective", "build_model"]
+
+#: Adam learning rate of the fine-tuning: small, since it only repairs quantization damage.
+FINETUNE_LR = 1e-3
+
+
+def build_model(
+    space: HessianSearchSpace,
+    task: Task,
+    config: QuantConfig,
+    finetune_epochs: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> Any:
+    """The quantized (and width-pruned) copy of the task's model that a trial scores.
+
+    Args:
+        space: The study's search space.
+        task: The task.
+        config: The configuration.
+        finetune_epochs: Epochs of quantization-aware fine-tuning on the calibration batches.
+        on_epoch: Called as ``on_epoch(epoch, accuracy)`` after each epoch; it may raise
+            :class:`optuna.TrialPruned` to stop.
+
+    Returns:
+        A ``torch.nn.Module`` in eval mode whose weights hold the quantized values.
+    """
+    if finetune_epochs == 0:
+        return space.apply(task.model, config, task.example_inputs)
+    import torch
+    from torch.nn.utils import parametrize
+
+    from optuna_ctpe.quantize import quantize_weight
+
+    # Start from the float, width-pruned copy; the quantizers sit in the forward pass.
+    net = space.apply(task.model, QuantConfig({n: 16 for n in config.bits}, config.widths),
+                      task.example_inputs)
+    net.load_state_dict(_pruned_float_state(space, task, config))
+    modules = dict(net.named_modules())
+
+    class _Quantize(torch.nn.Module):
+        def __init__(self, bits: int) -> None:
+            super().__init__()
+            self.bits = bits
+
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return quantize_weight(weight, self.bits)
+
+    for name, bits in config.bits.items():
+        parametrize.register_parametrization(modules[name], "weight", _Quantize(bits))
+    optimiser = torch.optim.Adam(net.parameters(), lr=FINETUNE_LR)
+    try:
+        for epoch in range(finetune_epochs):
+            net.train()
+            for batch in task.calibration_batches:
+                optimiser.zero_grad()
+                task.loss_fn(net, batch).backward()
+                optimiser.step()
+            net.eval()
+            if on_epoch is not None:
+                on_epoch(epoch, float(task.evaluate(net)))
+    finally:
+        # Bake the quantized weights into plain parameters: the result is an ordinary module
+        # whose state dict loads with torch.load(weights_only=True).
+        for name in config.bits:
+            parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
+    return net.eval()
+
+
+def _pruned_float_state(space: HessianSearchSpace, task: Task, config: QuantConfig) -> Any:
+    """The float weights of the width-pruned model (``apply`` quantizes; this does not)."""
+    pruned = {g: w for g, w in config.widths.items() if w < 1}
+    if not pruned:
+        return task.model.state_dict()
+    from optuna_ctpe.width import prune_widths
+
+    return prune_widths(task.model, task.example_inputs, pruned).state_dict()
+
+
+class Objective:
+    """The objective function; also remembers the trials it started, for the exit clean-up.
+
+    Args:
+        space: The study's search space.
+        task: The task.
+        settings: The study's settings (objective, size budget, fine-tuning).
+        sampler_name: ``ctpe``, ``tpe`` or ``random``, recorded per trial since the storage
+            does not record samplers.
+    """
+
+    def __init__(
+        self, space: HessianSearchSpace, task: Task, settings: Settings, sampler_name: str
+    ) -> None:
+        self._space = space
+        self._task = task
+        self._settings = settings
+        self._sampler_name = sampler_name
+        self._budget_bits = (
+            None if settings.size_budget is None else settings.size_budget * space.fp32_bits
+        )
+        self._lock = threading.Lock()
+        self.started: set[int] = set()
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        # Tag the trial with this process first, so that if the process dies, the next worker
+        # on this host can tell the trial is abandoned.
+        trial.study._storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_id())
+        with self._lock:
+            self.started.add(trial._trial_id)
+        trial.set_user_attr("sampler", self._sampler_name)
+        space, settings = self._space, self._settings
+        config = space.suggest(trial)
+        single = settings.objective == "budget"
+
+        def on_epoch(epoch: int, accuracy: float) -> None:
+            # Multi-objective studies cannot report intermediate values (Optuna raises).
+            if single:
+                trial.report(accuracy, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"accuracy {accuracy:.4f} after epoch {epoch}")
+
+        net = build_model(space, self._task, config, settings.finetune_epochs, on_epoch)
+        accuracy = float(self._task.evaluate(net))
+        size_bits = space.size(config)
+        trial.set_user_attr("accuracy", accuracy)
+        trial.set_user_attr("size_bytes", size_bits / 8)
+        trial.set_user_attr("size_kb", size_bits / 8 / 1024)
+        trial.set_user_attr("compression_ratio", space.fp32_bits / size_bits)
+        if self._budget_bits is None:
+            return accuracy, size_bits / 8 / 1024
+        # Relative excess over the budget: <= 0 is feasible, and the value is comparable across
+        # models, which is what TPE's ranking of infeasible trials by violation needs.
+        violation = size_bits / self._budget_bits - 1.0
+        trial.set_constraint("size", violation)
+        trial.set_user_attr("feasible", violation <= 0)
+        return accuracy

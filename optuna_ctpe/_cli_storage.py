@@ -1,0 +1,209 @@
+"""Storage for the command line: URL parsing, heartbeats and the clean-up of abandoned trials.
+
+``optuna-ctpe search`` must leave its storage consistent however it ends, and must cope with the
+trials that a killed process (SIGKILL, a lost machine) left RUNNING. Two mechanisms do that:
+
+* RDB storages (SQLite, PostgreSQL, MySQL, ...) run Optuna's heartbeat: every worker refreshes
+  its running trial's heartbeat, and a trial whose heartbeat is older than the grace period is
+  failed by whichever worker looks next and re-enqueued once by
+  :class:`~optuna.storages.RetryFailedTrialCallback`.
+* Every storage additionally gets an owner tag per trial (the system attribute
+  ``ctpe:worker`` = ``host:pid:start-time``). At start-up, a RUNNING trial whose owner ran on this
+  host and no longer exists is failed at once, without waiting for a grace period; this is the
+  only clean-up for journal files, which have no heartbeat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import os
+from pathlib import Path
+import socket
+import time
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.storages import RDBStorage
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import TrialState
+
+
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "GRACE_PERIOD",
+    "StorageSpec",
+    "UsageError",
+    "WORKER_ATTR",
+    "fail_abandoned_trials",
+    "owner_is_dead",
+    "open_storage",
+    "parse_storage",
+    "worker_id",
+]
+
+#: Seconds between heartbeats of a running trial (RDB storages).
+HEARTBEAT_INTERVAL = 10
+#: Seconds without a heartbeat after which another worker fails the trial. Three missed beats,
+#: so that a worker stalled by a long garbage collection or a busy disk is not failed.
+GRACE_PERIOD = 3 * HEARTBEAT_INTERVAL
+#: Trial system attribute naming the process that runs the trial.
+WORKER_ATTR = "ctpe:worker"
+
+_PROCESS_START = f"{time.time():.3f}"
+
+
+class UsageError(Exception):
+    """A bad command-line value; the CLI prints ``optuna-ctpe: error: <message>`` and exits 2."""
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """A parsed ``--storage`` value.
+
+    Attributes:
+        kind: ``"rdb"`` (an SQLAlchemy URL) or ``"journal"`` (an append-only journal file).
+        location: The SQLAlchemy URL, or the journal file's path.
+    """
+
+    kind: str
+    location: str
+
+    @property
+    def dashboard_url(self) -> str:
+        """The argument that makes ``optuna-dashboard`` open this storage from any directory."""
+        if self.kind == "journal":
+            return str(Path(self.location).resolve())
+        if self.location.startswith("sqlite:///") and not self.location.startswith("sqlite:////"):
+            path = self.location[len("sqlite:///") :]
+            if path and path != ":memory:":
+                return "sqlite:///" + str(Path(path).resolve())
+        return self.location
+
+
+def parse_storage(value: str) -> StorageSpec:
+    """Parse ``--storage``: ``sqlite:///FILE``, any SQLAlchemy URL, ``journal:///FILE`` or a
+    path ending in ``.log`` (a journal file).
+
+    Raises:
+        UsageError: On an empty value, a scheme SQLAlchemy does not know, or a path without a
+            scheme that does not end in ``.log``.
+    """
+    value = value.strip()
+    if not value:
+        raise UsageError("--storage must not be empty.")
+    if value.startswith("journal://"):
+        path = value[len("journal://") :]
+        # journal:///abs/file.log has an empty host; accept journal://rel.log as a relative path.
+        if path.startswith("/") and value.startswith("journal:///"):
+            path = path if not path.startswith("//") else path[1:]
+        if not path or path.endswith("/"):
+            raise UsageError(f"--storage {value!r}: a journal URL needs a file name.")
+        return StorageSpec("journal", path)
+    if "://" not in value:
+        if value.endswith(".log"):
+            return StorageSpec("journal", value)
+        raise UsageError(
+            f"--storage {value!r} has no scheme; use sqlite:///FILE.db, journal:///FILE.log (or a "
+            "path ending in .log), or an SQLAlchemy URL such as postgresql://user@host/db."
+        )
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import NoSuchModuleError
+
+    try:
+        # get_dialect() loads the dialect class only, not its database driver: the scheme is
+        # checked here, a missing driver is reported when the storage is opened.
+        make_url(value).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        scheme = value.split("://", 1)[0]
+        raise UsageError(
+            f"--storage {value!r}: unknown storage scheme {scheme!r}; use sqlite:///FILE.db, "
+            "journal:///FILE.log (or a path ending in .log), or an SQLAlchemy URL such as "
+            "postgresql://user@host/db."
+        ) from None
+    return StorageSpec("rdb", value)
+
+
+def open_storage(spec: StorageSpec, *, heartbeat: bool) -> BaseStorage:
+    """Open the storage ``spec`` describes.
+
+    Args:
+        spec: The parsed ``--storage``.
+        heartbeat: Run Optuna's heartbeat and retry trials it fails (RDB storages only); the
+            ``search`` command wants it, read-only commands such as ``export`` do not.
+    """
+    if spec.kind == "journal":
+        from optuna.storages.journal import JournalFileBackend
+        from optuna.storages.journal import JournalStorage
+
+        Path(spec.location).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(spec.location))
+    if not heartbeat:
+        return RDBStorage(spec.location)
+    return RDBStorage(
+        spec.location,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        grace_period=GRACE_PERIOD,
+        # One retry: a trial killed with its worker is re-run with the same parameters, but a
+        # configuration that kills workers by itself (out of memory) is not retried forever.
+        heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+    )
+
+
+def worker_id() -> str:
+    """``host:pid:start-time`` of this process; the start time keeps the tag unique if the pid
+    is reused."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_PROCESS_START}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """Whether the process a :func:`worker_id` names is known to be gone (same host only)."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another machine: only a heartbeat can tell
+    if owner == worker_id():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    # Alive. A new process reusing the pid is indistinguishable without platform-specific
+    # start-time checks; assuming it is the owner only delays the clean-up to the heartbeat.
+    return False
+
+
+def fail_abandoned_trials(study: optuna.Study, *, only_own: bool = False) -> list[int]:
+    """Fail the RUNNING trials whose worker process is gone, and return their numbers.
+
+    Args:
+        study: The study to clean up.
+        only_own: Fail only the trials this process started (the clean-up on exit), instead of
+            those of dead processes on this host (the clean-up on start-up).
+
+    Trials of other hosts are left to the heartbeat (RDB storages). The storage's failed-trial
+    callback (the retry of RDB storages) runs for each trial failed here, exactly as if the
+    heartbeat had failed it.
+    """
+    storage = study._storage
+    me = worker_id()
+    failed: list[int] = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.system_attrs.get(WORKER_ATTR)
+        if not isinstance(owner, str):
+            continue  # created but not yet tagged by a live worker, or not ours
+        if (owner != me) if only_own else not owner_is_dead(owner):
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker finished or failed it first
+        failed.append(trial.number)
+        get_callback = getattr(storage, "get_heartbeat_stale_trial_callback", None)
+        callback = get_callback() if get_callback is not None else None
+        if callback is not None and not only_own:
+            callback(study, storage.get_trial(trial._trial_id))
+    return failed
