@@ -327,7 +327,8 @@ def main(argv: list[str]) -> None:
         curves,
         ilp_value,
         out.with_suffix(".png"),
-        f"digits CNN, size <= uniform {args.budget_bits:g}-bit: {args.seeds} seeds x {args.trials} trials",
+        f"digits CNN, size <= uniform {args.budget_bits:g}-bit: "
+        f"{args.seeds} seeds x {args.trials} trials",
     )
 
     target = float(median_curve(curves[REFERENCE])[-1]) if REFERENCE in curves else None
@@ -410,7 +411,11 @@ def main(argv: list[str]) -> None:
             + ["mean trace"],
             [
                 [name, str(list(full.choices[name]))]
-                + [str(list(s.choices[name])) for b, s in sorted(spaces.items()) if math.isfinite(b)]
+                + [
+                    str(list(s.choices[name]))
+                    for b, s in sorted(spaces.items())
+                    if math.isfinite(b)
+                ]
                 + [
                     fmt(
                         space.sensitivities[name.split(":", 1)[1]].mean_trace
@@ -429,7 +434,8 @@ def main(argv: list[str]) -> None:
         "ILP baseline): "
         + "; ".join(
             f"`{dict(c.bits)}` widths `{dict(c.widths)}` -> objective "
-            f"{objective_value(space, evaluator, c, budget_bits):.4f}, size {space.size(c) / budget_bits:.3f} B"
+            f"{objective_value(space, evaluator, c, budget_bits):.4f}, "
+            f"size {space.size(c) / budget_bits:.3f} B"
             for c in ilp_configs
         ),
         "",

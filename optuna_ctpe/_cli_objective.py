@@ -19,6 +19,7 @@ CPU, which lets ``optuna-ctpe export`` rebuild the exact model a trial scored.
 from __future__ import annotations
 
 from collections.abc import Callable
+import copy
 import threading
 from typing import Any
 
@@ -35,7 +36,7 @@ from optuna_ctpe.tasks import Task
 __all__ = ["FINETUNE_LR", "Objective", "build_model"]
 
 #: Adam learning rate of the fine-tuning: small, since it only repairs quantization damage.
-FINETUNE_LR = 1e-3
+FINETUNE_LR = 1e-4
 
 
 def build_model(
@@ -66,9 +67,7 @@ def build_model(
     from optuna_ctpe.quantize import quantize_weight
 
     # Start from the float, width-pruned copy; the quantizers sit in the forward pass.
-    net = space.apply(task.model, QuantConfig({n: 16 for n in config.bits}, config.widths),
-                      task.example_inputs)
-    net.load_state_dict(_pruned_float_state(space, task, config))
+    net = _pruned_float(task, config)
     modules = dict(net.named_modules())
 
     class _Quantize(torch.nn.Module):
@@ -100,14 +99,14 @@ def build_model(
     return net.eval()
 
 
-def _pruned_float_state(space: HessianSearchSpace, task: Task, config: QuantConfig) -> Any:
-    """The float weights of the width-pruned model (``apply`` quantizes; this does not)."""
+def _pruned_float(task: Task, config: QuantConfig) -> Any:
+    """A width-pruned float copy of the task's model (``space.apply`` would also quantize)."""
     pruned = {g: w for g, w in config.widths.items() if w < 1}
     if not pruned:
-        return task.model.state_dict()
+        return copy.deepcopy(task.model)
     from optuna_ctpe.width import prune_widths
 
-    return prune_widths(task.model, task.example_inputs, pruned).state_dict()
+    return prune_widths(task.model, task.example_inputs, pruned)
 
 
 class Objective:

@@ -6,7 +6,8 @@ trials that a killed process (SIGKILL, a lost machine) left RUNNING. Two mechani
 * RDB storages (SQLite, PostgreSQL, MySQL, ...) run Optuna's heartbeat: every worker refreshes
   its running trial's heartbeat, and a trial whose heartbeat is older than the grace period is
   failed by whichever worker looks next and re-enqueued once by
-  :class:`~optuna.storages.RetryFailedTrialCallback`.
+  :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback` (Optuna 5's name for
+  ``RetryFailedTrialCallback``).
 * Every storage additionally gets an owner tag per trial (the system attribute
   ``ctpe:worker`` = ``host:pid:start-time``). At start-up, a RUNNING trial whose owner ran on this
   host and no longer exists is failed at once, without waiting for a grace period; this is the
@@ -20,11 +21,12 @@ import os
 from pathlib import Path
 import socket
 import time
+import warnings
 
 import optuna
 from optuna.storages import BaseStorage
 from optuna.storages import RDBStorage
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 
@@ -69,15 +71,24 @@ class StorageSpec:
     location: str
 
     @property
+    def local_file(self) -> Path | None:
+        """The file of a journal or file-based SQLite storage; None for servers and memory."""
+        if self.kind == "journal":
+            return Path(self.location)
+        if self.location.startswith("sqlite:///"):
+            path = self.location[len("sqlite:///") :]
+            return Path(path) if path and path != ":memory:" else None
+        return None
+
+    @property
     def dashboard_url(self) -> str:
         """The argument that makes ``optuna-dashboard`` open this storage from any directory."""
+        local = self.local_file
+        if local is None:
+            return self.location
         if self.kind == "journal":
-            return str(Path(self.location).resolve())
-        if self.location.startswith("sqlite:///") and not self.location.startswith("sqlite:////"):
-            path = self.location[len("sqlite:///") :]
-            if path and path != ":memory:":
-                return "sqlite:///" + str(Path(path).resolve())
-        return self.location
+            return str(local.resolve())
+        return "sqlite:///" + str(local.resolve())
 
 
 def parse_storage(value: str) -> StorageSpec:
@@ -138,16 +149,26 @@ def open_storage(spec: StorageSpec, *, heartbeat: bool) -> BaseStorage:
 
         Path(spec.location).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(spec.location))
-    if not heartbeat:
-        return RDBStorage(spec.location)
-    return RDBStorage(
-        spec.location,
-        heartbeat_interval=HEARTBEAT_INTERVAL,
-        grace_period=GRACE_PERIOD,
-        # One retry: a trial killed with its worker is re-run with the same parameters, but a
-        # configuration that kills workers by itself (out of memory) is not retried forever.
-        heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+    # SQLite gives up on a locked database after 5 s by default; workers sharing one file (and
+    # their heartbeat threads) must wait for each other's writes instead of failing.
+    engine_kwargs = (
+        {"connect_args": {"timeout": 120}} if spec.location.startswith("sqlite") else None
     )
+    if not heartbeat:
+        return RDBStorage(spec.location, engine_kwargs=engine_kwargs)
+    with warnings.catch_warnings():
+        # The heartbeat has been "experimental" since Optuna 2.8; it is what Optuna documents
+        # for fault-tolerant distributed optimisation, so the warning only adds noise here.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            spec.location,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_INTERVAL,
+            grace_period=GRACE_PERIOD,
+            # One retry: a trial killed with its worker is re-run with the same parameters, but
+            # a configuration that kills workers by itself (out of memory) is not retried forever.
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
 
 
 def worker_id() -> str:

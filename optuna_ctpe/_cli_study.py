@@ -27,6 +27,7 @@ import math
 import os
 import time
 from typing import Any
+import warnings
 
 import optuna
 
@@ -48,6 +49,7 @@ __all__ = [
     "Settings",
     "join_or_create",
     "load_task",
+    "resolve_factory",
     "prepare",
 ]
 
@@ -188,10 +190,12 @@ def join_or_create(
             # Claim the set-up at once, so joining workers wait instead of measuring too.
             study.set_user_attr(SETUP_ATTR, {"worker": worker_id(), "started": time.time()})
             study.set_user_attr(SETTINGS_ATTR, settings.to_attr())
-            if settings.objective == "pareto":
-                study.set_metric_names(["accuracy", "size_kb"])
-            else:
-                study.set_metric_names(["accuracy"])
+            with warnings.catch_warnings():
+                # Experimental since Optuna 3.2, and what names the objectives in the dashboard.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(
+                    ["accuracy", "size_kb"] if settings.objective == "pareto" else ["accuracy"]
+                )
             return study, settings, True
     study = optuna.load_study(storage=storage, study_name=study_name, sampler=None)
     # The creator writes its settings right after creating the study; wait for them briefly.
@@ -216,13 +220,12 @@ def _stored_settings(
     return storage.get_study_user_attrs(study_id).get(SETTINGS_ATTR)
 
 
-def load_task(spec: str, *, seed: int, cache_dir: str | None) -> Task:
-    """Import ``module:factory`` and call ``factory(seed=seed)`` (plus ``cache_dir`` when the
-    factory takes it and one is given).
+def resolve_factory(spec: str) -> Callable[..., Any]:
+    """Import ``module:factory`` and return the factory, without calling it.
 
     Raises:
-        UsageError: If ``spec`` is not ``module:factory``, the module does not import, it has no
-            such callable, or the factory does not return a :class:`~optuna_ctpe.tasks.Task`.
+        UsageError: If ``spec`` is not ``module:factory``, the module does not import, or it has
+            no such callable.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -236,6 +239,18 @@ def load_task(spec: str, *, seed: int, cache_dir: str | None) -> Task:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"--task {spec!r}: module {module_name!r} has no callable {attr!r}.")
+    return factory
+
+
+def load_task(spec: str, *, seed: int, cache_dir: str | None) -> Task:
+    """Call the ``module:factory`` of ``spec`` as ``factory(seed=seed)``, adding ``cache_dir``
+    (from the argument or ``$OPTUNA_CTPE_CACHE_DIR``) when the factory takes it.
+
+    Raises:
+        UsageError: As :func:`resolve_factory`, or if the factory does not return a
+            :class:`~optuna_ctpe.tasks.Task`.
+    """
+    factory = resolve_factory(spec)
     kwargs: dict[str, Any] = {"seed": seed}
     cache_dir = cache_dir or os.environ.get(CACHE_ENV) or None
     if cache_dir is not None and "cache_dir" in inspect.signature(factory).parameters:

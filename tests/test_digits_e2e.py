@@ -105,7 +105,6 @@ def test_size_accounting_matches_the_applied_model(space: HessianSearchSpace, ta
     assert task.evaluate(task.model) >= 0.96
 
 
-@pytest.mark.slow
 def test_search_finds_small_accurate_configuration(space: HessianSearchSpace, task: Task) -> None:
     """The issue's requirement: 30 trials find a configuration smaller than uniform 8-bit with
     accuracy within 1 point of FP32."""
@@ -132,3 +131,19 @@ def test_search_finds_small_accurate_configuration(space: HessianSearchSpace, ta
     assert best.user_attrs["size"] < uniform8
     assert best.user_attrs["accuracy"] >= fp32 - 0.01
     assert math.isfinite(best.value)
+
+
+def test_from_model_options_and_validation(task: Task) -> None:
+    args = (task.model, task.loss_fn, task.calibration_batches)
+    bits_only = HessianSearchSpace.from_model(
+        *args, layers=["conv2", "fc1"], keep_first_last_bits=None, estimator="fisher"
+    )
+    assert list(bits_only.sensitivities) == ["conv2", "fc1"]
+    assert not bits_only.groups and not bits_only.fixed_bits
+    assert set(bits_only.distributions) <= {"bits:conv2", "bits:fc1"}
+    with pytest.raises(ValueError, match=r"layers names \['nope'\]"):
+        HessianSearchSpace.from_model(*args, layers=["nope"])
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        HessianSearchSpace.from_model(*args, estimator="exact")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keep_first_last_bits must hold integers"):
+        HessianSearchSpace.from_model(*args, keep_first_last_bits=1)

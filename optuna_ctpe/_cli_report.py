@@ -1,0 +1,154 @@
+"""Plain-text tables and the sensitivity chart that ``optuna-ctpe`` prints and writes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from collections.abc import Sequence
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+from optuna_ctpe.search_space import HessianSearchSpace
+
+
+__all__ = [
+    "chosen_trials",
+    "format_table",
+    "plot_sensitivities",
+    "search_report",
+    "sensitivity_table",
+]
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Columns padded to their widest cell; text left-aligned, numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    numeric = [
+        all(isinstance(row[i], (int, float)) for row in rows) and bool(rows)
+        for i in range(len(headers))
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.4g}" if abs(value) < 1e-3 and value != 0 else f"{value:,.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def chosen_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials a study recommends: its Pareto front sorted by size (two objectives), or its
+    most accurate feasible trial, ties broken by size (one objective under a size budget)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return []
+    if len(study.directions) > 1:
+        return sorted(study.best_trials, key=lambda t: (t.values[1], -t.values[0], t.number))
+    feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
+    if not feasible:
+        return []
+    return [min(feasible, key=lambda t: (-t.values[0], t.user_attrs["size_bytes"], t.number))]
+
+
+def search_report(
+    study: optuna.Study,
+    space: HessianSearchSpace,
+    baselines: Mapping[str, Mapping[str, float]],
+    dashboard_url: str,
+) -> str:
+    """The final summary of ``optuna-ctpe search``: trial counts, baselines, the chosen
+    configurations with per-layer bits and widths, and how to open the dashboard."""
+    layers = list(space.sensitivities)
+    # Groups are named after their root layer: list them in model order, like the bit-widths.
+    order = {name: i for i, name in enumerate(layers)}
+    groups = sorted(space.groups, key=lambda g: (order.get(g, len(order)), g))
+    headers = ["configuration", "accuracy", "size KB", "compression"]
+    headers += [f"bits:{n}" for n in layers] + [f"width:{g}" for g in groups]
+    rows: list[list[Any]] = []
+    for key, label, bits in (("fp32", "FP32", 32), ("uniform8", "uniform 8-bit", 8)):
+        b = baselines[key]
+        per_layer = [space.fixed_bits.get(n, bits) if bits != 32 else 32 for n in layers]
+        rows.append(
+            [label, b["accuracy"], b["size_bytes"] / 1024, b["compression_ratio"]]
+            + per_layer
+            + [1.0] * len(groups)
+        )
+    chosen = chosen_trials(study)
+    for trial in chosen:
+        config = space.config_from_params(trial.params)
+        rows.append(
+            [
+                f"trial {trial.number}",
+                trial.user_attrs["accuracy"],
+                trial.user_attrs["size_bytes"] / 1024,
+                trial.user_attrs["compression_ratio"],
+            ]
+            + [config.bits[n] for n in layers]
+            + [config.widths[g] for g in groups]
+        )
+    counts = {s: 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    summary = ", ".join(f"{n} {s.name.lower()}" for s, n in counts.items() if n)
+    if len(study.directions) > 1:
+        title = f"Pareto front ({len(chosen)} configurations), smallest first:"
+    elif chosen:
+        title = "Most accurate configuration within the size budget:"
+    else:
+        title = "No completed trial meets the size budget yet."
+    return "\n".join(
+        [
+            f"Study {study.study_name!r}: {summary or 'no trials'}.",
+            title,
+            format_table(headers, rows),
+            "",
+            "Open the study in optuna-dashboard with:",
+            f"  optuna-dashboard {dashboard_url}",
+        ]
+    )
+
+
+def sensitivity_table(traces: Sequence[Any]) -> str:
+    """Per-layer trace table of :class:`~optuna_ctpe.sensitivity.LayerTrace` records,
+    in model order."""
+    rows = [
+        [t.name, t.n_params, t.trace, t.mean_trace, t.relative_stderr, t.n_probes] for t in traces
+    ]
+    return format_table(
+        ["layer", "params", "trace", "mean trace", "rel. stderr", "probes"], rows
+    )
+
+
+def plot_sensitivities(traces: Sequence[Any], path: str, title: str) -> None:
+    """A bar chart of the mean traces (log scale) with one-standard-error bars, as PNG/PDF/SVG
+    (by the file's extension)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(traces) + 2), 3.5), layout="constrained")
+    names = [t.name for t in traces]
+    means = [max(t.mean_trace, 0.0) for t in traces]
+    errors = [t.stderr / t.n_params for t in traces]
+    ax.bar(names, means, yerr=errors, capsize=3, color="tab:blue")
+    if any(m > 0 for m in means):
+        ax.set_yscale("log")
+    ax.set_ylabel("mean Hessian trace (Tr/n)")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=45 if len(traces) > 6 else 0)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
