@@ -184,7 +184,6 @@ def cluster_split(
     scores = np.asarray(scores, dtype=float)
     if np.isnan(scores).any():
         raise ValueError("scores must not contain NaN.")
-    n = len(scores)
     n_good_max = max(int(n_good_max), 1)
     finite = np.flatnonzero(np.isfinite(scores))
     k_min = AUTO_CLUSTER_RANGE[0] if n_clusters == "auto" else int(n_clusters)

@@ -319,8 +319,7 @@ def bops(
     _check_layer_names(model, checked, "bits", need_weight=True)
     if isinstance(activation_bits, Mapping):
         act = {
-            n: _check_bits(b, f"activation_bits[{n!r}]", hi=32)
-            for n, b in activation_bits.items()
+            n: _check_bits(b, f"activation_bits[{n!r}]", hi=32) for n, b in activation_bits.items()
         }
         _check_layer_names(model, act, "activation_bits", need_weight=False)
         default_act = _FP32_BITS

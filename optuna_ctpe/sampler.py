@@ -97,10 +97,10 @@ class ClusterTPESampler(BaseSampler):
     maximises l(x)/g(x). ``ClusterTPESampler`` replaces that fixed quantile by a *dual
     threshold* found by 1-D k-means on the (transformed) objective values: l(x) is fitted to the
     best cluster (capped in size), g(x) to the worst cluster plus the best cluster's members
-    beyond the cap (near misses), and the clusters in between are left out. Everything else behaves as Optuna's TPE: start-up random trials,
-    multivariate and group-decomposed kernels, constant liar for parallel workers, pruned trials
-    ranked by their last intermediate value, constraints from :meth:`optuna.trial.Trial.set_constraint`
-    and multi-objective studies.
+    beyond the cap (near misses), and the clusters in between are left out. Everything else
+    behaves as Optuna's TPE: start-up random trials, multivariate and group-decomposed kernels,
+    constant liar for parallel workers, pruned trials ranked by their last intermediate value,
+    constraints from :meth:`optuna.trial.Trial.set_constraint` and multi-objective studies.
 
     The method follows arXiv:2308.06422 (Azizi et al., DATE 2024), of which only the abstract is
     public. **Our interpretation, not the paper's:** what is clustered (the transformed objective
@@ -167,10 +167,11 @@ class ClusterTPESampler(BaseSampler):
             from. The default 0.05 was measured (``benchmarks/results/ablation.md``): with tens
             of categorical parameters, Optuna's 1.0 changes most of them at once and the search
             degrades towards random sampling.
-        avoid_duplicates: Never propose a configuration of the modelled parameters that an
-            observed or running trial already has, unless every candidate is one. Re-evaluating
-            a known configuration wastes a trial in deterministic problems, and without it a
-            small ``middle_weight`` can make the search propose its incumbent again and again.
+        avoid_duplicates: Never propose a joint configuration of the modelled parameters that
+            an observed or running trial already has, unless no new one turns up in several
+            batches of candidates (parameters sampled independently are not checked).
+            Re-evaluating a known configuration wastes a trial in deterministic problems, and
+            with a small ``prior_weight`` most candidates copy a good trial.
         record_decisions: Record each trial's sampling decisions as trial user attributes
             prefixed with ``ctpe:`` (mode, sizes of l and g, clusters, threshold, fallback
             reason), which optuna-dashboard shows as columns.
@@ -207,8 +208,15 @@ class ClusterTPESampler(BaseSampler):
             _check_int("n_clusters", n_clusters, minimum=2, extra='or "auto"')
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}.")
-        for name, weight in (("near_miss_weight", near_miss_weight), ("middle_weight", middle_weight)):
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        for name, weight in (
+            ("near_miss_weight", near_miss_weight),
+            ("middle_weight", middle_weight),
+        ):
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not 0 <= weight <= 1
+            ):
                 raise ValueError(f"{name} must be a number in [0, 1], got {weight!r}.")
         if max_good is not None and not callable(max_good):
             raise ValueError(
@@ -386,7 +394,9 @@ class ClusterTPESampler(BaseSampler):
             if (probs := self._prior_for(name, dist)) is not None
         }
         observations, row_of = self._observations(trials, search_space)
-        good_obs = _subset(observations, [row_of[t.number] for t in grouped.good if t.number in row_of])
+        good_obs = _subset(
+            observations, [row_of[t.number] for t in grouped.good if t.number in row_of]
+        )
         # As in Optuna's MOTPE, good trials of a multi-objective study weigh the same.
         good_weights = np.ones(_n_rows(good_obs)) if len(study.directions) > 1 else None
         mpe_good = PriorParzenEstimator(
@@ -404,7 +414,10 @@ class ClusterTPESampler(BaseSampler):
             # Optuna's age ramp, scaled down for the trials between the two thresholds.
             compat.default_weights(len(bad_weights)) * bad_weights if bad_weights.size else None,
         )
-        seen = _configurations(observations) if self._avoid_duplicates else set()
+        # One parameter sampled on its own repeats its earlier values by design; only a joint
+        # configuration can be a wasted repeat.
+        check_duplicates = self._avoid_duplicates and mode == "relative"
+        seen = _configurations(observations) if check_duplicates else set()
         for _ in range(_MAX_CANDIDATE_ROUNDS):
             with self._rng_lock:
                 candidates = mpe_good.sample(self._rng.rng, self._n_ei_candidates)
@@ -463,7 +476,9 @@ class ClusterTPESampler(BaseSampler):
         else:
             # TPE's order: feasible complete trials by value, then pruned trials by progress,
             # then infeasible trials by total violation.
-            order = np.argsort(_complete_scores(study, complete), kind="stable") if complete else []
+            order = (
+                np.argsort(_complete_scores(study, complete), kind="stable") if complete else []
+            )
             ranked = [complete[i] for i in order]
             ranked += sorted(pruned, key=lambda t: _pruned_score(study, t))
             ranked += sorted(infeasible, key=_violation)
@@ -510,7 +525,9 @@ class ClusterTPESampler(BaseSampler):
         if trial.state.is_finished() or not (self._constant_liar and self._multivariate):
             return trial.params
         chunks = []
-        while (chunk := trial.system_attrs.get(f"{_RELATIVE_PARAMS_KEY}:{len(chunks)}")) is not None:
+        while (
+            chunk := trial.system_attrs.get(f"{_RELATIVE_PARAMS_KEY}:{len(chunks)}")
+        ) is not None:
             chunks.append(chunk)
         if not chunks:
             return trial.params
@@ -545,7 +562,9 @@ class ClusterTPESampler(BaseSampler):
             )
         return probs
 
-    def _record(self, study: Study, trial: FrozenTrial, mode: str, grouped: _GroupedTrials) -> None:
+    def _record(
+        self, study: Study, trial: FrozenTrial, mode: str, grouped: _GroupedTrials
+    ) -> None:
         attrs = {
             "mode": mode,
             "n_good": len(grouped.good),
@@ -569,7 +588,9 @@ def _check_int(name: str, value: Any, *, minimum: int, extra: str = "") -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}{suffix}, got {value!r}.")
 
 
-def _normalise_priors(prior_weights: Mapping[str, Sequence[float]] | None) -> dict[str, np.ndarray]:
+def _normalise_priors(
+    prior_weights: Mapping[str, Sequence[float]] | None,
+) -> dict[str, np.ndarray]:
     if prior_weights is None:
         return {}
     if not isinstance(prior_weights, Mapping):
@@ -579,7 +600,13 @@ def _normalise_priors(prior_weights: Mapping[str, Sequence[float]] | None) -> di
     probs = {}
     for name, weights in prior_weights.items():
         w = np.asarray(weights, dtype=float)
-        if w.ndim != 1 or w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        if (
+            w.ndim != 1
+            or w.size == 0
+            or not np.all(np.isfinite(w))
+            or np.any(w < 0)
+            or w.sum() <= 0
+        ):
             raise ValueError(
                 f"prior_weights[{name!r}] must be a non-empty sequence of finite non-negative "
                 f"weights with a positive sum, got {weights!r}."

@@ -295,7 +295,7 @@ def empirical_fisher_traces(
         for b in order:
             batch = _to_device(batches[b], dev)
             n = min(_n_samples(batch, b), max_probes - stats.n)
-            batch = _map_tensors(lambda t: t[:n], batch)
+            batch = _map_tensors(lambda t, n=n: t[:n], batch)
             stats.add(per_sample(batch, b).double().cpu())
             worst = stats.worst_relative_stderr()
             bar.update(worst, n)
@@ -471,7 +471,7 @@ class _VmapSquaredNorms:
     def _loop(self, batch: Any, index: int) -> torch.Tensor:
         rows = []
         for i in range(_n_samples(batch, index)):
-            one = _map_tensors(lambda t: t[i : i + 1], batch)
+            one = _map_tensors(lambda t, i=i: t[i : i + 1], batch)
             loss = _checked_loss(self.loss_fn(self.model, one), index)
             grads = torch.autograd.grad(loss, self.weights, allow_unused=True)
             rows.append(
@@ -506,8 +506,11 @@ def _select(model: nn.Module, layers: Layers) -> tuple[list[str], list[torch.Ten
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     modules = dict(model.named_modules())
-    if layers is None or isinstance(layers, tuple) and layers and all(
-        isinstance(t, type) for t in layers
+    if (
+        layers is None
+        or isinstance(layers, tuple)
+        and layers
+        and all(isinstance(t, type) for t in layers)
     ):
         types = DEFAULT_LAYER_TYPES if layers is None else layers
         names = [n for n, m in modules.items() if isinstance(m, types) and _weight(m) is not None]
@@ -632,8 +635,7 @@ def _n_samples(batch: Any, index: int) -> int:
     sizes = {t.shape[0] if t.dim() else -1 for t in _tensors(batch)}
     if not sizes or -1 in sizes:
         raise ValueError(
-            f"batch {index} must hold tensors with a sample dimension, "
-            f"got {type(batch).__name__}."
+            f"batch {index} must hold tensors with a sample dimension, got {type(batch).__name__}."
         )
     if len(sizes) > 1:
         raise ValueError(

@@ -36,12 +36,14 @@ def objective(trial: optuna.Trial) -> float:
 def main() -> None:
     kind, path, study_name, n_trials, seed = sys.argv[1:6]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(
-        study_name=study_name,
-        storage=storage_for(kind, path),
-        sampler=ClusterTPESampler(seed=int(seed), n_startup_trials=5),
-    ) if kind != "memory" else optuna.create_study(
-        sampler=ClusterTPESampler(seed=int(seed), n_startup_trials=5)
+    study = (
+        optuna.load_study(
+            study_name=study_name,
+            storage=storage_for(kind, path),
+            sampler=ClusterTPESampler(seed=int(seed), n_startup_trials=5),
+        )
+        if kind != "memory"
+        else optuna.create_study(sampler=ClusterTPESampler(seed=int(seed), n_startup_trials=5))
     )
     study.optimize(objective, n_trials=int(n_trials))
     if "--print" in sys.argv:

@@ -106,9 +106,7 @@ def test_suggestions_always_lie_in_their_distributions(space, plan, options, dir
     transform=st.sampled_from(["log", "rank", "none"]),
     n_good_max=st.integers(1, 30),
 )
-def test_split_groups_are_disjoint_bounded_and_ordered(
-    scores, n_clusters, transform, n_good_max
-):
+def test_split_groups_are_disjoint_bounded_and_ordered(scores, n_clusters, transform, n_good_max):
     arr = np.asarray(scores, dtype=float)
     s = cluster_split(
         arr,

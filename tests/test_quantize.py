@@ -107,7 +107,12 @@ def test_quantize_model_rejects_bad_names() -> None:
     with pytest.raises(ValueError, match="calibration_batches is empty"):
         quantize_model(model, {"0": 4}, activation_bits=8, calibration_batches=[])
     with pytest.raises(ValueError, match=r"activation_bits names layers the model lacks: \['x'\]"):
-        quantize_model(model, {"0": 4}, activation_bits={"x": 8}, calibration_batches=[torch.zeros(1, 3, 8, 8)])
+        quantize_model(
+            model,
+            {"0": 4},
+            activation_bits={"x": 8},
+            calibration_batches=[torch.zeros(1, 3, 8, 8)],
+        )
     with pytest.raises(TypeError, match="bits must be a mapping"):
         quantize_model(model, [("0", 4)])
 
@@ -166,7 +171,9 @@ def test_bops_hand_count() -> None:
     assert bops(model, {}, x) == (conv_macs + fc_macs) * 32 * 32
     assert bops(model, {"0": 4}, x, {"4": 4}) == conv_macs * 4 * 32 + fc_macs * 32 * 4
     assert model.training  # mode restored
-    with pytest.raises(ValueError, match=r"activation_bits must be an integer bit-width in \[2, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"activation_bits must be an integer bit-width in \[2, 32\]"
+    ):
         bops(model, {}, x, 1)
 
 

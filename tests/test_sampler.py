@@ -87,7 +87,7 @@ def test_pruned_trials_go_to_bad_and_rank_by_last_intermediate_value_in_fallback
     study = optuna.create_study(sampler=sampler)
     # No complete trial: the split falls back to TPE's ranking of pruned trials,
     # furthest step first, then the best last intermediate value.
-    for number, steps in enumerate([{0: 5.0}, {0: 1.0, 1: 9.0}, {0: 0.5}, {0: 2.0, 1: 3.0}]):
+    for steps in [{0: 5.0}, {0: 1.0, 1: 9.0}, {0: 0.5}, {0: 2.0, 1: 3.0}]:
         study.add_trial(
             create_trial(
                 params={"x": 1.0},
@@ -110,7 +110,9 @@ def test_pruned_trials_are_bad_when_clusters_decide():
     study = make_study(THREE_GROUPS, sampler=ClusterTPESampler(transform="none", max_good=None))
     study.add_trial(
         create_trial(
-            params={"x": 1.0}, distributions={"x": X}, state=TrialState.PRUNED,
+            params={"x": 1.0},
+            distributions={"x": X},
+            state=TrialState.PRUNED,
             intermediate_values={0: -1.0},
         )
     )

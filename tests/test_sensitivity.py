@@ -89,7 +89,9 @@ def test_one_hvp_gives_every_layer_on_the_same_probes() -> None:
     """Each estimate is v_l·(Hv)_l of one joint HVP; restricted to one layer it is v_l·H_ll v_l."""
     model, batch = make_mlp(), make_batch()
     names = ["0", "2"]
-    traces = hutchinson_traces(model, ce_loss, [batch], max_probes=3, min_probes=2, rtol=0.0, seed=7)
+    traces = hutchinson_traces(
+        model, ce_loss, [batch], max_probes=3, min_probes=2, rtol=0.0, seed=7
+    )
     h, sizes = exact_hessian(model, batch, names)
     gen = torch.Generator().manual_seed(7)
     weights = [model[0].weight, model[2].weight]
@@ -98,7 +100,7 @@ def test_one_hvp_gives_every_layer_on_the_same_probes() -> None:
         v = torch.cat([_rademacher(w, gen).flatten() for w in weights])
         hv = h @ v
         joint.append([float(a @ b) for a, b in zip(v.split(sizes), hv.split(sizes))])
-        blocks = [h[:sizes[0], :sizes[0]], h[sizes[0]:, sizes[0]:]]
+        blocks = [h[: sizes[0], : sizes[0]], h[sizes[0] :, sizes[0] :]]
         own.append([float(a @ blk @ a) for a, blk in zip(v.split(sizes), blocks)])
     for i, name in enumerate(names):
         expected = sum(row[i] for row in joint) / 3
@@ -110,8 +112,10 @@ def test_one_hvp_gives_every_layer_on_the_same_probes() -> None:
     single = hutchinson_traces(
         model, ce_loss, [batch], layers=["2"], max_probes=2, min_probes=2, rtol=0.0, seed=7
     )["2"]
-    block = h[sizes[0]:, sizes[0]:]
-    expected = sum(float(v @ block @ v) for v in (_rademacher(weights[1], gen).flatten() for _ in range(2)))
+    block = h[sizes[0] :, sizes[0] :]
+    expected = sum(
+        float(v @ block @ v) for v in (_rademacher(weights[1], gen).flatten() for _ in range(2))
+    )
     assert single.trace == pytest.approx(expected / 2, rel=1e-5, abs=1e-6)
 
 
@@ -121,7 +125,11 @@ def test_batches_are_visited_round_robin() -> None:
     traces = hutchinson_traces(model, ce_loss, batches, layers=["0"], max_probes=4, rtol=0.0)
     hs = [exact_hessian(model, b, ["0"])[0] for b in batches]
     gen = torch.Generator().manual_seed(0)
-    est = [float(v @ hs[k % 2] @ v) for k in range(4) for v in [_rademacher(model[0].weight, gen).flatten()]]
+    est = [
+        float(v @ hs[k % 2] @ v)
+        for k in range(4)
+        for v in [_rademacher(model[0].weight, gen).flatten()]
+    ]
     assert traces["0"].trace == pytest.approx(sum(est) / 4, rel=1e-5)
     assert traces["0"].n_probes == 4
 
@@ -140,7 +148,9 @@ def test_adaptive_stop_and_reproducibility() -> None:
 
 def test_layer_selection() -> None:
     model, batch = make_mlp(), make_batch()
-    by_type = hutchinson_traces(model, ce_loss, [batch], layers=(nn.Linear,), max_probes=2, min_probes=2)
+    by_type = hutchinson_traces(
+        model, ce_loss, [batch], layers=(nn.Linear,), max_probes=2, min_probes=2
+    )
     default = hutchinson_traces(model, ce_loss, [batch], max_probes=2, min_probes=2)
     assert list(by_type) == list(default) == ["0", "2"]
     by_name = hutchinson_traces(model, ce_loss, [batch], layers=["2"], max_probes=2, min_probes=2)
@@ -158,7 +168,9 @@ def _snapshot(model: nn.Module):
 @pytest.mark.parametrize("estimator", [hutchinson_traces, empirical_fisher_traces])
 def test_model_is_left_unchanged(estimator) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 4))
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 4)
+    )
     model.train()
     model[3].eval()
     model[0].weight.requires_grad_(False)  # frozen layers are traced, and stay frozen
@@ -226,10 +238,14 @@ def test_bad_losses_and_batches() -> None:
 
 def test_empirical_fisher_matches_per_sample_gradients() -> None:
     model, (x, y) = make_mlp(), make_batch(20)
-    fisher = empirical_fisher_traces(model, ce_loss, [(x[:12], y[:12]), (x[12:], y[12:])], rtol=0.0)
+    fisher = empirical_fisher_traces(
+        model, ce_loss, [(x[:12], y[:12]), (x[12:], y[12:])], rtol=0.0
+    )
     norms = []
     for i in range(20):
-        grads = torch.autograd.grad(ce_loss(model, (x[i : i + 1], y[i : i + 1])), [model[0].weight, model[2].weight])
+        grads = torch.autograd.grad(
+            ce_loss(model, (x[i : i + 1], y[i : i + 1])), [model[0].weight, model[2].weight]
+        )
         norms.append([float(g.pow(2).sum()) for g in grads])
     norms_t = torch.tensor(norms, dtype=torch.float64)
     for i, name in enumerate(["0", "2"]):
@@ -238,7 +254,9 @@ def test_empirical_fisher_matches_per_sample_gradients() -> None:
         assert t.trace == pytest.approx(float(norms_t[:, i].mean()), rel=1e-5)
         assert t.stderr == pytest.approx(float(norms_t[:, i].std() / math.sqrt(20)), rel=1e-4)
     # max_probes caps the number of samples; the loop fallback agrees with vmap.
-    capped = empirical_fisher_traces(model, ce_loss, [(x, y)], max_probes=7, min_probes=2, rtol=0.0)
+    capped = empirical_fisher_traces(
+        model, ce_loss, [(x, y)], max_probes=7, min_probes=2, rtol=0.0
+    )
     assert capped["0"].n_probes == 7
     assert capped["0"].trace == pytest.approx(float(norms_t[:7, 0].mean()), rel=1e-5)
 
@@ -273,14 +291,18 @@ def test_layer_trace_json_roundtrip_and_properties() -> None:
 
 def test_choice_sensitivity() -> None:
     assert choice_sensitivity(0.5, 4.0) == 2.0
-    with pytest.raises(ValueError, match="delta_w_sq_norm must be a finite non-negative number, got -1"):
+    with pytest.raises(
+        ValueError, match="delta_w_sq_norm must be a finite non-negative number, got -1"
+    ):
         choice_sensitivity(0.5, -1.0)
     with pytest.raises(ValueError, match="mean_trace must be a finite number, got nan"):
         choice_sensitivity(float("nan"), 1.0)
 
 
 def test_progress_reports_to_stderr(capsys) -> None:
-    hutchinson_traces(make_mlp(), ce_loss, [make_batch()], max_probes=3, min_probes=2, progress=True)
+    hutchinson_traces(
+        make_mlp(), ce_loss, [make_batch()], max_probes=3, min_probes=2, progress=True
+    )
     assert "Hutchinson" in capsys.readouterr().err
 
 
@@ -303,7 +325,10 @@ def test_torchvision_every_layer(arch) -> None:
     traces = hutchinson_traces(model, ce_loss, [batch], max_probes=2, min_probes=2, rtol=0.0)
     expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert list(traces) == expected
-    assert all(math.isfinite(t.trace) and math.isfinite(t.stderr) and t.n_probes == 2 for t in traces.values())
+    assert all(
+        math.isfinite(t.trace) and math.isfinite(t.stderr) and t.n_probes == 2
+        for t in traces.values()
+    )
     assert any(t.trace != 0 for t in traces.values())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.training

@@ -48,7 +48,9 @@ EX = torch.randn(2, 3, 6, 6)
 def removed_sq_norm(model: nn.Module, pruned: nn.Module, layers) -> float:
     a, b = dict(model.named_modules()), dict(pruned.named_modules())
     return sum(
-        float(a[n].weight.detach().double().pow(2).sum() - b[n].weight.detach().double().pow(2).sum())
+        float(
+            a[n].weight.detach().double().pow(2).sum() - b[n].weight.detach().double().pow(2).sum()
+        )
         for n in layers
         if isinstance(a[n], (nn.Conv2d, nn.Linear))
     )
@@ -61,7 +63,11 @@ def test_groups_of_a_residual_block(residual: Residual) -> None:
     assert by_name["conv0"].n_channels == 5 and by_name["conv2"].n_channels == 7
     assert by_name["conv0"].layers == ("conv0", "bn", "conv1", "conv2")
     assert by_name["conv2"].layers == ("conv2", "fc")
-    assert {g.name for g in width_groups(residual, EX, ignored_layers=[])} == {"conv0", "conv2", "fc"}
+    assert {g.name for g in width_groups(residual, EX, ignored_layers=[])} == {
+        "conv0",
+        "conv2",
+        "fc",
+    }
 
 
 @pytest.mark.parametrize(
@@ -106,7 +112,9 @@ def test_width_perturbation_equals_removed_weights(residual: Residual) -> None:
         for width in (0.2, 0.5, 0.8, 1.0):
             pruned = prune_widths(residual, EX, {name: width})
             value = width_perturbation(residual, group, width)
-            assert value == pytest.approx(removed_sq_norm(residual, pruned, group.layers), rel=1e-9, abs=1e-9)
+            assert value == pytest.approx(
+                removed_sq_norm(residual, pruned, group.layers), rel=1e-9, abs=1e-9
+            )
             assert previous is None or value <= previous  # wider keeps more
             previous = value
         assert previous == 0.0
@@ -122,9 +130,14 @@ def test_bad_widths(residual: Residual, width) -> None:
 
 
 def test_bad_names(residual: Residual) -> None:
-    with pytest.raises(ValueError, match=r"unknown width groups \['conv1', 'fc'\]; the groups are \['conv0', 'conv2'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown width groups \['conv1', 'fc'\]; the groups are \['conv0', 'conv2'\]",
+    ):
         prune_widths(residual, EX, {"conv1": 0.5, "fc": 0.5})
-    with pytest.raises(ValueError, match=r"ignored_layers names modules the model lacks: \['nope'\]"):
+    with pytest.raises(
+        ValueError, match=r"ignored_layers names modules the model lacks: \['nope'\]"
+    ):
         width_groups(residual, EX, ignored_layers=["nope"])
     with pytest.raises(TypeError, match="group must be a WidthGroup"):
         width_perturbation(residual, "conv0", 0.5)
