@@ -49,7 +49,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "n_clusters=2": {"n_clusters": 2},
     "n_clusters=4": {"n_clusters": 4},
     "n_clusters=auto": {"n_clusters": "auto"},
-    "transform=none": {"transform": "none"},
+    "transform=log": {"transform": "log"},
     "transform=rank": {"transform": "rank"},
     "middle_weight=0.5": {"middle_weight": 0.5},
     "middle_weight=1 (bad_group=rest)": {"middle_weight": 1.0},
@@ -58,7 +58,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "max_good=None (uncapped)": {"max_good": None},
     "prior_weight=1 (TPE's)": {"prior_weight": 1.0},
 }
-DEFAULT_PROBLEMS = ["quant40", "mixint_f15"]
+DEFAULT_PROBLEMS = ["quant40", "mixint_f01", "mixint_f15"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -10,9 +10,10 @@ estimation" and builds a "dual-threshold" estimator; they do not say what is clu
 clusters are used or which clusters form each group. This module implements one reading, with the
 choices exposed as parameters whose defaults were chosen by the benchmarks in ``benchmarks/``:
 
-1. ``scores`` (lower is better) are transformed (``transform``): ``"log"`` compresses the long
-   tail of bad results so that k-means separates the good region finely (see :func:`transform`),
-   ``"rank"`` uses normalised ranks and ``"none"`` the raw values.
+1. ``scores`` (lower is better) are optionally transformed: ``"log"`` compresses the long tail
+   of bad results so that k-means separates the good region finely (see :func:`transform`),
+   ``"rank"`` uses normalised ranks and ``"none"`` (the sampler's measured default) the raw
+   values.
 2. Exact 1-D k-means (Lloyd) with ``n_clusters`` clusters (or the silhouette-best of 2-5 with
    ``"auto"``) runs on the transformed finite scores, started from evenly spaced quantiles, so
    it is deterministic and independent of any random seed.

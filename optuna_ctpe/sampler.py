@@ -135,9 +135,10 @@ class ClusterTPESampler(BaseSampler):
         n_ei_candidates: Number of candidates drawn from l(x) and ranked by l(x)/g(x).
         n_clusters: Number of k-means clusters (an integer >= 2), or ``"auto"`` to choose 2 to 5
             clusters by the silhouette score at every trial.
-        transform: Transform of the values before clustering: ``"log"`` (compress the tail of
-            bad results relative to the gap between the best and TPE's threshold), ``"rank"``
-            (normalised ranks) or ``"none"``.
+        transform: Transform of the values before clustering: ``"none"`` (the values
+            themselves, measured best overall), ``"log"`` (compress the tail of bad results
+            relative to the gap between the best value and the good-set threshold) or
+            ``"rank"`` (normalised ranks).
         near_miss_weight: Weight in g(x), relative to the worst cluster, of the *near misses*:
             members of the best cluster beyond ``max_good``. They are the results closest to
             l(x) that did not make it, so they keep the search from re-proposing the
@@ -189,7 +190,7 @@ class ClusterTPESampler(BaseSampler):
         n_startup_trials: int = 10,
         n_ei_candidates: int = 24,
         n_clusters: int | Literal["auto"] = 3,
-        transform: Transform = "log",
+        transform: Transform = "none",
         near_miss_weight: float = 1.0,
         middle_weight: float = 0.0,
         max_good: Callable[[int], int] | None = default_max_good,
