@@ -150,9 +150,8 @@ def main(argv: list[str]) -> None:
             f"({ctpe:.1f} ms vs {tpe:.1f} ms).\n"
         )
     notes = (
-        "- Both samplers with their defaults (ClusterTPESampler: multivariate with constant liar; "
-        "TPESampler: independent). Sampler seed 0; histories of random trials, the same for "
-        "both samplers.\n"
+        "- Both samplers with their defaults (both multivariate with constant liar, as in "
+        "Optuna 5.0). Sampler seed 0; histories of random trials, the same for both samplers.\n"
         "- Time per trial = `study.ask()` plus `suggest_categorical` of every parameter, "
         "in-memory storage, one process; the two samplers' studies are asked in turn.\n\n"
         "![overhead](overhead.png)\n\n"
