@@ -125,8 +125,8 @@ def export(
     if SETTINGS_ATTR not in study.user_attrs:
         raise UsageError(f"study {name!r} was not created by optuna-ctpe search.")
     settings = Settings.from_attr(study.user_attrs[SETTINGS_ATTR])
-    space = HessianSearchSpace.load_from_study(study)
     trial = _pick_trial(study, trial_number)
+    space = HessianSearchSpace.load_from_study(study)  # present once any trial has completed
     task = load_task(settings.task, seed=settings.seed, cache_dir=cache_dir)
     config = space.config_from_params(trial.params)
     net = build_model(space, task, config, settings.finetune_epochs)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import copy
-import threading
 from typing import Any
 
 import optuna
 
+from optuna_ctpe._cli_signals import check_interrupted
+from optuna_ctpe._cli_signals import interruptible
 from optuna_ctpe._cli_storage import WORKER_ATTR
 from optuna_ctpe._cli_storage import worker_id
 from optuna_ctpe._cli_study import Settings
@@ -110,7 +111,7 @@ def _pruned_float(task: Task, config: QuantConfig) -> Any:
 
 
 class Objective:
-    """The objective function; also remembers the trials it started, for the exit clean-up.
+    """The objective function of ``optuna-ctpe search``.
 
     Args:
         space: The study's search space.
@@ -130,21 +131,22 @@ class Objective:
         self._budget_bits = (
             None if settings.size_budget is None else settings.size_budget * space.fp32_bits
         )
-        self._lock = threading.Lock()
-        self.started: set[int] = set()
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        with interruptible():
+            return self._evaluate(trial)
+
+    def _evaluate(self, trial: optuna.Trial) -> float | tuple[float, float]:
         # Tag the trial with this process first, so that if the process dies, the next worker
         # on this host can tell the trial is abandoned.
         trial.study._storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_id())
-        with self._lock:
-            self.started.add(trial._trial_id)
         trial.set_user_attr("sampler", self._sampler_name)
         space, settings = self._space, self._settings
         config = space.suggest(trial)
         single = settings.objective == "budget"
 
         def on_epoch(epoch: int, accuracy: float) -> None:
+            check_interrupted()  # fine-tuning is the long part of a trial: stop between epochs
             # Multi-objective studies cannot report intermediate values (Optuna raises).
             if single:
                 trial.report(accuracy, epoch)

@@ -45,7 +45,11 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
-        return f"{value:.4g}" if abs(value) < 1e-3 and value != 0 else f"{value:,.4f}".rstrip("0").rstrip(".")
+        return (
+            f"{value:.4g}"
+            if abs(value) < 1e-3 and value != 0
+            else f"{value:,.4f}".rstrip("0").rstrip(".")
+        )
     return str(value)
 
 
@@ -87,11 +91,17 @@ def search_report(
             + [1.0] * len(groups)
         )
     chosen = chosen_trials(study)
+    # A converged sampler re-evaluates its favourite configurations: one row per configuration.
+    repeats: dict[tuple[Any, ...], list[FrozenTrial]] = {}
     for trial in chosen:
+        repeats.setdefault(tuple(sorted(trial.params.items())), []).append(trial)
+    for same in repeats.values():
+        trial = same[0]
         config = space.config_from_params(trial.params)
+        label = f"trial {trial.number}" + (f" (+{len(same) - 1} repeats)" if len(same) > 1 else "")
         rows.append(
             [
-                f"trial {trial.number}",
+                label,
                 trial.user_attrs["accuracy"],
                 trial.user_attrs["size_bytes"] / 1024,
                 trial.user_attrs["compression_ratio"],
@@ -104,7 +114,7 @@ def search_report(
         counts[t.state] += 1
     summary = ", ".join(f"{n} {s.name.lower()}" for s, n in counts.items() if n)
     if len(study.directions) > 1:
-        title = f"Pareto front ({len(chosen)} configurations), smallest first:"
+        title = f"Pareto front ({len(repeats)} configurations), smallest first:"
     elif chosen:
         title = "Most accurate configuration within the size budget:"
     else:
@@ -127,9 +137,7 @@ def sensitivity_table(traces: Sequence[Any]) -> str:
     rows = [
         [t.name, t.n_params, t.trace, t.mean_trace, t.relative_stderr, t.n_probes] for t in traces
     ]
-    return format_table(
-        ["layer", "params", "trace", "mean trace", "rel. stderr", "probes"], rows
-    )
+    return format_table(["layer", "params", "trace", "mean trace", "rel. stderr", "probes"], rows)
 
 
 def plot_sensitivities(traces: Sequence[Any], path: str, title: str) -> None:

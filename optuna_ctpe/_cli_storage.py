@@ -103,10 +103,8 @@ def parse_storage(value: str) -> StorageSpec:
     if not value:
         raise UsageError("--storage must not be empty.")
     if value.startswith("journal://"):
+        # journal:///abs/file.log (an empty host, as in sqlite:///) or journal://rel/file.log.
         path = value[len("journal://") :]
-        # journal:///abs/file.log has an empty host; accept journal://rel.log as a relative path.
-        if path.startswith("/") and value.startswith("journal:///"):
-            path = path if not path.startswith("//") else path[1:]
         if not path or path.endswith("/"):
             raise UsageError(f"--storage {value!r}: a journal URL needs a file name.")
         return StorageSpec("journal", path)
@@ -180,7 +178,7 @@ def worker_id() -> str:
 def owner_is_dead(owner: str) -> bool:
     """Whether the process a :func:`worker_id` names is known to be gone (same host only)."""
     host, _, rest = owner.partition(":")
-    pid_text, _, started = rest.partition(":")
+    pid_text = rest.partition(":")[0]
     if host != socket.gethostname() or not pid_text.isdigit():
         return False  # another machine: only a heartbeat can tell
     if owner == worker_id():

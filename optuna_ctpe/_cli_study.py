@@ -13,6 +13,9 @@ optuna-dashboard read it:
 * ``ctpe:baselines``: accuracy and size of the FP32 model and of uniform 8-bit quantization.
 * ``ctpe:setup``: the worker that measures the sensitivities, so that others wait for it
   instead of measuring again, and take over if it died.
+* ``ctpe:search_space_size``: log10 of the number of configurations before and after pruning.
+
+Trials enqueued as warm starts carry the user attribute ``ctpe:warm_start``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ __all__ = [
     "load_task",
     "resolve_factory",
     "prepare",
+    "resolve_settings",
 ]
 
 SETTINGS_ATTR = "ctpe:settings"
@@ -94,18 +98,21 @@ class Settings:
 
     @classmethod
     def from_attr(cls, data: dict[str, Any]) -> Settings:
+        """The settings stored as the ``ctpe:settings`` user attribute (JSON lists as tuples)."""
         values = {f.name: data[f.name] for f in fields(cls)}
         values["bits"] = tuple(values["bits"])
         values["widths"] = tuple(values["widths"])
         return cls(**values)
 
     def to_attr(self) -> dict[str, Any]:
+        """The JSON-ready dict stored as the ``ctpe:settings`` user attribute."""
         data = asdict(self)
         data["bits"], data["widths"] = list(self.bits), list(self.widths)
         return data
 
     @property
     def directions(self) -> list[str]:
+        """The study's directions: accuracy up (and size down, for the Pareto objective)."""
         return ["maximize", "minimize"] if self.objective == "pareto" else ["maximize"]
 
 
@@ -150,7 +157,9 @@ def _resolve(requested: dict[str, Any], stored: dict[str, Any] | None, name: str
         if value is None or value == have:
             continue
         given = _OPTION[key] if key == "hessian_pruning" else f"{_OPTION[key]} {_show(value)}"
-        created = "Hessian pruning" if key == "hessian_pruning" else f"{_OPTION[key]} {_show(have)}"
+        created = (
+            "Hessian pruning" if key == "hessian_pruning" else f"{_OPTION[key]} {_show(have)}"
+        )
         raise UsageError(
             f"{given} conflicts with study {name!r}, which was created with {created}; leave "
             "the option out to continue the study, or use another --study-name."
@@ -164,21 +173,50 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def resolve_settings(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    requested: dict[str, Any],
+    check: Callable[[Settings], None],
+) -> Settings:
+    """The settings a search with these options runs under: the existing study's, or the
+    options' (with defaults) for a new study. Reads the storage, writes nothing.
+
+    Args:
+        storage: The storage.
+        study_name: The study.
+        requested: Setting name -> the command line's value, None where the option was not given.
+        check: Validates the resolved settings against the other options.
+
+    Raises:
+        UsageError: If an explicit option contradicts the existing study, or ``check`` refuses
+            the settings.
+    """
+    settings = _resolve(requested, _stored_settings(storage, study_name), study_name)
+    check(settings)
+    return settings
+
+
 def join_or_create(
-    storage: optuna.storages.BaseStorage, study_name: str, requested: dict[str, Any]
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    requested: dict[str, Any],
+    check: Callable[[Settings], None],
 ) -> tuple[optuna.Study, Settings, bool]:
     """Create the study, or join it if it exists; return it, its settings and whether this
     process created it.
 
     Creating without ``load_if_exists`` first makes exactly one of several simultaneous
     workers the creator (the storage's unique study name decides), so the set-up runs once.
+    The arguments are those of :func:`resolve_settings`.
 
     Raises:
-        UsageError: If an explicit option contradicts the existing study, or the study exists
-            but was not created by ``optuna-ctpe search``.
+        UsageError: As :func:`resolve_settings`, or if the study exists but was not created by
+            ``optuna-ctpe search``.
     """
     stored = _stored_settings(storage, study_name)
     settings = _resolve(requested, stored, study_name)
+    check(settings)
     if stored is None:
         try:
             study = optuna.create_study(
@@ -207,7 +245,9 @@ def join_or_create(
                 f"no {SETTINGS_ATTR!r} user attribute); use another --study-name."
             )
         time.sleep(_POLL)
-    return study, _resolve(requested, study.user_attrs[SETTINGS_ATTR], study_name), False
+    settings = _resolve(requested, study.user_attrs[SETTINGS_ATTR], study_name)
+    check(settings)
+    return study, settings, False
 
 
 def _stored_settings(
@@ -316,6 +356,8 @@ def _set_up(
     study: optuna.Study, settings: Settings, task: Task, log: Callable[[str], None]
 ) -> Prepared:
     log("measuring Hessian sensitivities ...")
+    # The library's default pruning threshold, or none at all (math.inf keeps every choice).
+    no_pruning: dict[str, float] = {} if settings.hessian_pruning else {"budget": math.inf}
     space = HessianSearchSpace.from_model(
         task.model,
         task.loss_fn,
@@ -323,14 +365,16 @@ def _set_up(
         bits=settings.bits,
         widths=settings.widths,
         example_inputs=task.example_inputs,
-        budget=1.0 if settings.hessian_pruning else math.inf,
         seed=settings.seed,
+        **no_pruning,
     )
     if settings.size_budget is not None:
         try:
             space = space.relaxed_for_size(settings.size_budget)
         except ValueError as e:
-            raise UsageError(f"--size-budget {settings.size_budget:g} cannot be met: {e}") from None
+            raise UsageError(
+                f"--size-budget {settings.size_budget:g} cannot be met: {e}"
+            ) from None
     baselines = _baselines(space, task)
     study.set_user_attr(
         SENSITIVITIES_ATTR,

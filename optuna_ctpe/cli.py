@@ -23,18 +23,21 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from collections.abc import Sequence
+import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
-from types import FrameType
 from typing import Any
 
 import optuna
 
 from optuna_ctpe._cli_export import load_exported
+from optuna_ctpe._cli_signals import Terminated
+from optuna_ctpe._cli_signals import check_interrupted
+from optuna_ctpe._cli_signals import deferred
+from optuna_ctpe._cli_signals import handle_signals
 from optuna_ctpe._cli_storage import UsageError
 from optuna_ctpe._cli_storage import fail_abandoned_trials
 from optuna_ctpe._cli_storage import open_storage
@@ -42,10 +45,12 @@ from optuna_ctpe._cli_storage import parse_storage
 from optuna_ctpe._cli_study import CACHE_ENV
 from optuna_ctpe._cli_study import DEFAULT_TASK
 from optuna_ctpe._cli_study import DEFAULTS
+from optuna_ctpe._cli_study import Settings
 from optuna_ctpe._cli_study import join_or_create
 from optuna_ctpe._cli_study import load_task
 from optuna_ctpe._cli_study import prepare
 from optuna_ctpe._cli_study import resolve_factory
+from optuna_ctpe._cli_study import resolve_settings
 
 
 __all__ = ["DEFAULT_N_TRIALS", "DEFAULT_STORAGE", "build_parser", "load_exported", "main"]
@@ -57,18 +62,6 @@ DEFAULT_N_TRIALS = 50
 EXIT_USAGE = 2
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
-
-
-class Terminated(KeyboardInterrupt):
-    """Raised in the main thread by SIGTERM.
-
-    A subclass of :class:`KeyboardInterrupt` because Optuna already handles that one cleanly:
-    the running trial is marked FAIL and ``optimize`` returns through its ``finally`` blocks.
-    """
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
 
 
 # -- option types (argparse reports their errors as "argument --x: <message>", exit 2) --------
@@ -347,9 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
             "budget, since Optuna cannot prune multi-objective trials (default: none)"
         ),
     )
-    search.add_argument(
-        "--no-progress", action="store_true", help="do not show the progress bar"
-    )
+    search.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     search.add_argument(
         "-v", "--verbose", action="store_true", help="show Optuna's log line for every trial"
     )
@@ -425,23 +416,30 @@ def _log(message: str) -> None:
     print(f"optuna-ctpe: {message}", file=sys.stderr, flush=True)
 
 
-def _progress_callback(
+def _progress_bar(
     n_trials: int | None, enabled: bool
-) -> tuple[list[Callable[[optuna.Study, Any], None]], Callable[[], None], bool]:
-    """(callbacks, close, use_optuna_bar): a tqdm bar if tqdm imports, else Optuna's own bar."""
+) -> tuple[list[Callable[[optuna.Study, Any], None]], Callable[[], None]]:
+    """(callbacks, close) of a tqdm bar on stderr, one step per finished trial.
+
+    tqdm is a dependency of Optuna, so it is always there. Optuna's own ``show_progress_bar``
+    is not used because it does not support ``n_jobs > 1`` with a timeout.
+    """
     if not enabled:
-        return [], lambda: None, False
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return [], lambda: None, True
+        return [], lambda: None
+    from tqdm.auto import tqdm
+
     bar = tqdm(total=n_trials, unit="trial", desc="search", file=sys.stderr)
 
     def update(study: optuna.Study, trial: Any) -> None:
         bar.update(1)
         bar.set_postfix_str(f"last: #{trial.number} {trial.state.name.lower()}", refresh=False)
 
-    return [update], bar.close, False
+    return [update], bar.close
+
+
+def _stop_if_interrupted(study: optuna.Study, trial: Any) -> None:
+    # After each trial: a signal deferred during the trial's bookkeeping stops the loop here.
+    check_interrupted()
 
 
 def _make_sampler(name: str, seed: int | None, prior_weights: dict[str, list[float]]) -> Any:
@@ -468,7 +466,7 @@ def _sampler_seed(seed: int, creator: bool) -> int:
 def _search(args: argparse.Namespace) -> int:
     spec = parse_storage(args.storage)
     if args.task is not None:
-        resolve_factory(args.task)  # a bad --task must fail before a study is created for it
+        resolve_factory(args.task)  # a typo fails at once, before the storage is even opened
     storage = open_storage(spec, heartbeat=True)
     requested = {
         "task": args.task,
@@ -480,9 +478,11 @@ def _search(args: argparse.Namespace) -> int:
         "hessian_pruning": args.hessian_pruning,
         "finetune_epochs": args.finetune_epochs,
     }
-    assert set(requested) == set(DEFAULTS)
-    study, settings, creator = join_or_create(storage, args.study_name, requested)
-    if args.pruner != "none":
+
+    def check(settings: Settings) -> None:
+        # Runs before a new study is created, so a refused command leaves no study behind.
+        if args.pruner == "none":
+            return
         if settings.finetune_epochs < 1:
             raise UsageError(
                 f"--pruner {args.pruner} needs --finetune-epochs >= 1: the fine-tuning epochs "
@@ -493,6 +493,21 @@ def _search(args: argparse.Namespace) -> int:
                 f"--pruner {args.pruner} needs --objective budget: Optuna cannot prune trials "
                 "of multi-objective studies."
             )
+
+    # The task is built before the study is created, so that a factory that fails creates no
+    # study; in the rare race where another worker creates the study first with other settings
+    # (ours were defaults, theirs explicit), the task is built again from theirs.
+    settings = resolve_settings(storage, args.study_name, requested, check)
+    import torch
+
+    if args.n_jobs != 1:
+        # Threads of one process share the CPU; one intra-op thread each avoids oversubscription.
+        torch.set_num_threads(1)
+    task = load_task(settings.task, seed=settings.seed, cache_dir=args.cache_dir)
+    study, joined, creator = join_or_create(storage, args.study_name, requested, check)
+    if (joined.task, joined.seed) != (settings.task, settings.seed):
+        task = load_task(joined.task, seed=joined.seed, cache_dir=args.cache_dir)
+    settings = joined
     stale = fail_abandoned_trials(study)
     if stale:
         _log(f"failed {len(stale)} trial(s) left RUNNING by dead workers: {stale}")
@@ -501,12 +516,6 @@ def _search(args: argparse.Namespace) -> int:
         + f" study {study.study_name!r} in {spec.location} ({len(study.trials)} trials so far)"
     )
 
-    import torch
-
-    if args.n_jobs != 1:
-        # Threads of one process share the CPU; one intra-op thread each avoids oversubscription.
-        torch.set_num_threads(1)
-    task = load_task(settings.task, seed=settings.seed, cache_dir=args.cache_dir)
     prepared = prepare(study, settings, task, creator=creator, log=_log)
     space = prepared.space
     _log(
@@ -532,17 +541,20 @@ def _search(args: argparse.Namespace) -> int:
     n_trials = args.n_trials
     if n_trials is None and args.timeout is None:
         n_trials = DEFAULT_N_TRIALS
-    callbacks, close_bar, optuna_bar = _progress_callback(n_trials, not args.no_progress)
+    callbacks, close_bar = _progress_bar(n_trials, not args.no_progress)
     interrupted: KeyboardInterrupt | None = None
+    # Sequentially, the main thread runs the trials' bookkeeping: defer signals outside the
+    # objective. With threads it only waits for them, and may be interrupted anywhere.
+    loop = deferred() if args.n_jobs == 1 else contextlib.nullcontext()
     try:
-        study.optimize(
-            objective,
-            n_trials=n_trials,
-            timeout=args.timeout,
-            n_jobs=args.n_jobs,
-            callbacks=callbacks,
-            show_progress_bar=optuna_bar,
-        )
+        with loop:
+            study.optimize(
+                objective,
+                n_trials=n_trials,
+                timeout=args.timeout,
+                n_jobs=args.n_jobs,
+                callbacks=[*callbacks, _stop_if_interrupted],
+            )
     except KeyboardInterrupt as e:
         interrupted = e
     finally:
@@ -612,9 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "verbose", False):
         # The progress bar and the final table replace Optuna's line per trial.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return args.handler(args)
+        with handle_signals():
+            return args.handler(args)
     except UsageError as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -623,7 +635,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log("interrupted.")
         return EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
     finally:
-        signal.signal(signal.SIGTERM, previous)
         optuna.logging.set_verbosity(verbosity)
 
 

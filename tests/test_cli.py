@@ -20,6 +20,8 @@ pytest.importorskip("torch_pruning")
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from conftest import StorageTarget  # noqa: E402
+
 from optuna_ctpe.cli import main  # noqa: E402
 from optuna_ctpe.search_space import HessianSearchSpace  # noqa: E402
 
@@ -170,29 +172,64 @@ def test_export_round_trip(
         assert per_channel_levels <= 2**bits - 1
 
 
-def test_resume_after_sigkill(tmp_path: Path, env: dict[str, str]) -> None:
-    db = tmp_path / "optuna-ctpe.db"
-    proc = _spawn(["search", "--n-trials", "200", "--no-progress"], tmp_path, env)
+def _journal_study(path: Path) -> optuna.Study:
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    return optuna.load_study(study_name="optuna-ctpe", storage=storage)
+
+
+def _counts(kind: str, where: Path) -> dict[str, int]:
+    if kind == "sqlite":
+        return _states(where)
     try:
-        _wait_for(lambda: _states(db).get("COMPLETE", 0) >= 3, proc)
+        trials = _journal_study(where).get_trials(deepcopy=False)
+    except (KeyError, FileNotFoundError):
+        return {}  # not created yet
+    return {s.name: sum(t.state == s for t in trials) for s in TrialState}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_resume_after_sigkill(kind: str, tmp_path: Path, env: dict[str, str]) -> None:
+    """A worker killed outright, then a rerun: heartbeat storage (SQLite, with its retry of the
+    killed trial) and journal file (no heartbeat: the explicit clean-up alone)."""
+    if kind == "sqlite":
+        where, storage_args = tmp_path / "optuna-ctpe.db", []  # the default storage
+    else:
+        where = tmp_path / "study.log"
+        storage_args = ["--storage", str(where)]
+    # Fine-tuning makes the objective most of a trial's time, so the kill lands in a trial.
+    args = ["search", "--n-trials", "200", "--finetune-epochs", "3", "--no-progress"]
+    proc = _spawn(args + storage_args, tmp_path, env)
+    try:
+
+        def mid_trial() -> bool:
+            counts = _counts(kind, where)
+            return counts.get("COMPLETE", 0) >= 3 and counts.get("RUNNING", 0) == 1
+
+        _wait_for(mid_trial, proc)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.communicate()
-    before = _load(db).trials
+
+    def load() -> optuna.Study:
+        return _load(where) if kind == "sqlite" else _journal_study(where)
+
+    before = load().trials
     complete_before = {t.number for t in before if t.state == TrialState.COMPLETE}
     running_before = [t.number for t in before if t.state == TrialState.RUNNING]
-    assert len(running_before) <= 1
+    assert len(running_before) == 1, "the kill was meant to land inside a trial"
 
-    result = _run(["search", "--n-trials", "4", "--no-progress"], tmp_path, env)
+    result = _run(["search", "--n-trials", "4", "--no-progress", *storage_args], tmp_path, env)
     assert result.returncode == 0, result.stderr
-    if running_before:
-        assert f"left RUNNING by dead workers: {running_before}" in result.stderr
-    after = _load(db).trials
+    assert f"left RUNNING by dead workers: {running_before}" in result.stderr
+    after = load().trials
     states = [t.state for t in after]
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
-    # --n-trials counts the new trials: the rerun added exactly 4, the retry of the killed
-    # trial (enqueued when it was failed) among them.
+    # --n-trials counts the new trials: the rerun added exactly 4 (on SQLite, the retry of the
+    # killed trial, enqueued when it was failed, among them).
     assert len(after) == len(before) + 4
     assert {t.number for t in after if t.state == TrialState.COMPLETE} >= complete_before
     assert states.count(TrialState.COMPLETE) == len(complete_before) + 4
@@ -201,30 +238,43 @@ def test_resume_after_sigkill(tmp_path: Path, env: dict[str, str]) -> None:
     assert "joined study" in result.stderr and "measuring" not in result.stderr
 
 
-def test_sigterm_leaves_storage_consistent(tmp_path: Path, env: dict[str, str]) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_leaves_storage_consistent(
+    signum: int, code: int, tmp_path: Path, env: dict[str, str]
+) -> None:
     db = tmp_path / "s.db"
-    args = ["search", "--storage", f"sqlite:///{db}", "--n-trials", "200", "--no-progress"]
+    args = ["search", "--storage", f"sqlite:///{db}", "--n-trials", "500", "--no-progress"]
     proc = _spawn(args, tmp_path, env)
-    _wait_for(lambda: _states(db).get("COMPLETE", 0) >= 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "FP32" in out and "run the same command again" in err
-    assert "RUNNING" not in _states(db)
+    try:
+        _wait_for(lambda: _states(db).get("COMPLETE", 0) >= 3, proc)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert "FP32" in out and "run the same command again" in err  # the table, then the hint
+    states = _states(db)
+    assert "RUNNING" not in states and states.get("FAIL", 0) <= 1
 
 
-def test_two_concurrent_workers(tmp_path: Path, env: dict[str, str]) -> None:
-    log = tmp_path / "study.log"  # a journal file: the other storage family
-    args = ["search", "--storage", str(log), "--n-trials", "5", "--no-progress"]
+def test_two_concurrent_workers(
+    storage_target: StorageTarget, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Two processes on one storage URL: exact trial count, one set-up (journal file, SQLite and,
+    when configured, PostgreSQL)."""
+    url = {
+        "journal": storage_target.where,  # a path ending in .log
+        "sqlite": f"sqlite:///{storage_target.where}",
+        "postgres": storage_target.where,
+    }[storage_target.kind]
+    args = ["search", "--storage", url, "--study-name", storage_target.study_name]
+    args += ["--n-trials", "5", "--no-progress"]
     procs = [_spawn(args, tmp_path, env) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.storages.journal import JournalStorage
-
     study = optuna.load_study(
-        study_name="optuna-ctpe", storage=JournalStorage(JournalFileBackend(str(log)))
+        study_name=storage_target.study_name, storage=storage_target.storage()
     )
     assert len(study.trials) == 10
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
@@ -243,7 +293,7 @@ def test_budget_objective_with_finetuning_and_pruner(tmp_path: Path, env: dict[s
     args = [
         "search", "--storage", f"sqlite:///{db}", "--study-name", "b", "--objective", "budget",
         "--size-budget", "10", "--finetune-epochs", "2", "--pruner", "median", "--n-trials", "8",
-        "--sampler", "tpe", "--widths", "1.0", "--no-progress",
+        "--sampler", "tpe", "--widths", "1.0", "--n-jobs", "2", "--no-progress",
     ]  # fmt: skip
     result = _run(args, tmp_path, env)
     assert result.returncode == 0, result.stderr
@@ -270,7 +320,9 @@ def test_budget_objective_with_finetuning_and_pruner(tmp_path: Path, env: dict[s
 def existing(tmp_path: Path) -> Iterator[Path]:
     """A storage with one (empty) optuna-ctpe study, made without running a search."""
     db = tmp_path / "e.db"
-    study = optuna.create_study(storage=f"sqlite:///{db}", study_name="e", directions=["maximize"] * 2)
+    study = optuna.create_study(
+        storage=f"sqlite:///{db}", study_name="e", directions=["maximize"] * 2
+    )
     from optuna_ctpe._cli_study import DEFAULTS
     from optuna_ctpe._cli_study import Settings
 
@@ -278,56 +330,74 @@ def existing(tmp_path: Path) -> Iterator[Path]:
     yield db
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["search", "--n-trials", "0"], "argument --n-trials: must be a positive integer, got '0'"),
-        (["search", "--n-trials", "-2"], "argument --n-trials: must be a positive integer, got '-2'"),
-        (["search", "--timeout", "0"], "argument --timeout: must be a positive number of seconds"),
-        (["search", "--n-jobs", "0"], "argument --n-jobs: must be a positive integer, or -1"),
-        (["search", "--bits", "1,4"], "argument --bits: bit-widths must be integers in [2, 16], got '1'"),
-        (["search", "--bits", "4,17"], "argument --bits: bit-widths must be integers in [2, 16], got '17'"),
-        (["search", "--bits", "4,4"], "argument --bits: bit-widths must not repeat"),
-        (["search", "--widths", "0,1"], "argument --widths: width ratios must be numbers in (0, 1], got '0'"),
-        (["search", "--widths", "0.5,1.5"], "argument --widths: width ratios must be numbers in (0, 1], got '1.5'"),
-        (["search", "--size-budget", "-1"], "argument --size-budget: must be a compression ratio"),
-        (["search", "--objective", "best"], "argument --objective: invalid choice: 'best'"),
-        (["search", "--storage", "foo://x/y"], "--storage 'foo://x/y': unknown storage scheme 'foo'"),
-        (["search", "--storage", "results.db"], "--storage 'results.db' has no scheme"),
-        (["search", "--task", "no_such_module_xyz:make"], "--task 'no_such_module_xyz:make': cannot import module 'no_such_module_xyz'"),
-        (["search", "--task", "optuna_ctpe.tasks.digits:nope"], "module 'optuna_ctpe.tasks.digits' has no callable 'nope'"),
-        (["search", "--task", "optuna_ctpe.tasks.digits"], "must have the form module:factory"),
-        (["export", "--storage", "foo://x"], "unknown storage scheme 'foo'"),
-    ],
-)  # fmt: skip
+# (command line, the documented message): argparse's own errors read "argument --x: <message>".
+USAGE_ERRORS = [
+    ("search --n-trials 0", "argument --n-trials: must be a positive integer, got '0'"),
+    ("search --n-trials -2", "argument --n-trials: must be a positive integer, got '-2'"),
+    ("search --timeout 0", "argument --timeout: must be a positive number of seconds, got '0'"),
+    ("search --n-jobs 0", "argument --n-jobs: must be a positive integer, or -1"),
+    ("search --bits 1,4", "argument --bits: bit-widths must be integers in [2, 16], got '1'"),
+    ("search --bits 4,17", "argument --bits: bit-widths must be integers in [2, 16], got '17'"),
+    ("search --bits 4,4", "argument --bits: bit-widths must not repeat, got '4,4'"),
+    ("search --widths 0,1", "argument --widths: width ratios must be numbers in (0, 1], got '0'"),
+    ("search --widths 0.5,1.5", "argument --widths: width ratios must be numbers in (0, 1]"),
+    ("search --size-budget -1", "argument --size-budget: must be a compression ratio > 1"),
+    ("search --objective best", "argument --objective: invalid choice: 'best'"),
+    ("search --storage foo://x/y", "--storage 'foo://x/y': unknown storage scheme 'foo'"),
+    ("search --storage results.db", "--storage 'results.db' has no scheme"),
+    ("search --task no_such_mod:make", "--task 'no_such_mod:make': cannot import module"),
+    ("search --task optuna_ctpe.tasks.digits:nope", "'optuna_ctpe.tasks.digits' has no callable"),
+    ("search --task optuna_ctpe.tasks.digits", "must have the form module:factory"),
+    ("export --storage foo://x", "--storage 'foo://x': unknown storage scheme 'foo'"),
+    ("search --pruner median", "--pruner median needs --finetune-epochs >= 1"),
+    (
+        "search --pruner median --finetune-epochs 2",
+        "--pruner median needs --objective budget: Optuna cannot prune trials",
+    ),
+    ("search --size-budget 4", "--size-budget applies to --objective budget only"),
+]
+
+
+@pytest.mark.parametrize(("command", "message"), USAGE_ERRORS)
 def test_usage_errors(
-    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    command: str,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     monkeypatch.chdir(tmp_path)
     try:
-        code = main(args)
+        code = main(command.split())
     except SystemExit as e:  # argparse's own errors
         code = e.code
     assert code == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "optuna-ctpe.db").exists()  # nothing created on a usage error
+    # Nothing is left behind: no study (SQLite creates the file when the storage is opened).
+    db = tmp_path / "optuna-ctpe.db"
+    assert not db.exists() or not optuna.get_all_study_names(f"sqlite:///{db}")
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["export", "--study-name", "nope"], "--study-name 'nope' does not exist in"),
-        (["export", "--study-name", "e", "--trial", "0"], "--trial 0 does not exist in study 'e'"),
-        (["search", "--study-name", "e", "--objective", "budget"], "--objective budget conflicts with study 'e', which was created with --objective pareto"),
-        (["search", "--study-name", "e", "--no-hessian-pruning"], "--no-hessian-pruning conflicts with study 'e', which was created with Hessian pruning"),
-        (["search", "--study-name", "e", "--pruner", "median"], "--pruner median needs --finetune-epochs >= 1"),
-    ],
-)  # fmt: skip
+ERRORS_ON_EXISTING_STUDY = [
+    ("export --study-name nope", "--study-name 'nope' does not exist in"),
+    ("export --study-name e --trial 0", "--trial 0 does not exist in study 'e'"),
+    (
+        "search --study-name e --objective budget",
+        "--objective budget conflicts with study 'e', which was created with --objective pareto",
+    ),
+    (
+        "search --study-name e --no-hessian-pruning",
+        "--no-hessian-pruning conflicts with study 'e', which was created with Hessian pruning",
+    ),
+    ("search --study-name e --pruner median", "--pruner median needs --finetune-epochs >= 1"),
+]
+
+
+@pytest.mark.parametrize(("command", "message"), ERRORS_ON_EXISTING_STUDY)
 def test_usage_errors_on_existing_storage(
-    args: list[str], message: str, existing: Path, capsys: pytest.CaptureFixture[str]
+    command: str, message: str, existing: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(args + ["--storage", f"sqlite:///{existing}"])
+    code = main(command.split() + ["--storage", f"sqlite:///{existing}"])
     assert code == 2
     assert message in capsys.readouterr().err
 
@@ -336,9 +406,10 @@ def test_exit_code_of_the_console_script(tmp_path: Path, env: dict[str, str]) ->
     result = _run(["search", "--bits", "2,20"], tmp_path, env)
     assert result.returncode == 2
     assert "argument --bits: bit-widths must be integers in [2, 16], got '20'" in result.stderr
-    result = _run(["export", "--storage", "sqlite:///none.db", "--study-name", "x"], tmp_path, env)
+    result = _run(["export", "--storage", "sqlite:///none.db"], tmp_path, env)
     assert result.returncode == 2
-    assert "--study-name 'x' does not exist" in result.stderr
+    assert "--storage 'sqlite:///none.db': no such file 'none.db'" in result.stderr
+    assert not (tmp_path / "none.db").exists()
 
 
 def test_sensitivity_command(
@@ -355,4 +426,47 @@ def test_sensitivity_command(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import json
 
-    assert [t["name"] for t in json.loads(js.read_text())] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert [t["name"] for t in json.loads(js.read_text())] == [
+        "conv1",
+        "conv2",
+        "conv3",
+        "fc1",
+        "fc2",
+    ]
+
+
+def test_custom_task_factory(
+    tmp_path: Path,
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--task module:factory with a user's factory (here: the digits task under another name),
+    combined with the options that change the space."""
+    (tmp_path / "my_tasks.py").write_text(
+        "import dataclasses\n"
+        "from optuna_ctpe.tasks.digits import digits_task\n\n"
+        "def small(*, seed=0):\n"
+        f"    task = digits_task(seed=seed, cache_dir={str(cache_dir)!r})\n"
+        "    return dataclasses.replace(task, name='my-digits')\n\n"
+        "def broken(*, seed=0):\n"
+        "    return 'not a task'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'custom.db'}"
+    args = ["search", "--storage", url, "--task", "my_tasks:small", "--bits", "4,8"]
+    args += ["--widths", "1.0", "--no-hessian-pruning", "--n-trials", "3", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "bits:conv2" in out and "width:" not in out  # a bits-only search
+    study = optuna.load_study(study_name="optuna-ctpe", storage=url)
+    space = HessianSearchSpace.load_from_study(study)
+    assert space.bits == (4, 8) and not space.groups
+    assert all(len(d.choices) == 2 for d in space.distributions.values())  # nothing pruned
+    assert study.user_attrs["ctpe:settings"]["task"] == "my_tasks:small"
+
+    args = ["search", "--storage", url, "--study-name", "b", "--task", "my_tasks:broken"]
+    assert main(args) == 2
+    assert "--task 'my_tasks:broken': the factory returned str, not an" in capsys.readouterr().err
+    assert optuna.get_all_study_names(url) == ["optuna-ctpe"]  # refused before creating "b"

@@ -74,7 +74,10 @@ class DigitsCNN(nn.Module):
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/optuna-ctpe``, or ``~/.cache/optuna-ctpe`` when the variable is unset."""
+    """``$OPTUNA_CTPE_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/optuna-ctpe``, else
+    ``~/.cache/optuna-ctpe``."""
+    if explicit := os.environ.get("OPTUNA_CTPE_CACHE_DIR"):
+        return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "optuna-ctpe"
 
