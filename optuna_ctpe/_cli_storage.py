@@ -10,17 +10,21 @@ trials that a killed process (SIGKILL, a lost machine) left RUNNING. Two mechani
   ``RetryFailedTrialCallback``).
 * Every storage additionally gets an owner tag per trial (the system attribute
   ``ctpe:worker`` = ``host:pid:start-time``). At start-up, a RUNNING trial whose owner ran on this
-  host and no longer exists is failed at once, without waiting for a grace period; this is the
-  only clean-up for journal files, which have no heartbeat.
+  host and no longer exists is failed at once, without waiting for a grace period, as is a
+  RUNNING trial that never got its tag and started long ago (:data:`UNTAGGED_GRACE`). On
+  journal files, which have no heartbeat, this is the only clean-up: a trial abandoned by a
+  worker on *another* host stays RUNNING there until ``optuna-ctpe`` runs on that host again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import datetime
 import os
 from pathlib import Path
 import socket
 import time
+from typing import Any
 import warnings
 
 import optuna
@@ -34,6 +38,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "GRACE_PERIOD",
     "StorageSpec",
+    "UNTAGGED_GRACE",
     "UsageError",
     "WORKER_ATTR",
     "fail_abandoned_trials",
@@ -50,6 +55,11 @@ HEARTBEAT_INTERVAL = 10
 GRACE_PERIOD = 3 * HEARTBEAT_INTERVAL
 #: Trial system attribute naming the process that runs the trial.
 WORKER_ATTR = "ctpe:worker"
+#: Seconds after which a RUNNING trial without a worker tag counts as abandoned. Generous, since
+#: trial start times come from the creating worker's clock, which may differ from ours.
+UNTAGGED_GRACE = 300
+#: Attempts at opening an RDB storage whose schema another worker may be creating.
+_SCHEMA_ATTEMPTS = 5
 
 _PROCESS_START = f"{time.time():.3f}"
 
@@ -147,26 +157,41 @@ def open_storage(spec: StorageSpec, *, heartbeat: bool) -> BaseStorage:
 
         Path(spec.location).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(spec.location))
-    # SQLite gives up on a locked database after 5 s by default; workers sharing one file (and
-    # their heartbeat threads) must wait for each other's writes instead of failing.
-    engine_kwargs = (
-        {"connect_args": {"timeout": 120}} if spec.location.startswith("sqlite") else None
-    )
-    if not heartbeat:
-        return RDBStorage(spec.location, engine_kwargs=engine_kwargs)
-    with warnings.catch_warnings():
-        # The heartbeat has been "experimental" since Optuna 2.8; it is what Optuna documents
-        # for fault-tolerant distributed optimisation, so the warning only adds noise here.
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
-            spec.location,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_INTERVAL,
-            grace_period=GRACE_PERIOD,
-            # One retry: a trial killed with its worker is re-run with the same parameters, but
-            # a configuration that kills workers by itself (out of memory) is not retried forever.
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
+    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import OperationalError
+
+    def open_rdb() -> RDBStorage:
+        # SQLite gives up on a locked database after 5 s by default; workers sharing one file
+        # (and their heartbeat threads) must wait for each other's writes instead of failing.
+        kwargs: dict[str, Any] = {
+            "engine_kwargs": (
+                {"connect_args": {"timeout": 120}} if spec.location.startswith("sqlite") else None
+            )
+        }
+        with warnings.catch_warnings():
+            # The heartbeat has been "experimental" since Optuna 2.8; it is what Optuna documents
+            # for fault-tolerant distributed optimisation, so the warning is only noise here.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if heartbeat:
+                kwargs.update(
+                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    grace_period=GRACE_PERIOD,
+                    # One retry: a trial killed with its worker is re-run with the same
+                    # parameters, but a configuration that kills workers by itself (out of
+                    # memory) is not retried forever.
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+            return RDBStorage(spec.location, **kwargs)
+
+    for attempt in range(_SCHEMA_ATTEMPTS - 1):
+        try:
+            return open_rdb()
+        except (IntegrityError, OperationalError):
+            # Workers started together on a new database race to create Optuna's schema (the
+            # loser fails on the alembic_version row or an existing table); once the winner has
+            # committed, opening again finds the schema in place.
+            time.sleep(0.2 * (attempt + 1))
+    return open_rdb()
 
 
 def worker_id() -> str:
@@ -197,10 +222,14 @@ def owner_is_dead(owner: str) -> bool:
 def fail_abandoned_trials(study: optuna.Study, *, only_own: bool = False) -> list[int]:
     """Fail the RUNNING trials whose worker process is gone, and return their numbers.
 
+    A trial counts as abandoned if its worker ran on this host and has exited, or if it carries
+    no worker tag and started more than :data:`UNTAGGED_GRACE` seconds ago (its worker died
+    between creating and tagging it).
+
     Args:
         study: The study to clean up.
-        only_own: Fail only the trials this process started (the clean-up on exit), instead of
-            those of dead processes on this host (the clean-up on start-up).
+        only_own: Fail only the trials this process tagged (the clean-up on exit), instead of
+            the abandoned ones (the clean-up on start-up).
 
     Trials of other hosts are left to the heartbeat (RDB storages). The storage's failed-trial
     callback (the retry of RDB storages) runs for each trial failed here, exactly as if the
@@ -208,12 +237,21 @@ def fail_abandoned_trials(study: optuna.Study, *, only_own: bool = False) -> lis
     """
     storage = study._storage
     me = worker_id()
+    now = datetime.datetime.now()
     failed: list[int] = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(WORKER_ATTR)
-        if not isinstance(owner, str):
-            continue  # created but not yet tagged by a live worker, or not ours
-        if (owner != me) if only_own else not owner_is_dead(owner):
+        if only_own:
+            if owner != me:
+                continue
+        elif isinstance(owner, str):
+            if not owner_is_dead(owner):
+                continue
+        elif trial.datetime_start is None or (
+            (now - trial.datetime_start).total_seconds() < UNTAGGED_GRACE
+        ):
+            # Untagged: a live worker tags its trial within milliseconds of creating it, so
+            # only an old untagged trial is known to be abandoned (its worker died in between).
             continue
         try:
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):

@@ -34,7 +34,6 @@ from typing import Literal
 from typing import NamedTuple
 
 import numpy as np
-from sklearn.metrics import silhouette_score
 
 
 Transform = Literal["log", "rank", "none"]
@@ -130,6 +129,10 @@ def _choose_clustering(values: np.ndarray, n_clusters: int | Literal["auto"]) ->
     # The silhouette (unlike Calinski-Harabasz, which keeps rising as tight groups are split
     # further) peaks at the natural number of groups. A fixed subsample keeps it O(n) and
     # deterministic.
+    # Imported here: scikit-learn's import costs each worker process about a second, and only
+    # n_clusters="auto" needs it.
+    from sklearn.metrics import silhouette_score
+
     n_distinct = len(np.unique(values))
     column = values.reshape(-1, 1)
     best_labels, best_score = None, -np.inf

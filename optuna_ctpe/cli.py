@@ -166,7 +166,9 @@ def _size_budget(text: str) -> float:
 # -- parser ------------------------------------------------------------------------------------
 
 
-def _add_common(parser: argparse.ArgumentParser, *, task: bool = True) -> None:
+def _add_common(
+    parser: argparse.ArgumentParser, *, task: bool = True, seed_help: str = ""
+) -> None:
     if task:
         parser.add_argument(
             "--task",
@@ -180,10 +182,8 @@ def _add_common(parser: argparse.ArgumentParser, *, task: bool = True) -> None:
         parser.add_argument(
             "--seed",
             type=_nonnegative_int,
-            help=(
-                "seed of the task (data split, training) and of the Hessian probes; the sampler "
-                "of the process that creates a study uses it too (default: 0)"
-            ),
+            help=f"seed of the task (data split, training) and of the Hessian probes{seed_help} "
+            "(default: 0)",
         )
     parser.add_argument(
         "--cache-dir",
@@ -210,6 +210,7 @@ def _add_storage(parser: argparse.ArgumentParser, *, study_required: bool) -> No
     )
     parser.add_argument(
         "--study-name",
+        metavar="NAME",
         default=None if not study_required else DEFAULT_STUDY,
         help=(
             f"the study (default: {DEFAULT_STUDY})"
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--n-trials",
         type=_positive_int,
+        metavar="N",
         help=(
             "number of NEW trials this process runs, as in Study.optimize: a resumed run adds "
             "this many, and N workers run N times this many in total (default: "
@@ -265,10 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--n-jobs",
         type=_n_jobs,
+        metavar="N",
         default=1,
         help="trials run in parallel threads of this process; -1: one per CPU (default: 1)",
     )
-    _add_common(search)
+    _add_common(
+        search, seed_help="; the sampler of the process that creates the study uses it too"
+    )
     search.add_argument(
         "--bits",
         type=_bits_list,
@@ -366,12 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument(
         "--max-probes",
         type=_positive_int,
+        metavar="N",
         default=200,
         help="most probe vectors (Hutchinson) or samples (Fisher) (default: 200)",
     )
     sens.add_argument(
         "--rtol",
         type=float,
+        metavar="R",
         default=0.05,
         help="stop once every layer's relative standard error is below this (default: 0.05)",
     )
@@ -576,6 +583,8 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
     if not 0 <= args.rtol < 1:
         raise UsageError(f"--rtol must be in [0, 1), got {args.rtol!r}.")
+    if args.max_probes < 2:
+        raise UsageError("--max-probes must be >= 2 (a standard error needs two), got 1.")
     seed = DEFAULTS["seed"] if args.seed is None else args.seed
     task = load_task(args.task or DEFAULT_TASK, seed=seed, cache_dir=args.cache_dir)
     estimate = (
@@ -588,7 +597,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
             task.model,
             task.loss_fn,
             task.calibration_batches,
-            max_probes=max(2, args.max_probes),
+            max_probes=args.max_probes,
             rtol=args.rtol,
             seed=seed,
         ).values()

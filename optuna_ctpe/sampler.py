@@ -426,8 +426,17 @@ class ClusterTPESampler(BaseSampler):
             is_new = ~_is_seen(candidates, seen)
             if is_new.any() or not seen:
                 break
-        # When no new configuration turned up in several rounds the space near l(x) is
-        # exhausted; proposing the best known one is then better than failing.
+        if seen and not is_new.any():
+            # No new configuration turned up in several rounds: the space near l(x) is
+            # exhausted. Repeat a finished configuration rather than one another worker is
+            # evaluating right now.
+            running_rows = [
+                row_of[t.number]
+                for t in trials
+                if t.state == TrialState.RUNNING and t.number in row_of
+            ]
+            running = _configurations(_subset(observations, running_rows))
+            is_new = ~_is_seen(candidates, running)
         if is_new.any():
             score = np.where(is_new, score, -np.inf)
         best = int(np.argmax(score))

@@ -277,8 +277,11 @@ def _as_tensor(item: ParamTensor | Mapping[str, Any]) -> ParamTensor:
         return item
     if not isinstance(item, Mapping):
         raise ValueError(f"a tensor must be a ParamTensor or a mapping, got {item!r}.")
+    name = item["name"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a tensor name must be a non-empty string, got {name!r}.")
     return ParamTensor(
-        name=item["name"],
+        name=name,
         numel=item["numel"],
         layer=item.get("layer"),
         out_group=item.get("out_group"),
@@ -662,8 +665,7 @@ class HessianSearchSpace:
         candidates = [self._budget]
         if reference > 0 and math.isfinite(self._budget):
             candidates += sorted(
-                {v / reference for o in self.omega.values() for v in o.values()}
-                - {0.0}
+                {v / reference for o in self.omega.values() for v in o.values()} - {0.0}
             )
         candidates.append(math.inf)
         for budget in candidates:
@@ -962,9 +964,7 @@ class HessianSearchSpace:
         target = self._size_target(size_ratio, size_bits)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}.")
-        safest = self.config_from_params(
-            {name: max(c) for name, c in self._choices.items()}
-        )
+        safest = self.config_from_params({name: max(c) for name, c in self._choices.items()})
         at_budget = [
             c
             for c in (
@@ -1056,7 +1056,8 @@ class HessianSearchSpace:
                 f"search-space JSON must be an object with schema {SCHEMA!r}, got "
                 f"{(data.get('schema') if isinstance(data, Mapping) else type(data).__name__)!r}."
             )
-        if data.get("version") != SCHEMA_VERSION:
+        # ``type(...) is int``: ``True == 1`` in Python, and a boolean is no schema version.
+        if type(data.get("version")) is not int or data.get("version") != SCHEMA_VERSION:
             raise ValueError(
                 f"search-space JSON has schema version {data.get('version')!r}; this optuna-ctpe "
                 f"reads version {SCHEMA_VERSION}."
@@ -1298,7 +1299,13 @@ class HessianSearchSpace:
         if keep_first_last_bits is not None:
             fixed = {names[0]: keep_first_last_bits, names[-1]: keep_first_last_bits}
         return cls(
-            sens, groups, tensors=tensors, bits=bits, widths=widths, budget=budget, fixed_bits=fixed
+            sens,
+            groups,
+            tensors=tensors,
+            bits=bits,
+            widths=widths,
+            budget=budget,
+            fixed_bits=fixed,
         )
 
     def apply(
@@ -1317,6 +1324,7 @@ class HessianSearchSpace:
         from optuna_ctpe.quantize import quantize_model
 
         self._check_config(config)
+        self._check_model(model)
         pruned = {g: w for g, w in config.widths.items() if w < 1}
         net = model
         if pruned:
@@ -1326,6 +1334,25 @@ class HessianSearchSpace:
 
             net = prune_widths(model, example_inputs, pruned)
         return quantize_model(net, dict(config.bits))
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a model whose searched layers differ in size from the ones measured.
+
+        Names alone are not enough: another architecture can reuse them, and the space's size
+        accounting and sensitivities would then silently describe a different model.
+        """
+        modules = dict(model.named_modules())
+        missing = sorted(name for name in self._layers if name not in modules)
+        if missing:
+            raise ValueError(f"the search space names layers the model lacks: {missing}.")
+        for name, layer in self._layers.items():
+            weight = getattr(modules[name], "weight", None)
+            numel = weight.numel() if weight is not None else None
+            if numel != layer.n_params:
+                raise ValueError(
+                    f"layer {name!r} has {numel} weights but the search space was measured with "
+                    f"{layer.n_params}: the model is not the one the space was built for."
+                )
 
     def __repr__(self) -> str:
         return (

@@ -232,6 +232,22 @@ def sqlalchemy_errors() -> type[BaseException]:
         return optuna.exceptions.StorageInternalError
 
 
+def is_storage_error(error: BaseException | None) -> bool:
+    """Whether ERROR is, or was raised while handling, a storage (database) error.
+
+    Optuna 5.0's ``_run_trial`` turns a storage error in ``tell`` into an
+    ``UnboundLocalError`` ('updated_state') when the server is still unreachable, with the
+    storage error as its context, so the whole chain is inspected.
+    """
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, (optuna.exceptions.StorageInternalError, sqlalchemy_errors())):
+            return True
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return False
+
+
 class TrialTimeout(Exception):
     """Raised inside the objective when it exceeds ``--timeout``."""
 
@@ -330,7 +346,9 @@ def main(argv: list[str] | None = None) -> None:
                 gc_after_trial=False,
             )
             break
-        except (optuna.exceptions.StorageInternalError, sqlalchemy_errors()) as e:
+        except Exception as e:
+            if not is_storage_error(e):
+                raise
             remaining -= len(started) - before
             if retries <= 0 or remaining <= 0:
                 raise

@@ -11,8 +11,10 @@ running give ~0.01 collisions: any duplicate comes from the model concentrating 
 on the same good configurations. A duplicate is *visible* when the later trial started
 sampling after the earlier one had published its parameters: constant liar puts that trial in
 g(x) and ``avoid_duplicates`` excludes its configuration, so visible duplicates can only come
-from the fallback for an exhausted neighbourhood, which 500 trials in 390625 configurations do
-not reach: we require at most 2. The others are races (both workers sampled at the same time
+from the fallback for an exhausted neighbourhood (every candidate of 8 batches already seen,
+when the fallback may pick a RUNNING trial's configuration) and from the start-up phase
+(random proposals are not published): we require at most 5 (1% of the trials; measured 0-2).
+The others are races (both workers sampled at the same time
 from the same trials, which no lie can prevent); each trial overlaps at most 7 others, and we
 require at most 5% of the trials (25) in all. Without constant liar the same runs show several
 visible duplicates (reported, not asserted: their number varies from run to run).
@@ -99,5 +101,5 @@ def test_8_workers_500_trials(kind, constant_liar, tmp_path, request) -> None:  
         f"(visible {result['visible']})"
     )
     if constant_liar:
-        assert result["visible"] <= 2, result
+        assert result["visible"] <= 5, result
         assert result["dups"] <= 0.05 * N_TRIALS, result

@@ -111,11 +111,6 @@ def test_wrong_schema_version_is_refused(version) -> None:  # type: ignore[no-un
         HessianSearchSpace.from_json(_with(("version",), version))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: from_json compares the version with `!=`, so the boolean true (== 1 in "
-    "Python) passes as schema version 1.",
-)
 def test_boolean_schema_version_is_refused() -> None:
     with pytest.raises(ValueError, match="schema version"):
         HessianSearchSpace.from_json(_with(("version",), True))
@@ -179,23 +174,10 @@ def test_wrong_types_and_values_name_the_field(path, value, match) -> None:  # t
         HessianSearchSpace.from_json(_with(path, value))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ParamTensor.name is never validated (layer and group names are): a tensor "
-    "named null, 1.5 or true is accepted; to_json then drops a null name, so the space it "
-    "writes no longer loads ('missing or mistyped field name').",
-)
 @pytest.mark.parametrize("name", [None, 1.5, True])
 def test_tensor_names_must_be_strings(name) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="name"):
         HessianSearchSpace.from_json(_with(("tensors", 5, "name"), name))
-
-
-def test_a_space_with_a_null_tensor_name_does_not_round_trip() -> None:
-    """The visible symptom of the gap above, pinned so a fix shows up here too."""
-    space = HessianSearchSpace.from_json(_with(("tensors", 5, "name"), None))
-    with pytest.raises(ValueError, match="missing or mistyped field 'name'"):
-        HessianSearchSpace.from_json(space.to_json())
 
 
 # -- study attributes ------------------------------------------------------------------------
@@ -365,12 +347,6 @@ def test_config_of_another_architecture_missing_layers_is_refused() -> None:
 
 
 @pytest.mark.torch
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: HessianSearchSpace.apply checks only layer *names*: a model of another "
-    "architecture whose layers share the names but not the sizes (n_params recorded in the "
-    "space) is quantized silently, so sizes computed by the space are wrong for it.",
-)
 def test_config_of_another_architecture_with_the_same_names_is_refused() -> None:
     torch = _torch()
     space = _space_for_mlp()
