@@ -29,36 +29,15 @@ import pytest
 from optuna_ctpe import ClusterTPESampler
 from optuna_ctpe.search_space import HessianSearchSpace
 from optuna_ctpe.search_space import LayerSensitivity
-from optuna_ctpe.search_space import ParamTensor
 from optuna_ctpe.search_space import USER_ATTR_KEY
-from optuna_ctpe.search_space import WidthGroupSensitivity
 
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 BITS = (2, 4, 8)
 
 
-def _space(budget: float = 1.0) -> HessianSearchSpace:
-    layers = [
-        LayerSensitivity("conv1", 0.5, 36, {b: 1.0 / b**2 for b in BITS}),
-        LayerSensitivity("conv2", 2.0, 288, {b: 8.0 / b**2 for b in BITS}),
-        LayerSensitivity("fc", 1.0, 16, {b: 0.5 / b**2 for b in BITS}),
-    ]
-    groups = [
-        WidthGroupSensitivity("conv1", 4, 1.0, {0.5: 0.01, 1.0: 0.0}),
-        WidthGroupSensitivity("conv2", 8, 2.0, {0.5: 1.0, 1.0: 0.0}),
-    ]
-    tensors = [
-        ParamTensor("conv1.weight", 36, "conv1", out_group="conv1"),
-        ParamTensor("conv1.bias", 4, None, out_group="conv1"),
-        ParamTensor("conv2.weight", 288, "conv2", out_group="conv2", in_group="conv1"),
-        ParamTensor("conv2.bias", 8, None, out_group="conv2"),
-        ParamTensor("fc.weight", 16, "fc", in_group="conv2"),
-        ParamTensor("fc.bias", 2),
-    ]
-    return HessianSearchSpace.from_sensitivities(
-        layers, groups, tensors=tensors, bits=BITS, widths=(0.5, 1.0), budget=budget
-    )
+# The small two-group space of the search-space tests (conv -> conv -> fc).
+from test_search_space import _with_groups as _space  # noqa: E402
 
 
 TEXT = _space().to_json()
