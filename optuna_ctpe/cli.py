@@ -555,13 +555,15 @@ def _search(args: argparse.Namespace) -> int:
     loop = deferred() if args.n_jobs == 1 else contextlib.nullcontext()
     try:
         with loop:
-            study.optimize(
-                objective,
-                n_trials=n_trials,
-                timeout=args.timeout,
-                n_jobs=args.n_jobs,
-                callbacks=[*callbacks, _stop_if_interrupted],
-            )
+            n_trials = _run_enqueued_sequentially(study, objective, n_trials, args, callbacks)
+            if n_trials is None or n_trials > 0:
+                study.optimize(
+                    objective,
+                    n_trials=n_trials,
+                    timeout=args.timeout,
+                    n_jobs=args.n_jobs,
+                    callbacks=[*callbacks, _stop_if_interrupted],
+                )
     except KeyboardInterrupt as e:
         interrupted = e
     finally:
@@ -574,6 +576,34 @@ def _search(args: argparse.Namespace) -> int:
         _log("stopped; run the same command again to continue the study.")
         return EXIT_SIGTERM if isinstance(interrupted, Terminated) else EXIT_SIGINT
     return 0
+
+
+def _run_enqueued_sequentially(
+    study: optuna.Study,
+    objective: Any,
+    n_trials: int | None,
+    args: argparse.Namespace,
+    callbacks: list[Any],
+) -> int | None:
+    """Run the enqueued (warm-start) trials one at a time before threads start.
+
+    Optuna pops a WAITING trial by reading its state and then setting it RUNNING; SQLite
+    ignores the row lock, so two threads of one process can pop the same trial and the second
+    ``tell`` fails with "Cannot tell a COMPLETE trial". Returns the trials left to run.
+    """
+    if args.n_jobs == 1:
+        return n_trials
+    n_waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    n_first = n_waiting if n_trials is None else min(n_waiting, n_trials)
+    if n_first > 0:
+        study.optimize(
+            objective,
+            n_trials=n_first,
+            timeout=args.timeout,
+            n_jobs=1,
+            callbacks=[*callbacks, _stop_if_interrupted],
+        )
+    return None if n_trials is None else n_trials - n_first
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
