@@ -741,7 +741,7 @@ class HessianSearchSpace:
         """The searched parameters of ``config``, e.g. for :meth:`optuna.Study.enqueue_trial`."""
         self._check_config(config)
         out: dict[str, Any] = {}
-        for name, dist in self.distributions.items():
+        for name in self.distributions:
             if name.startswith(BITS_PREFIX):
                 out[name] = config.bits[name[len(BITS_PREFIX) :]]
             else:
