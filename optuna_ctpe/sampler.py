@@ -464,10 +464,11 @@ class ClusterTPESampler(BaseSampler):
         n_good_max = n_finished if self._max_good is None else int(self._max_good(n_finished))
         n_good_max = max(n_good_max, 1)
 
+        scores = _complete_scores(study, complete) if complete else np.empty(0)
         split: Split | None = None
         if complete:
             split = cluster_split(
-                _complete_scores(study, complete),
+                scores,
                 n_clusters=self._n_clusters,
                 transform_method=self._transform,
                 n_good_max=n_good_max,
@@ -486,10 +487,7 @@ class ClusterTPESampler(BaseSampler):
         else:
             # TPE's order: feasible complete trials by value, then pruned trials by progress,
             # then infeasible trials by total violation.
-            order = (
-                np.argsort(_complete_scores(study, complete), kind="stable") if complete else []
-            )
-            ranked = [complete[i] for i in order]
+            ranked = [complete[i] for i in np.argsort(scores, kind="stable")]
             ranked += sorted(pruned, key=lambda t: _pruned_score(study, t))
             ranked += sorted(infeasible, key=_violation)
             reason = split.fallback_reason if split is not None else "no feasible complete trial"

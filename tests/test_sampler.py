@@ -234,6 +234,17 @@ def test_no_records_by_default():
     assert not any(k.startswith("ctpe:") for t in study.trials for k in t.user_attrs)
 
 
+def optimize_capturing_warnings(study, objective, n_trials, caplog):
+    """Run the study and return the messages of the warnings Optuna's loggers emitted."""
+    optuna.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING, logger="optuna"):
+            study.optimize(objective, n_trials=n_trials)
+    finally:
+        optuna.logging.disable_propagation()
+    return [r.getMessage() for r in caplog.records]
+
+
 def test_dynamic_space_warns_about_independent_sampling(caplog):
     def objective(trial):
         kind = trial.suggest_categorical("kind", ["a", "b"])
@@ -242,13 +253,8 @@ def test_dynamic_space_warns_about_independent_sampling(caplog):
         return trial.suggest_float("xb", 0, 1) + 1
 
     study = optuna.create_study(sampler=ClusterTPESampler(seed=0, n_startup_trials=4))
-    optuna.logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING, logger="optuna"):
-            study.optimize(objective, n_trials=20)
-    finally:
-        optuna.logging.disable_propagation()
-    assert any("sampled independently" in r.getMessage() for r in caplog.records)
+    messages = optimize_capturing_warnings(study, objective, 20, caplog)
+    assert any("sampled independently" in m for m in messages)
 
 
 def test_group_models_conditional_space_without_warnings(caplog):
@@ -259,13 +265,8 @@ def test_group_models_conditional_space_without_warnings(caplog):
         return trial.suggest_int("xb", 0, 10) + 1
 
     study = optuna.create_study(sampler=ClusterTPESampler(seed=0, n_startup_trials=4, group=True))
-    optuna.logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING, logger="optuna"):
-            study.optimize(objective, n_trials=25)
-    finally:
-        optuna.logging.disable_propagation()
-    assert not any("sampled independently" in r.getMessage() for r in caplog.records)
+    messages = optimize_capturing_warnings(study, objective, 25, caplog)
+    assert not any("sampled independently" in m for m in messages)
     kinds = {t.params["kind"] for t in study.trials}
     assert kinds == {"a", "b"}
     assert all("xa" in t.params or "xb" in t.params for t in study.trials)
