@@ -3,7 +3,8 @@
 For each storage (journal file, SQLite, and PostgreSQL when ``OPTUNA_CTPE_POSTGRES_URL`` is
 set, see ``.ci/postgres.sh``), each sampler (ClusterTPESampler with its defaults, i.e. constant
 liar on; Optuna's TPESampler with ``multivariate=True, constant_liar=True``) and each number of
-worker processes (1, 2, 4, 8), a fresh study runs ``--n-trials`` trials shared by the workers.
+worker processes (1, 2, 4, 8), a fresh study runs ``--n-trials`` trials shared by the workers;
+each cell is repeated ``--repeats`` times (fresh study each time) and the median is reported.
 The workers are ``tests/_load_worker.py``: 8 categorical parameters with 5 choices, an objective
 that sleeps ``--sleep`` seconds per trial. Reported per run:
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 from pathlib import Path
 import sys
 import tempfile
@@ -74,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n-trials", type=int, default=200)
     parser.add_argument("--sleep", type=float, default=0.005)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell; medians shown")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--samplers", nargs="+", default=["ctpe", "tpe"])
     parser.add_argument(
@@ -90,27 +93,31 @@ def main() -> None:
         for kind in args.storages:
             for sampler in args.samplers:
                 for n_workers in args.workers:
-                    if kind == "postgres":
-                        where = os.environ.get("OPTUNA_CTPE_POSTGRES_URL")
-                        if not where:
-                            skipped.append("postgres (OPTUNA_CTPE_POSTGRES_URL unset)")
-                            break
-                    else:
+                    postgres_url = os.environ.get("OPTUNA_CTPE_POSTGRES_URL")
+                    if kind == "postgres" and not postgres_url:
+                        skipped.append("postgres (OPTUNA_CTPE_POSTGRES_URL unset)")
+                        break
+                    runs = []
+                    for repeat in range(args.repeats):
+                        # Each run is a fresh study; file storages also get a fresh file.
                         suffix = "log" if kind == "journal" else "db"
-                        where = str(Path(tmp) / f"{kind}-{sampler}-{n_workers}.{suffix}")
-                    r = run(kind, where, sampler, n_workers, args.n_trials, args.sleep)
-                    print(kind, sampler, n_workers, r, flush=True)
+                        name = f"{kind}-{sampler}-{n_workers}-{repeat}.{suffix}"
+                        where = postgres_url if kind == "postgres" else str(Path(tmp) / name)
+                        result = run(kind, where, sampler, n_workers, args.n_trials, args.sleep)
+                        runs.append(result)
+                        print(kind, sampler, n_workers, result, flush=True)
+                    r = {key: statistics.median(run_[key] for run_ in runs) for key in runs[0]}
                     rows.append(
                         [
                             kind, sampler, str(n_workers), f"{r['throughput']:.1f}",
                             f"{r['overhead_ms']:.1f}", f"{r['wall']:.1f}",
-                            f"{r['dups']} ({r['visible']})",
+                            f"{r['dups']:g} ({r['visible']:g})",
                         ]
                     )  # fmt: skip
     settings = (
         f"{args.n_trials} trials per run shared by the workers, objective sleep "
         f"{1000 * args.sleep:.0f} ms, 8 categorical parameters x 5 choices "
-        "(`tests/_load_worker.py`).\n"
+        f"(`tests/_load_worker.py`); medians of {args.repeats} runs per cell.\n"
         "- ctpe = `ClusterTPESampler()` (defaults: multivariate, constant liar); tpe = "
         "`TPESampler(multivariate=True, constant_liar=True)`; seeds 0..workers-1.\n"
         f"- {os.cpu_count()} CPUs: with more workers than cores the overhead includes "

@@ -292,7 +292,9 @@ def main(argv: list[str]) -> None:
     }
 
     specs = [(label, seed, args.trials) for label in args.samplers for seed in range(args.seeds)]
-    results: dict[str, dict[int, tuple[list[float], list[float]]]] = {l: {} for l in args.samplers}
+    results: dict[str, dict[int, tuple[list[float], list[float]]]] = {
+        label: {} for label in args.samplers
+    }
     start = time.perf_counter()
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(
@@ -305,8 +307,13 @@ def main(argv: list[str]) -> None:
                 f"best={curve[-1]:.4f} ({elapsed[-1]:.1f}s)",
                 flush=True,
             )
-    curves = {l: np.array([results[l][s][0] for s in range(args.seeds)]) for l in args.samplers}
-    seconds = {l: [results[l][s][1][-1] for s in range(args.seeds)] for l in args.samplers}
+    curves = {
+        label: np.array([results[label][s][0] for s in range(args.seeds)])
+        for label in args.samplers
+    }
+    seconds = {
+        label: [results[label][s][1][-1] for s in range(args.seeds)] for label in args.samplers
+    }
 
     out = RESULTS_DIR / f"hessian_search{args.tag}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +325,7 @@ def main(argv: list[str]) -> None:
                 "fp32_accuracy": fp32,
                 "ilp_value": ilp_value,
                 "space": json.loads(space.to_json()),
-                "curves": {l: c.tolist() for l, c in curves.items()},
+                "curves": {label: c.tolist() for label, c in curves.items()},
                 "seconds": seconds,
             }
         )
@@ -389,9 +396,9 @@ def main(argv: list[str]) -> None:
         "",
         f"- Task: `digits_task(seed={TASK_SEED})`, FP32 validation accuracy {fp32:.4f} "
         f"({len(task.validation_batches[0][1])} images).",
-        f"- Size budget B = uniform {args.budget_bits:g}-bit weights at full width = {budget_bits} "
-        f"bits ({budget_bits / space.fp32_bits:.4f} of FP32). Objective: validation error if "
-        "size <= B, else 1 + (size - B)/B.",
+        f"- Size budget B = uniform {args.budget_bits:g}-bit weights at full width = "
+        f"{budget_bits} bits ({budget_bits / space.fp32_bits:.4f} of FP32). Objective: "
+        "validation error if size <= B, else 1 + (size - B)/B.",
         f"- Sensitivities (Hutchinson, seed 0): {sens_seconds:.1f} s.",
         f"- Search space: 10^{full.log10_size_before:.2f} configurations before pruning "
         f"({len(full.distributions)} searched parameters); after pruning: "

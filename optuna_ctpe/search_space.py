@@ -829,7 +829,7 @@ class HessianSearchSpace:
     def prior_weights(
         self, temperature: float = 0.5, floor: float = 0.1
     ) -> dict[str, list[float]]:
-        """Weights over each searched parameter's choices for ``ClusterTPESampler(prior_weights=)``.
+        """Per-parameter weights over the choices, for ``ClusterTPESampler(prior_weights=)``.
 
         A choice's weight is ``exp((saving − risk) / temperature)``, normalised, then mixed with
         the uniform distribution (``floor`` of the mass), so that no choice is ruled out:

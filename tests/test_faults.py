@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -176,8 +177,19 @@ def test_postgres_restart_during_a_study_loses_nothing(postgres_target, tmp_path
 
     errors: list[str] = []
     retried = 0
+    # Trials whose objective met the outage itself (a suggest call failed) and whose worker
+    # could record the failure once the server was back: FAIL by their own worker, not stale.
+    failed_by_worker: set[int] = set()
     for proc, _ in procs:
         _, err = proc.communicate(timeout=180)
+        failed_by_worker.update(
+            int(number)
+            for number in re.findall(
+                r"Trial (\d+) failed with parameters: .* because of the following error: "
+                r"\w*(?:OperationalError|StorageInternalError)",
+                err,
+            )
+        )
         if proc.returncode != 0:
             errors.append(err)
             print("[restart] a worker gave up:", err.strip().splitlines()[-1])
@@ -217,18 +229,23 @@ def test_postgres_restart_during_a_study_loses_nothing(postgres_target, tmp_path
     zombies = [t for t in final.trials if t.state == TrialState.RUNNING]
     print(f"[restart] left RUNNING without a heartbeat: {[t.number for t in zombies]}")
     assert all(not t.params for t in zombies), zombies
-    # Every trial the heartbeat failed was re-enqueued once, with its parameters. The finisher
+    # Every trial the heartbeat failed was re-enqueued once, with the parameters it had set
+    # (a trial can die between two suggest calls; its retry samples the rest). The finisher
     # stops as soon as the study holds enough COMPLETE trials (MaxTrialsCallback), so a retry
     # enqueued by its own start may still be WAITING: queued for the next worker, not lost.
-    failed = {t.number: t for t in final.trials if t.state == TrialState.FAIL}
+    failed = {
+        t.number: t
+        for t in final.trials
+        if t.state == TrialState.FAIL and t.number not in failed_by_worker
+    }
     retries = {
         RetryHeartbeatStaleTrialCallback.retry_history(t)[-1]: t
         for t in final.trials
         if RetryHeartbeatStaleTrialCallback.retry_history(t)
     }
-    assert set(retries) == set(failed), (sorted(retries), sorted(failed))
+    assert set(retries) == set(failed), (retries, failed, failed_by_worker)
     for number, retry in retries.items():
-        assert retry.params == failed[number].params, (retry, failed[number])
+        assert failed[number].params.items() <= retry.params.items(), (retry, failed[number])
         assert retry.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.FAIL), retry
     # The next worker runs the queued retries first.
     waiting = [t.number for t in final.trials if t.state == TrialState.WAITING]

@@ -196,8 +196,11 @@ def test_structure_validation() -> None:
         )
     with pytest.raises(ValueError, match="unknown out_group 'h'"):
         HessianSearchSpace.from_sensitivities(
-            [_layer("a", 1.0)], [group], tensors=[ParamTensor("a.weight", 100, "a", "h")],
-            bits=BITS, widths=(0.5, 1.0),
+            [_layer("a", 1.0)],
+            [group],
+            tensors=[ParamTensor("a.weight", 100, "a", "h")],
+            bits=BITS,
+            widths=(0.5, 1.0),
         )
     with pytest.raises(ValueError, match="unknown layer 'zz'"):
         HessianSearchSpace.from_sensitivities(
@@ -253,7 +256,8 @@ def test_malformed_json_is_a_clear_error() -> None:
 
 def _many_layers(n: int) -> HessianSearchSpace:
     return HessianSearchSpace.from_sensitivities(
-        [_layer(f"block{i}.very_long_module_name.conv", 0.1 * (i + 1)) for i in range(n)], bits=BITS
+        [_layer(f"block{i}.very_long_module_name.conv", 0.1 * (i + 1)) for i in range(n)],
+        bits=BITS,
     )
 
 
