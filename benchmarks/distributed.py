@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 from pathlib import Path
+import statistics
 import sys
 import tempfile
 import time
