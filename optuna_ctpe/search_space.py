@@ -40,8 +40,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from collections.abc import Sequence
-from dataclasses import dataclass
-from dataclasses import field
 import hashlib
 import json
 import math
@@ -54,6 +52,18 @@ import warnings
 import numpy as np
 from optuna.distributions import CategoricalDistribution
 
+from optuna_ctpe._space_records import as_group
+from optuna_ctpe._space_records import as_layer
+from optuna_ctpe._space_records import as_tensor
+from optuna_ctpe._space_records import check_bits_grid
+from optuna_ctpe._space_records import check_nonnegative
+from optuna_ctpe._space_records import check_one_bit
+from optuna_ctpe._space_records import check_widths_grid
+from optuna_ctpe._space_records import is_int
+from optuna_ctpe._space_records import LayerSensitivity
+from optuna_ctpe._space_records import ParamTensor
+from optuna_ctpe._space_records import QuantConfig
+from optuna_ctpe._space_records import WidthGroupSensitivity
 from optuna_ctpe.warm_start import ilp_allocation
 
 
@@ -85,208 +95,6 @@ USER_ATTR_KEY = "ctpe:search_space"
 # this length fit any Optuna storage.
 _CHUNK_JSON_LENGTH = 2000
 _FLOAT_BITS = 32
-
-
-# ----------------------------------------------------------------------------------------------
-# Plain-data records
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """One point of the search space: a bit-width per quantized layer, a ratio per width group.
-
-    Attributes:
-        bits: Layer name -> weight bit-width, for every quantized layer (searched or fixed).
-        widths: Width-group name -> fraction of channels kept, in (0, 1], for every group.
-    """
-
-    bits: Mapping[str, int]
-    widths: Mapping[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # Read-only views keep the frozen dataclass really immutable (and safely hashable).
-        object.__setattr__(self, "bits", types.MappingProxyType(dict(self.bits)))
-        object.__setattr__(self, "widths", types.MappingProxyType(dict(self.widths)))
-
-    def key(self) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, float], ...]]:
-        """A hashable canonical key, e.g. to cache evaluations of repeated configurations."""
-        return tuple(sorted(self.bits.items())), tuple(sorted(self.widths.items()))
-
-    def __hash__(self) -> int:
-        return hash(self.key())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, QuantConfig) and self.key() == other.key()
-
-    def __repr__(self) -> str:
-        return f"QuantConfig(bits={dict(self.bits)!r}, widths={dict(self.widths)!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Mapping proxies do not pickle; rebuild from plain dicts (multiprocessing, caches).
-        return QuantConfig, (dict(self.bits), dict(self.widths))
-
-
-@dataclass(frozen=True)
-class LayerSensitivity:
-    """Sensitivity data of one quantizable layer.
-
-    Attributes:
-        name: Module name, e.g. ``"features.0"``.
-        mean_trace: Hessian trace of the layer's weight divided by its parameter count (HAWQ-V2's
-            average eigenvalue), finite and >= 0.
-        n_params: Number of weight parameters (biases excluded).
-        errors: Bit-width -> ``‖Q_b(W) − W‖²`` of the layer's weight; must cover the space's
-            bit-widths.
-        trace_stderr: Standard error of ``mean_trace`` (0 when it is exact or unknown).
-    """
-
-    name: str
-    mean_trace: float
-    n_params: int
-    errors: Mapping[int, float]
-    trace_stderr: float = 0.0
-
-
-@dataclass(frozen=True)
-class WidthGroupSensitivity:
-    """Sensitivity data of one group of channels that must be pruned together.
-
-    Attributes:
-        name: Group name (by convention the name of the layer whose outputs it prunes).
-        n_channels: Channels of the group at full width.
-        mean_trace: Parameter-weighted mean of the ``mean_trace`` of the group's layers.
-        perturbations: Width ratio -> squared norm of the weights that ratio removes; must cover
-            the space's widths (1.0 -> 0).
-        kept_channels: Width ratio -> channels left after pruning. Defaults to
-            ``max(1, round(n_channels * ratio))``; :meth:`HessianSearchSpace.from_model` records
-            the counts the pruner actually produces.
-    """
-
-    name: str
-    n_channels: int
-    mean_trace: float
-    perturbations: Mapping[float, float]
-    kept_channels: Mapping[float, int] | None = None
-
-    def kept(self, ratio: float) -> int:
-        """Channels left at ``ratio``."""
-        if self.kept_channels is not None and ratio in self.kept_channels:
-            return int(self.kept_channels[ratio])
-        return max(1, round(self.n_channels * ratio))
-
-
-@dataclass(frozen=True)
-class ParamTensor:
-    """A parameter tensor of the model, for exact size accounting.
-
-    Attributes:
-        name: Parameter name, e.g. ``"conv1.weight"``.
-        numel: Number of elements at full width.
-        layer: Name of the quantized layer whose bit-width this tensor is stored at, or None for a
-            tensor kept in float32 (biases, normalisation parameters, unsearched layers).
-        out_group: Width group that prunes the tensor's first dimension, or None.
-        in_group: Width group that prunes the tensor's second dimension, or None.
-    """
-
-    name: str
-    numel: int
-    layer: str | None = None
-    out_group: str | None = None
-    in_group: str | None = None
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_bits_grid(bits: Sequence[int], argument: str = "bits") -> tuple[int, ...]:
-    if isinstance(bits, (str, bytes)) or not isinstance(bits, Sequence) or not bits:
-        raise ValueError(f"{argument} must be a non-empty sequence of integers, got {bits!r}.")
-    for b in bits:
-        _check_one_bit(b, argument)
-    if len(set(bits)) != len(bits):
-        raise ValueError(f"{argument} must not repeat a value, got {list(bits)!r}.")
-    return tuple(sorted(int(b) for b in bits))
-
-
-def _check_one_bit(b: Any, argument: str) -> int:
-    if not _is_int(b) or not 2 <= b <= 16:
-        raise ValueError(f"{argument} must hold integers in [2, 16], got {b!r}.")
-    return int(b)
-
-
-def _check_widths_grid(widths: Sequence[float]) -> tuple[float, ...]:
-    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
-        raise ValueError(f"widths must be a non-empty sequence of ratios, got {widths!r}.")
-    for w in widths:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
-            raise ValueError(f"widths must hold ratios in (0, 1], got {w!r}.")
-    if len(set(widths)) != len(widths):
-        raise ValueError(f"widths must not repeat a value, got {list(widths)!r}.")
-    return tuple(sorted(float(w) for w in widths))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_nonnegative(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise ValueError(f"{what} must be a number, got {value!r}.")
-    value = float(value)
-    if math.isnan(value) or value < 0 or math.isinf(value):
-        raise ValueError(f"{what} must be finite and >= 0, got {value!r}.")
-    return value
-
-
-def _as_layer(item: LayerSensitivity | Mapping[str, Any]) -> LayerSensitivity:
-    if isinstance(item, LayerSensitivity):
-        return item
-    if not isinstance(item, Mapping):
-        raise ValueError(f"a layer must be a LayerSensitivity or a mapping, got {item!r}.")
-    return LayerSensitivity(
-        name=item["name"],
-        mean_trace=item["mean_trace"],
-        n_params=item["n_params"],
-        errors={int(k): v for k, v in item["errors"].items()},
-        trace_stderr=item.get("trace_stderr", 0.0),
-    )
-
-
-def _as_group(item: WidthGroupSensitivity | Mapping[str, Any]) -> WidthGroupSensitivity:
-    if isinstance(item, WidthGroupSensitivity):
-        return item
-    if not isinstance(item, Mapping):
-        raise ValueError(
-            f"a width group must be a WidthGroupSensitivity or a mapping, got {item!r}."
-        )
-    kept = item.get("kept_channels")
-    return WidthGroupSensitivity(
-        name=item["name"],
-        n_channels=item["n_channels"],
-        mean_trace=item["mean_trace"],
-        perturbations={float(k): v for k, v in item["perturbations"].items()},
-        kept_channels=None if kept is None else {float(k): int(v) for k, v in kept.items()},
-    )
-
-
-def _as_tensor(item: ParamTensor | Mapping[str, Any]) -> ParamTensor:
-    if isinstance(item, ParamTensor):
-        return item
-    if not isinstance(item, Mapping):
-        raise ValueError(f"a tensor must be a ParamTensor or a mapping, got {item!r}.")
-    name = item["name"]
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a tensor name must be a non-empty string, got {name!r}.")
-    return ParamTensor(
-        name=name,
-        numel=item["numel"],
-        layer=item.get("layer"),
-        out_group=item.get("out_group"),
-        in_group=item.get("in_group"),
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,8 +165,8 @@ class HessianSearchSpace:
         budget: float = DEFAULT_BUDGET,
         fixed_bits: Mapping[str, int] | None = None,
     ) -> None:
-        self._bits = _check_bits_grid(bits)
-        self._widths = _check_widths_grid(widths)
+        self._bits = check_bits_grid(bits)
+        self._widths = check_widths_grid(widths)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
             raise ValueError(f"budget must be a number > 0 (math.inf keeps all), got {budget!r}.")
         self._budget = float(budget)
@@ -372,7 +180,7 @@ class HessianSearchSpace:
                 raise ValueError(
                     f"fixed_bits names unknown layer {name!r}; known layers: {sorted(names)}."
                 )
-            fixed[name] = _check_one_bit(b, f"fixed_bits[{name!r}]")
+            fixed[name] = check_one_bit(b, f"fixed_bits[{name!r}]")
         self._fixed_bits = fixed
         self._tensors = self._validate_tensors(tensors)
         self._choices = self._prune()
@@ -386,16 +194,16 @@ class HessianSearchSpace:
             raise ValueError(f"layers must be a non-empty sequence, got {layers!r}.")
         out: dict[str, LayerSensitivity] = {}
         for item in layers:
-            layer = _as_layer(item)
+            layer = as_layer(item)
             if not isinstance(layer.name, str) or not layer.name:
                 raise ValueError(f"a layer name must be a non-empty string, got {layer.name!r}.")
             if layer.name in out:
                 raise ValueError(f"layers has the layer {layer.name!r} twice.")
-            trace = _check_nonnegative(layer.mean_trace, f"the mean_trace of layer {layer.name!r}")
-            stderr = _check_nonnegative(
+            trace = check_nonnegative(layer.mean_trace, f"the mean_trace of layer {layer.name!r}")
+            stderr = check_nonnegative(
                 layer.trace_stderr, f"the trace_stderr of layer {layer.name!r}"
             )
-            if not _is_int(layer.n_params) or layer.n_params < 1:
+            if not is_int(layer.n_params) or layer.n_params < 1:
                 raise ValueError(
                     f"the n_params of layer {layer.name!r} must be a positive integer, "
                     f"got {layer.n_params!r}."
@@ -406,7 +214,7 @@ class HessianSearchSpace:
                     f"the errors of layer {layer.name!r} lack the bit-widths {missing}."
                 )
             errors = {
-                b: _check_nonnegative(layer.errors[b], f"errors[{b}] of layer {layer.name!r}")
+                b: check_nonnegative(layer.errors[b], f"errors[{b}] of layer {layer.name!r}")
                 for b in self._bits
             }
             out[layer.name] = LayerSensitivity(
@@ -421,13 +229,13 @@ class HessianSearchSpace:
             raise ValueError(f"groups must be a sequence, got {groups!r}.")
         out: dict[str, WidthGroupSensitivity] = {}
         for item in groups:
-            group = _as_group(item)
+            group = as_group(item)
             if not isinstance(group.name, str) or not group.name:
                 raise ValueError(f"a group name must be a non-empty string, got {group.name!r}.")
             if group.name in out:
                 raise ValueError(f"groups has the group {group.name!r} twice.")
-            trace = _check_nonnegative(group.mean_trace, f"the mean_trace of group {group.name!r}")
-            if not _is_int(group.n_channels) or group.n_channels < 1:
+            trace = check_nonnegative(group.mean_trace, f"the mean_trace of group {group.name!r}")
+            if not is_int(group.n_channels) or group.n_channels < 1:
                 raise ValueError(
                     f"the n_channels of group {group.name!r} must be a positive integer, "
                     f"got {group.n_channels!r}."
@@ -438,7 +246,7 @@ class HessianSearchSpace:
                     f"the perturbations of group {group.name!r} lack the widths {missing}."
                 )
             perturbations = {
-                w: _check_nonnegative(
+                w: check_nonnegative(
                     group.perturbations[w], f"perturbations[{w}] of group {group.name!r}"
                 )
                 for w in self._widths
@@ -448,7 +256,7 @@ class HessianSearchSpace:
                 kept = {}
                 for w in self._widths:
                     k = group.kept_channels.get(w)
-                    if not _is_int(k) or not 1 <= k <= group.n_channels:
+                    if not is_int(k) or not 1 <= k <= group.n_channels:
                         raise ValueError(
                             f"kept_channels[{w}] of group {group.name!r} must be an integer in "
                             f"[1, {group.n_channels}], got {k!r}."
@@ -475,11 +283,11 @@ class HessianSearchSpace:
         out = []
         seen: set[str] = set()
         for item in tensors:
-            t = _as_tensor(item)
+            t = as_tensor(item)
             if t.name in seen:
                 raise ValueError(f"tensors has the tensor {t.name!r} twice.")
             seen.add(t.name)
-            if not _is_int(t.numel) or t.numel < 1:
+            if not is_int(t.numel) or t.numel < 1:
                 raise ValueError(
                     f"the numel of tensor {t.name!r} must be a positive integer, got {t.numel!r}."
                 )
@@ -695,7 +503,7 @@ class HessianSearchSpace:
             ):
                 raise ValueError(f"size_ratio must be in (0, 1], got {size_ratio!r}.")
             return size_ratio * self.fp32_bits
-        if not _is_int(size_bits) or size_bits <= 0:
+        if not is_int(size_bits) or size_bits <= 0:
             raise ValueError(f"size_bits must be a positive integer, got {size_bits!r}.")
         return float(size_bits)
 
@@ -754,7 +562,7 @@ class HessianSearchSpace:
         Fixed layers keep their fixed bit-width. The result need not lie in the pruned space
         (use it as a reference point, e.g. uniform 8-bit).
         """
-        bits = _check_one_bit(bits, "bits")
+        bits = check_one_bit(bits, "bits")
         if not 0 < width <= 1:
             raise ValueError(f"width must be a ratio in (0, 1], got {width!r}.")
         return QuantConfig(
@@ -776,7 +584,7 @@ class HessianSearchSpace:
                 f"{sorted(config.widths)}."
             )
         for name, b in config.bits.items():
-            _check_one_bit(b, f"config.bits[{name!r}]")
+            check_one_bit(b, f"config.bits[{name!r}]")
         for name, w in config.widths.items():
             if not 0 < w <= 1:
                 raise ValueError(f"config.widths[{name!r}] must be in (0, 1], got {w!r}.")
@@ -1216,10 +1024,10 @@ class HessianSearchSpace:
         from optuna_ctpe import quantize as _quantize
         from optuna_ctpe import sensitivity as _sensitivity
 
-        bits = _check_bits_grid(bits)
-        widths = _check_widths_grid(widths)
+        bits = check_bits_grid(bits)
+        widths = check_widths_grid(widths)
         if keep_first_last_bits is not None:
-            _check_one_bit(keep_first_last_bits, "keep_first_last_bits")
+            check_one_bit(keep_first_last_bits, "keep_first_last_bits")
         estimators = {
             "hutchinson": _sensitivity.hutchinson_traces,
             "fisher": _sensitivity.empirical_fisher_traces,
