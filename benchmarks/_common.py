@@ -411,12 +411,9 @@ def plot_convergence(
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     many = len(curves) > 5
-    fig, ax = plt.subplots(figsize=(10, 5) if many else (7, 4.5))
-    colors = plt.get_cmap("tab20" if len(curves) > 10 else "tab10").colors
+    fig, ax = new_axes(figsize=(10, 5) if many else (7, 4.5))
+    colors = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"].colors
     top = -np.inf
     for i, (label, c) in enumerate(curves.items()):
         color = colors[i % len(colors)]
@@ -434,8 +431,25 @@ def plot_convergence(
     ax.set_xlabel("trial")
     ax.set_ylabel("best objective so far (median, IQR band)")
     ax.set_title(title)
+    save_figure(fig, ax, path, legend_outside=many)
+
+
+def new_axes(figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure and its axes on the non-interactive backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
+
+
+def save_figure(fig: Any, ax: Any, path: Path, *, legend_outside: bool = False) -> None:
+    """Grid, legend (beside the axes when there are many lines), save as PNG and close."""
+    import matplotlib.pyplot as plt
+
     ax.grid(True, which="both", alpha=0.3)
-    if many:
+    if legend_outside:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.legend(fontsize=8)

@@ -58,8 +58,10 @@ from _common import fmt_p
 from _common import mann_whitney
 from _common import markdown_table
 from _common import median_curve
+from _common import new_axes
 from _common import report_header
 from _common import RESULTS_DIR
+from _common import save_figure
 from _common import trials_to_reach
 import numpy as np
 import optuna
@@ -218,12 +220,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _plot(curves: dict[str, np.ndarray], ilp_value: float, path: Any, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = new_axes(figsize=(7.5, 4.5))
     for label, c in curves.items():
         x = np.arange(1, c.shape[1] + 1)
         q25, q50, q75 = np.percentile(c, [25, 50, 75], axis=0)
@@ -235,11 +232,7 @@ def _plot(curves: dict[str, np.ndarray], ilp_value: float, path: Any, title: str
     ax.set_xlabel("trial")
     ax.set_ylabel("best validation error within the size budget (median, IQR)")
     ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def main(argv: list[str]) -> None:

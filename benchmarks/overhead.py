@@ -33,8 +33,10 @@ from optuna.distributions import CategoricalDistribution
 from _common import Config
 from _common import make_sampler
 from _common import markdown_table
+from _common import new_axes
 from _common import report_header
 from _common import RESULTS_DIR
+from _common import save_figure
 
 
 CHOICES = [2, 3, 4, 5, 6, 7, 8]
@@ -81,12 +83,7 @@ def time_asks(
 
 def plot(results: dict[tuple[int, str], list[float]], sizes: list[int], path: Path) -> None:
     """Plot ms per trial vs completed trials, one line per sampler and parameter count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_axes(figsize=(7, 4.5))
     colors = {n: f"C{i}" for i, n in enumerate(sorted({n for n, _ in results}))}
     for (n_params, label), ms in results.items():
         style = "-" if label == "ctpe" else "--"
@@ -102,11 +99,7 @@ def plot(results: dict[tuple[int, str], list[float]], sizes: list[int], path: Pa
     ax.set_xlabel("completed trials in the study")
     ax.set_ylabel("ms per trial (ask + suggest, median)")
     ax.set_title("Sampling overhead, categorical parameters (7 choices)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def main(argv: list[str]) -> None:
