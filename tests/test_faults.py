@@ -40,6 +40,19 @@ def states_of(study: optuna.Study) -> dict[TrialState, int]:
     return {s: sum(t.state == s for t in trials) for s in TrialState}
 
 
+def run_heartbeat_worker(target, n_trials: int, seed: int, *extra: str) -> None:  # type: ignore[no-untyped-def]
+    """Run one more worker (heartbeat on) on ``target``'s study to its end; it must succeed."""
+    worker = subprocess.run(
+        [
+            sys.executable, WORKER, target.kind, target.where, target.study_name,
+            "--n-trials", str(n_trials), "--seed", str(seed),
+            "--heartbeat", str(INTERVAL), str(GRACE), *extra,
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stderr
+
+
 def test_journal_storage_has_no_heartbeat_in_optuna_5() -> None:
     # Stale RUNNING trials of a killed worker are therefore failed only on RDB storages;
     # the worker helper refuses the combination instead of silently ignoring it.
@@ -119,15 +132,7 @@ def test_sigkilled_worker_trial_is_failed_retried_and_leaves_g(rdb_target, tmp_p
     assert retries[0].params == trials[killed].params
 
     # Another worker finishes the study: the requested number of COMPLETE trials, none lost.
-    finisher = subprocess.run(
-        [
-            sys.executable, WORKER, rdb_target.kind, rdb_target.where, rdb_target.study_name,
-            "--n-trials", "100", "--seed", "2", "--heartbeat", str(INTERVAL), str(GRACE),
-            "--until-complete", str(n_complete),
-        ],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert finisher.returncode == 0, finisher.stderr
+    run_heartbeat_worker(rdb_target, 100, 2, "--until-complete", str(n_complete))
     final = optuna.load_study(study_name=rdb_target.study_name, storage=storage)
     states = states_of(final)
     assert states[TrialState.COMPLETE] == n_complete, states
@@ -210,15 +215,7 @@ def test_postgres_restart_during_a_study_loses_nothing(postgres_target, tmp_path
     # Trials interrupted by the restart are RUNNING at worst; the heartbeat fails and retries
     # them, and a worker brings the study to the requested count.
     time.sleep(GRACE + 1)
-    finisher = subprocess.run(
-        [
-            sys.executable, WORKER, "postgres", postgres_target.where,
-            postgres_target.study_name, "--n-trials", "300", "--seed", "9",
-            "--heartbeat", str(INTERVAL), str(GRACE), "--until-complete", str(n_complete),
-        ],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert finisher.returncode == 0, finisher.stderr
+    run_heartbeat_worker(postgres_target, 300, 9, "--until-complete", str(n_complete))
     final = optuna.load_study(study_name=postgres_target.study_name, storage=storage)
     states = states_of(final)
     assert states[TrialState.COMPLETE] >= n_complete, states
@@ -250,15 +247,7 @@ def test_postgres_restart_during_a_study_loses_nothing(postgres_target, tmp_path
     # The next worker runs the queued retries first.
     waiting = [t.number for t in final.trials if t.state == TrialState.WAITING]
     if waiting:
-        drainer = subprocess.run(
-            [
-                sys.executable, WORKER, "postgres", postgres_target.where,
-                postgres_target.study_name, "--n-trials", str(len(waiting)), "--seed", "10",
-                "--heartbeat", str(INTERVAL), str(GRACE),
-            ],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert drainer.returncode == 0, drainer.stderr
+        run_heartbeat_worker(postgres_target, len(waiting), 10)
         final = optuna.load_study(study_name=postgres_target.study_name, storage=storage)
         assert all(final.trials[n].state == TrialState.COMPLETE for n in waiting), waiting
     print(f"[restart] failed by the heartbeat and retried: {sorted(failed)}; queued: {waiting}")
