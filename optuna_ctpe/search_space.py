@@ -1131,17 +1131,39 @@ class HessianSearchSpace:
         """
         from optuna_ctpe.quantize import quantize_model
 
+        return quantize_model(self._pruned(model, config, example_inputs), dict(config.bits))
+
+    def prune(
+        self, model: torch.nn.Module, config: QuantConfig, example_inputs: Any = None
+    ) -> torch.nn.Module:
+        """The width-pruned float half of :meth:`apply`: a copy of ``model``, not quantized.
+
+        A deep copy even when ``config`` keeps every width at 1, so the caller may always
+        modify the result (fine-tune it, say) without touching ``model``.
+
+        Raises:
+            ValueError: If ``config`` does not fit the space, or a width below 1 is requested
+                without ``example_inputs``.
+        """
+        import copy
+
+        net = self._pruned(model, config, example_inputs)
+        return copy.deepcopy(model) if net is model else net
+
+    def _pruned(
+        self, model: torch.nn.Module, config: QuantConfig, example_inputs: Any
+    ) -> torch.nn.Module:
+        """``model`` pruned to ``config``'s widths; ``model`` itself when no width is below 1."""
         self._check_config(config)
         self._check_model(model)
         pruned = {g: w for g, w in config.widths.items() if w < 1}
-        net = model
-        if pruned:
-            if example_inputs is None:
-                raise ValueError("example_inputs is required to prune widths below 1.")
-            from optuna_ctpe.width import prune_widths
+        if not pruned:
+            return model
+        if example_inputs is None:
+            raise ValueError("example_inputs is required to prune widths below 1.")
+        from optuna_ctpe.width import prune_widths
 
-            net = prune_widths(model, example_inputs, pruned)
-        return quantize_model(net, dict(config.bits))
+        return prune_widths(model, example_inputs, pruned)
 
     def _check_model(self, model: torch.nn.Module) -> None:
         """Refuse a model whose searched layers differ in size from the ones measured.
