@@ -97,6 +97,10 @@ class ChunkedAttrError(ValueError):
     """A chunked value whose header is malformed, whose chunks are missing, or that is corrupt."""
 
 
+class MissingChunkError(ChunkedAttrError):
+    """A chunk the header counts is absent or not text (a partial write or a hand edit)."""
+
+
 def read_chunked(
     attrs: Mapping[str, Any], key: str, *, legacy_headerless: bool = False
 ) -> str | None:
@@ -110,8 +114,8 @@ def read_chunked(
             be cut short by a writer still at work; the caller must parse it defensively.
 
     Raises:
-        ChunkedAttrError: If the header is malformed, a chunk is missing or the text fails its
-            checksum.
+        ChunkedAttrError: If the header is malformed, a chunk is missing (a
+            :class:`MissingChunkError`) or the text fails its checksum.
     """
     header = attrs.get(key)
     if header is None:
@@ -122,9 +126,11 @@ def read_chunked(
     try:
         chunks = [attrs[f"{key}:{i}"] for i in range(n_chunks)]
     except KeyError:
-        raise ChunkedAttrError(f"attribute {key!r} lacks some of its {n_chunks} chunks.") from None
+        raise MissingChunkError(
+            f"attribute {key!r} lacks some of its {n_chunks} chunks."
+        ) from None
     if not all(isinstance(c, str) for c in chunks):
-        raise ChunkedAttrError(f"attribute {key!r} has a chunk that is not text.")
+        raise MissingChunkError(f"attribute {key!r} has a chunk that is not text.")
     text = "".join(chunks)
     if _digest(text) != header.get("sha256"):
         raise ChunkedAttrError(f"attribute {key!r} fails its checksum.")

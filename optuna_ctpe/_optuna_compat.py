@@ -1,15 +1,28 @@
-"""The one module that touches Optuna's private internals.
+"""The one module that touches Optuna's private internals, and the differences between 4.x and 5.x.
 
 Everything optuna-ctpe needs from Optuna beyond its public API is imported or wrapped here, so an
 Optuna upgrade that moves an internal breaks this module alone. Each name is used by Optuna's own
 built-in samplers, which is why we rely on it rather than rewriting it.
+
+Checked against the released wheels of Optuna 4.0 to 4.9 and 5.0: every private name imported
+below exists in all of them. What differs, and is bridged here:
+
+* ``_ParzenEstimatorParameters`` has ``consider_prior`` up to 4.3 and ``categorical_distance_func``
+  up to 4.9 (see :func:`parzen_estimator_parameters`);
+* the search spaces' ``calculate(study, use_cache)`` takes ``use_cache`` from 4.6 on (see
+  :func:`calculate_search_space`);
+* ``Trial.set_constraint`` and ``FrozenTrial.constraints`` are new in 5.0 (see the constraints
+  section below).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+import inspect
 from typing import Any
 from typing import TYPE_CHECKING
 
+import numpy as np
 from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.samplers._tpe.parzen_estimator import _ParzenEstimator as ParzenEstimator
 from optuna.samplers._tpe.parzen_estimator import (
@@ -19,17 +32,17 @@ from optuna.samplers._tpe.probability_distributions import (
     _BatchedCategoricalDistributions as BatchedCategoricalDistributions,
 )
 from optuna.samplers._tpe.sampler import default_weights
+from optuna.search_space import IntersectionSearchSpace
 from optuna.search_space.group_decomposed import (
     _GroupDecomposedSearchSpace as GroupDecomposedSearchSpace,
 )
-from optuna.search_space.group_decomposed import _SearchSpaceGroup as SearchSpaceGroup
 from optuna.study._multi_objective import _fast_non_domination_rank as fast_non_domination_rank
-
-
 from optuna.trial import FrozenTrial
 
 
 if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+    from optuna.search_space.group_decomposed import _SearchSpaceGroup
     from optuna.storages import BaseStorage
     from optuna.study import Study
     from optuna.trial import Trial
@@ -42,12 +55,19 @@ __all__ = [
     "LazyRandomState",
     "ParzenEstimator",
     "ParzenEstimatorParameters",
-    "SearchSpaceGroup",
+    "calculate_search_space",
+    "constraint_sampler_kwargs",
     "default_weights",
     "fast_non_domination_rank",
     "get_trials",
+    "parzen_estimator_parameters",
+    "set_constraint",
     "set_trial_system_attr",
     "set_trial_user_attr",
+    "storage_of",
+    "stored_constraints",
+    "trial_constraints",
+    "trial_id",
 ]
 
 
@@ -62,19 +82,77 @@ def get_trials(study: Study, states: tuple[TrialState, ...], use_cache: bool) ->
 
 def set_trial_system_attr(study: Study, trial: FrozenTrial, key: str, value: Any) -> None:
     """Write a system attribute on a trial the sampler only holds as a ``FrozenTrial``."""
-    study._storage.set_trial_system_attr(trial._trial_id, key, value)
+    storage_of(study).set_trial_system_attr(trial_id(trial), key, value)
 
 
 def set_trial_user_attr(study: Study, trial: FrozenTrial, key: str, value: Any) -> None:
     """Write a user attribute (shown by optuna-dashboard) on a ``FrozenTrial``."""
-    study._storage.set_trial_user_attr(trial._trial_id, key, value)
+    storage_of(study).set_trial_user_attr(trial_id(trial), key, value)
+
+
+# -- Search spaces and Parzen estimators ---------------------------------------------------------
+
+_CALCULATE_TAKES_USE_CACHE = (
+    "use_cache" in inspect.signature(IntersectionSearchSpace.calculate).parameters
+)
+
+
+def calculate_search_space(
+    search_space: IntersectionSearchSpace | GroupDecomposedSearchSpace, study: Study
+) -> dict[str, BaseDistribution] | _SearchSpaceGroup:
+    """``search_space.calculate(study)``, with Optuna's trial cache where it exists (4.6+).
+
+    Args:
+        search_space: An ``IntersectionSearchSpace`` or a ``_GroupDecomposedSearchSpace``.
+        study: The study whose trials define the space.
+    """
+    if _CALCULATE_TAKES_USE_CACHE:
+        return search_space.calculate(study, use_cache=True)
+    return search_space.calculate(study)
+
+
+def parzen_estimator_parameters(
+    *,
+    prior_weight: float,
+    consider_magic_clip: bool,
+    consider_endpoints: bool,
+    weights: Callable[[int], np.ndarray],
+    multivariate: bool,
+) -> ParzenEstimatorParameters:
+    """Optuna's ``_ParzenEstimatorParameters`` with the fields every version from 4.0 shares.
+
+    Fields a version adds are filled with the values that keep the estimator as in 5.0: up to
+    4.3 ``consider_prior=True`` (later versions always add the prior kernel), up to 4.9
+    ``categorical_distance_func={}`` (no categorical distance; removed in 5.0).
+
+    Args:
+        prior_weight: Weight of the prior kernel.
+        consider_magic_clip: Clip bandwidths from below as TPE's "magic clip" does.
+        consider_endpoints: Let the bandwidths of the outermost kernels reach the bounds.
+        weights: Kernel weights as a function of the number of observations.
+        multivariate: Share one bandwidth rule across parameters (multivariate TPE).
+    """
+    fields: dict[str, Any] = {
+        "prior_weight": prior_weight,
+        "consider_magic_clip": consider_magic_clip,
+        "consider_endpoints": consider_endpoints,
+        "weights": weights,
+        "multivariate": multivariate,
+    }
+    version_fields = {"consider_prior": True, "categorical_distance_func": {}}
+    fields.update(
+        (name, value)
+        for name, value in version_fields.items()
+        if name in ParzenEstimatorParameters._fields
+    )
+    return ParzenEstimatorParameters(**fields)
 
 
 # -- Trials and storage --------------------------------------------------------------------------
 
 
 def trial_id(trial: Any) -> int:
-    """The storage id of a ``Trial`` or ``FrozenTrial`` (unique across studies, unlike ``number``)."""
+    """The storage id of a ``Trial`` or ``FrozenTrial`` (unique across studies, unlike number)."""
     return trial._trial_id
 
 
@@ -105,11 +183,23 @@ def set_constraint(trial: Trial, key: str, value: float) -> None:
 
 
 def trial_constraints(trial: FrozenTrial) -> dict[str, float]:
-    """A trial's constraint values by name (4.x's unnamed values are named by position)."""
+    """A trial's constraint values by name (the unnamed values of the list form by position).
+
+    On 4.x this reads the system attributes as 5.0's ``FrozenTrial.constraints`` does: the list
+    under ``constraints`` and the ``constraints:<name>`` values a 5.x worker writes, so a study
+    shared by 4.x and 5.x workers is judged the same by both.
+    """
     if HAS_SET_CONSTRAINT:
         return trial.constraints
     values = trial.system_attrs.get(_CONSTRAINTS_KEY) or ()
-    return {str(i): float(v) for i, v in enumerate(values)}
+    constraints = {str(i): float(v) for i, v in enumerate(values)}
+    prefix = f"{_CONSTRAINTS_KEY}:"
+    constraints.update(
+        (key[len(prefix) :], float(value))
+        for key, value in trial.system_attrs.items()
+        if key.startswith(prefix)
+    )
+    return constraints
 
 
 def stored_constraints(trial: FrozenTrial) -> tuple[float, ...]:

@@ -11,6 +11,7 @@ exactly Optuna's estimator.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
 from optuna.distributions import BaseDistribution
@@ -68,3 +69,39 @@ class PriorParzenEstimator(ParzenEstimator):
         row_sums = weights.sum(axis=1, keepdims=True)
         weights /= np.where(row_sums == 0, 1, row_sums)
         return BatchedCategoricalDistributions(weights)
+
+
+def normalise_priors(
+    prior_weights: Mapping[str, Sequence[float]] | None,
+) -> dict[str, np.ndarray]:
+    """The sampler's ``prior_weights`` as probabilities per parameter.
+
+    Args:
+        prior_weights: Parameter name -> non-negative weights over its choices, or ``None``.
+
+    Raises:
+        ValueError: If ``prior_weights`` is not a mapping, or a parameter's weights are empty,
+            negative, not finite or sum to zero (the message names the parameter).
+    """
+    if prior_weights is None:
+        return {}
+    if not isinstance(prior_weights, Mapping):
+        raise ValueError(
+            f"prior_weights must be a mapping of parameter name to weights, got {prior_weights!r}."
+        )
+    probs = {}
+    for name, weights in prior_weights.items():
+        w = np.asarray(weights, dtype=float)
+        if (
+            w.ndim != 1
+            or w.size == 0
+            or not np.all(np.isfinite(w))
+            or np.any(w < 0)
+            or w.sum() <= 0
+        ):
+            raise ValueError(
+                f"prior_weights[{name!r}] must be a non-empty sequence of finite non-negative "
+                f"weights with a positive sum, got {weights!r}."
+            )
+        probs[name] = w / w.sum()
+    return probs

@@ -1,4 +1,10 @@
-"""ClusterTPESampler: a Tree-structured Parzen Estimator with a k-means (dual-threshold) split."""
+"""ClusterTPESampler: a Tree-structured Parzen Estimator with a k-means (dual-threshold) split.
+
+This module holds the sampler protocol (start-up, relative and independent sampling, constant
+liar publishing), the candidates and duplicate avoidance. Which trials feed l(x) and g(x) is
+decided in :mod:`optuna_ctpe._grouping`, the cluster split in :mod:`optuna_ctpe._split`, and the
+Parzen estimator with priors in :mod:`optuna_ctpe._parzen`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,6 @@ import math
 import threading
 from typing import Any
 from typing import Literal
-from typing import NamedTuple
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,73 +25,32 @@ from optuna.logging import get_logger
 from optuna.samplers import BaseSampler
 from optuna.samplers import RandomSampler
 from optuna.search_space import IntersectionSearchSpace
-from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
+from optuna_ctpe import _attrs
+from optuna_ctpe import _grouping
 from optuna_ctpe import _optuna_compat as compat
+from optuna_ctpe._grouping import default_max_good
+from optuna_ctpe._grouping import GroupedTrials
+from optuna_ctpe._parzen import normalise_priors
 from optuna_ctpe._parzen import PriorParzenEstimator
-from optuna_ctpe._split import cluster_split
-from optuna_ctpe._split import quantile_split
-from optuna_ctpe._split import Split
 from optuna_ctpe._split import Transform
-from optuna_ctpe._split import TRANSFORMS
+from optuna_ctpe._validation import check_integer
+from optuna_ctpe._validation import check_real
 
 
 if TYPE_CHECKING:
     from optuna.study import Study
 
 
+__all__ = ["ClusterTPESampler", "default_max_good"]
+
 _logger = get_logger(__name__)
 
-ATTR_PREFIX = "ctpe:"
-_RELATIVE_PARAMS_KEY = "ctpe:relative_params"
-# RDBStorage limits system attribute values to 2045 characters.
-_SYSTEM_ATTR_MAX_LENGTH = 2045
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Extra batches of candidates drawn when every candidate repeats an observed configuration.
 _MAX_CANDIDATE_ROUNDS = 8
-
-
-def default_max_good(n_finished: int) -> int:
-    """Cap on the good group, ``min(ceil(0.05 n), 25)``: half of Optuna's TPE good-set share.
-
-    Measured in ``benchmarks/results/ablation.md``: a smaller good group concentrates l(x) on
-    the best results and needs fewer trials on per-layer quantization problems.
-    """
-    return min(math.ceil(0.05 * n_finished), 25)
-
-
-class _GroupedTrials(NamedTuple):
-    good: list[FrozenTrial]
-    bad: list[FrozenTrial]
-    bad_weights: np.ndarray  # relative weight of each bad trial in g(x)
-    split: Split
-    n_finished: int
-
-
-class _RowCache:
-    """Internal representations of finished trials, per search space, bounded in size.
-
-    Keyed by trial id, which is unique within a storage; a sampler serves one study at a time
-    (as Optuna's own samplers assume), and a trial id seen again always means the same trial.
-    Trials that set only part of a space are not cached (they are skipped quickly anyway).
-    """
-
-    _MAX_SPACES = 16
-
-    def __init__(self) -> None:
-        self._spaces: dict[tuple[tuple[str, str], ...], dict[int, np.ndarray]] = {}
-        self._lock = threading.Lock()
-
-    def rows_for(self, search_space: dict[str, BaseDistribution]) -> dict[int, np.ndarray]:
-        key = tuple((name, repr(dist)) for name, dist in search_space.items())
-        with self._lock:
-            if key not in self._spaces:
-                if len(self._spaces) >= self._MAX_SPACES:
-                    self._spaces.pop(next(iter(self._spaces)))
-                self._spaces[key] = {}
-            return self._spaces[key]
 
 
 class ClusterTPESampler(BaseSampler):
@@ -100,7 +64,8 @@ class ClusterTPESampler(BaseSampler):
     beyond the cap (near misses), and the clusters in between are left out. Everything else
     behaves as Optuna's TPE: start-up random trials, multivariate and group-decomposed kernels,
     constant liar for parallel workers, pruned trials ranked by their last intermediate value,
-    constraints from :meth:`optuna.trial.Trial.set_constraint` and multi-objective studies.
+    constraints (:meth:`optuna.trial.Trial.set_constraint` on Optuna 5, the ``constraints``
+    system attribute of a ``constraints_func`` on Optuna 4) and multi-objective studies.
 
     The method follows arXiv:2308.06422 (Azizi et al., DATE 2024), of which only the abstract is
     public. **Our interpretation, not the paper's:** what is clustered (the transformed objective
@@ -149,7 +114,8 @@ class ClusterTPESampler(BaseSampler):
             infeasible and (with ``constant_liar``) running trials always go to g(x) with full
             weight. In ``[0, 1]``.
         max_good: Function from the number of finished trials to the largest good group, or
-            ``None`` for no cap. Defaults to Optuna's TPE good-set size ``min(ceil(0.1 n), 25)``.
+            ``None`` for no cap. Defaults to :func:`default_max_good`, ``min(ceil(0.05 n), 25)``:
+            half of the share of Optuna's TPE good set, ``min(ceil(0.1 n), 25)``.
         multivariate: Model parameters jointly (multivariate TPE). Parameters outside the
             relative search space are sampled one at a time, with a warning.
         group: Decompose a conditional search space into groups that are always sampled
@@ -203,49 +169,26 @@ class ClusterTPESampler(BaseSampler):
         record_decisions: bool = False,
         warn_independent_sampling: bool = True,
     ) -> None:
-        _check_int("n_startup_trials", n_startup_trials, minimum=0)
-        _check_int("n_ei_candidates", n_ei_candidates, minimum=1)
-        if n_clusters != "auto":
-            _check_int("n_clusters", n_clusters, minimum=2, extra='or "auto"')
-        if transform not in TRANSFORMS:
-            raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}.")
-        for name, weight in (
-            ("near_miss_weight", near_miss_weight),
-            ("middle_weight", middle_weight),
-        ):
-            if (
-                isinstance(weight, bool)
-                or not isinstance(weight, (int, float))
-                or not 0 <= weight <= 1
-            ):
-                raise ValueError(f"{name} must be a number in [0, 1], got {weight!r}.")
-        if max_good is not None and not callable(max_good):
-            raise ValueError(
-                f"max_good must be a callable n_finished -> int or None, got {max_good!r}."
-            )
+        self._n_startup_trials = check_integer(n_startup_trials, "n_startup_trials", minimum=0)
+        self._n_ei_candidates = check_integer(n_ei_candidates, "n_ei_candidates", minimum=1)
+        self._grouping_rule = _grouping.grouping_rule(
+            n_clusters, transform, max_good, near_miss_weight, middle_weight
+        )
         if group and not multivariate:
             raise ValueError("group=True requires multivariate=True.")
-        if not (isinstance(prior_weight, (int, float)) and 0 <= prior_weight < math.inf):
-            raise ValueError(f"prior_weight must be a finite number >= 0, got {prior_weight!r}.")
-        if seed is not None and not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}.")
+        prior_weight = check_real(prior_weight, "prior_weight", minimum=0.0)
+        if seed is not None:
+            check_integer(seed, "seed", extra="or None")
 
-        self._n_startup_trials = n_startup_trials
-        self._n_ei_candidates = n_ei_candidates
-        self._n_clusters = n_clusters
-        self._transform = transform
-        self._near_miss_weight = float(near_miss_weight)
-        self._middle_weight = float(middle_weight)
         self._avoid_duplicates = avoid_duplicates
-        self._max_good = max_good
         self._multivariate = multivariate
         self._group = group
         self._constant_liar = constant_liar
-        self._prior_probs = _normalise_priors(prior_weights)
+        self._prior_probs = normalise_priors(prior_weights)
         self._record_decisions = record_decisions
         self._warn_independent_sampling = warn_independent_sampling
-        self._parzen_parameters = compat.ParzenEstimatorParameters(
-            prior_weight=float(prior_weight),
+        self._parzen_parameters = compat.parzen_estimator_parameters(
+            prior_weight=prior_weight,
             consider_magic_clip=True,
             consider_endpoints=False,
             weights=compat.default_weights,
@@ -260,14 +203,15 @@ class ClusterTPESampler(BaseSampler):
         self._group_decomposition = compat.GroupDecomposedSearchSpace(include_pruned=True)
         # infer_relative_search_space and sample_relative run back to back in one thread.
         self._thread_state = threading.local()
-        self._row_cache = _RowCache()
+        self._row_cache = _grouping.RowCache()
 
     def __repr__(self) -> str:
+        rule = self._grouping_rule
         return (
             f"ClusterTPESampler(n_startup_trials={self._n_startup_trials}, "
-            f"n_ei_candidates={self._n_ei_candidates}, n_clusters={self._n_clusters!r}, "
-            f"transform={self._transform!r}, near_miss_weight={self._near_miss_weight}, "
-            f"middle_weight={self._middle_weight}, "
+            f"n_ei_candidates={self._n_ei_candidates}, n_clusters={rule.n_clusters!r}, "
+            f"transform={rule.transform!r}, near_miss_weight={rule.near_miss_weight}, "
+            f"middle_weight={rule.middle_weight}, "
             f"multivariate={self._multivariate}, group={self._group}, "
             f"constant_liar={self._constant_liar})"
         )
@@ -285,11 +229,11 @@ class ClusterTPESampler(BaseSampler):
         if not self._multivariate:
             return {}
         if self._group:
-            groups = self._group_decomposition.calculate(study, use_cache=True)
+            groups = compat.calculate_search_space(self._group_decomposition, study)
             self._thread_state.groups = groups
             spaces = groups.search_spaces
         else:
-            spaces = [self._intersection.calculate(study, use_cache=True)]
+            spaces = [compat.calculate_search_space(self._intersection, study)]
         return {
             name: dist
             for space in spaces
@@ -329,7 +273,7 @@ class ClusterTPESampler(BaseSampler):
     ) -> Any:
         if self._in_startup(study):
             if self._record_decisions:
-                compat.set_trial_user_attr(study, trial, f"{ATTR_PREFIX}mode", "startup")
+                compat.set_trial_user_attr(study, trial, _attrs.decision_key("mode"), "startup")
             return self._sample_startup(study, trial, param_name, param_distribution)
         if self._warn_independent_sampling and self._multivariate:
             trials = compat.get_trials(study, _FINISHED, use_cache=True)
@@ -388,23 +332,67 @@ class ClusterTPESampler(BaseSampler):
         if self._constant_liar:
             trials = [t for t in trials if t.number != trial.number]
         grouped = self._group_trials(study, trials)
+        observations, row_of = self._observations(trials, search_space)
+        mpe_good, mpe_bad = self._estimators(study, search_space, grouped, observations, row_of)
 
+        # One parameter sampled on its own repeats its earlier values by design; only a joint
+        # configuration can be a wasted repeat.
+        seen: set[bytes] = set()
+        running: set[bytes] = set()
+        if self._avoid_duplicates and mode == "relative":
+            seen = _configurations(observations)
+            running_rows = [
+                row_of[t.number]
+                for t in trials
+                if t.state == TrialState.RUNNING and t.number in row_of
+            ]
+            running = _configurations(_grouping.subset(observations, running_rows))
+        candidates, best = self._best_candidate(mpe_good, mpe_bad, seen, running)
+
+        if self._record_decisions:
+            self._record(study, trial, mode, grouped)
+        return {
+            name: dist.to_external_repr(candidates[name][best].item())
+            for name, dist in search_space.items()
+        }
+
+    def _group_trials(self, study: Study, trials: list[FrozenTrial]) -> GroupedTrials:
+        """Assign trials to l(x) (good) and g(x) (bad, with weights); see :mod:`._grouping`."""
+        return _grouping.group_trials(trials, study.directions, self._grouping_rule)
+
+    def _observations(
+        self, trials: list[FrozenTrial], search_space: dict[str, BaseDistribution]
+    ) -> tuple[dict[str, np.ndarray], dict[int, int]]:
+        """Rows of the trials that set every parameter of the space, and number -> row."""
+        return _grouping.observations(
+            trials, search_space, self._row_cache.rows_for(search_space), self._params_of
+        )
+
+    def _estimators(
+        self,
+        study: Study,
+        search_space: dict[str, BaseDistribution],
+        grouped: GroupedTrials,
+        observations: dict[str, np.ndarray],
+        row_of: dict[int, int],
+    ) -> tuple[PriorParzenEstimator, compat.ParzenEstimator]:
+        """l(x) fitted to the good trials (with the priors) and g(x) to the weighted bad ones."""
         priors = {
             name: probs
             for name, dist in search_space.items()
             if (probs := self._prior_for(name, dist)) is not None
         }
-        observations, row_of = self._observations(trials, search_space)
-        good_obs = _subset(
+        good_obs = _grouping.subset(
             observations, [row_of[t.number] for t in grouped.good if t.number in row_of]
         )
         # As in Optuna's MOTPE, good trials of a multi-objective study weigh the same.
-        good_weights = np.ones(_n_rows(good_obs)) if len(study.directions) > 1 else None
+        n_good = _grouping.n_rows(good_obs)
+        good_weights = np.ones(n_good) if len(study.directions) > 1 else None
         mpe_good = PriorParzenEstimator(
             good_obs, search_space, self._parzen_parameters, priors, good_weights
         )
         bad_kept = np.array([t.number in row_of for t in grouped.bad], dtype=bool)
-        bad_obs = _subset(
+        bad_obs = _grouping.subset(
             observations, [row_of[t.number] for t, k in zip(grouped.bad, bad_kept) if k]
         )
         bad_weights = grouped.bad_weights[bad_kept]
@@ -415,10 +403,20 @@ class ClusterTPESampler(BaseSampler):
             # Optuna's age ramp, scaled down for the trials between the two thresholds.
             compat.default_weights(len(bad_weights)) * bad_weights if bad_weights.size else None,
         )
-        # One parameter sampled on its own repeats its earlier values by design; only a joint
-        # configuration can be a wasted repeat.
-        check_duplicates = self._avoid_duplicates and mode == "relative"
-        seen = _configurations(observations) if check_duplicates else set()
+        return mpe_good, mpe_bad
+
+    def _best_candidate(
+        self,
+        mpe_good: PriorParzenEstimator,
+        mpe_bad: compat.ParzenEstimator,
+        seen: set[bytes],
+        running: set[bytes],
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Candidates drawn from l(x), and the index of the one to propose.
+
+        The best by l(x)/g(x) among those that repeat no configuration in ``seen``; when several
+        batches bring nothing new, the best that no running trial (in ``running``) evaluates.
+        """
         for _ in range(_MAX_CANDIDATE_ROUNDS):
             with self._rng_lock:
                 candidates = mpe_good.sample(self._rng.rng, self._n_ei_candidates)
@@ -430,134 +428,26 @@ class ClusterTPESampler(BaseSampler):
             # No new configuration turned up in several rounds: the space near l(x) is
             # exhausted. Repeat a finished configuration rather than one another worker is
             # evaluating right now.
-            running_rows = [
-                row_of[t.number]
-                for t in trials
-                if t.state == TrialState.RUNNING and t.number in row_of
-            ]
-            running = _configurations(_subset(observations, running_rows))
             is_new = ~_is_seen(candidates, running)
         if is_new.any():
             score = np.where(is_new, score, -np.inf)
-        best = int(np.argmax(score))
-
-        if self._record_decisions:
-            self._record(study, trial, mode, grouped)
-        return {
-            name: dist.to_external_repr(candidates[name][best].item())
-            for name, dist in search_space.items()
-        }
-
-    def _group_trials(self, study: Study, trials: list[FrozenTrial]) -> _GroupedTrials:
-        """Assign trials to l(x) (good) and g(x) (bad, with weights); others are left out."""
-        running, infeasible, complete, pruned = [], [], [], []
-        for t in trials:
-            if t.state == TrialState.RUNNING:
-                running.append(t)
-            elif _violation(t) > 0:
-                infeasible.append(t)
-            elif t.state == TrialState.COMPLETE:
-                complete.append(t)
-            else:
-                pruned.append(t)
-        n_finished = len(complete) + len(pruned) + len(infeasible)
-        n_good_max = n_finished if self._max_good is None else int(self._max_good(n_finished))
-        n_good_max = max(n_good_max, 1)
-
-        scores = _complete_scores(study, complete) if complete else np.empty(0)
-        split: Split | None = None
-        if complete:
-            split = cluster_split(
-                scores,
-                n_clusters=self._n_clusters,
-                transform_method=self._transform,
-                n_good_max=n_good_max,
-            )
-        weight_of: dict[int, float] = {}
-        if split is not None and not split.fallback_reason:
-            good = [complete[i] for i in split.good]
-            bad = [complete[i] for i in split.bad] + pruned + infeasible + running
-            for indices, weight in (
-                (split.near_miss, self._near_miss_weight),
-                (split.middle, self._middle_weight),
-            ):
-                if weight > 0:
-                    bad += [complete[i] for i in indices]
-                    weight_of.update((complete[i].number, weight) for i in indices)
-        else:
-            # TPE's order: feasible complete trials by value, then pruned trials by progress,
-            # then infeasible trials by total violation.
-            ranked = [complete[i] for i in np.argsort(scores, kind="stable")]
-            ranked += sorted(pruned, key=lambda t: _pruned_score(study, t))
-            ranked += sorted(infeasible, key=_violation)
-            reason = split.fallback_reason if split is not None else "no feasible complete trial"
-            split = quantile_split(np.arange(len(ranked), dtype=float), n_good_max, reason)
-            good = [ranked[i] for i in split.good]
-            bad = [ranked[i] for i in split.bad] + running
-        bad.sort(key=lambda t: t.number)
-        bad_weights = np.array([weight_of.get(t.number, 1.0) for t in bad])
-        good.sort(key=lambda t: t.number)
-        return _GroupedTrials(good, bad, bad_weights, split, n_finished)
-
-    def _observations(
-        self, trials: list[FrozenTrial], search_space: dict[str, BaseDistribution]
-    ) -> tuple[dict[str, np.ndarray], dict[int, int]]:
-        """Internal representations of the trials that set every parameter of the space.
-
-        Returns the observations (one row per such trial) and trial number -> row. Rows of
-        finished trials never change, so they are cached per search space: converting every
-        parameter of every trial at every trial dominated the sampling time otherwise.
-        """
-        cache = self._row_cache.rows_for(search_space)
-        rows: list[np.ndarray] = []
-        row_of: dict[int, int] = {}
-        for t in trials:
-            row = cache.get(t._trial_id) if t.state.is_finished() else None
-            if row is None:
-                params = self._params_of(t)
-                if not search_space.keys() <= params.keys():
-                    continue
-                row = np.array(
-                    [dist.to_internal_repr(params[n]) for n, dist in search_space.items()],
-                    dtype=float,
-                )
-                if t.state.is_finished():
-                    cache[t._trial_id] = row
-            row_of[t.number] = len(rows)
-            rows.append(row)
-        matrix = np.array(rows, dtype=float).reshape(len(rows), len(search_space))
-        return {name: matrix[:, i] for i, name in enumerate(search_space)}, row_of
+        return candidates, int(np.argmax(score))
 
     def _params_of(self, trial: FrozenTrial) -> dict[str, Any]:
         """Parameters of a trial, including relative ones a RUNNING worker has only published."""
         if trial.state.is_finished() or not (self._constant_liar and self._multivariate):
             return trial.params
-        chunks = []
-        while (
-            chunk := trial.system_attrs.get(f"{_RELATIVE_PARAMS_KEY}:{len(chunks)}")
-        ) is not None:
-            chunks.append(chunk)
-        if not chunks:
-            return trial.params
-        try:
-            params = json.loads("".join(chunks))
-        except json.JSONDecodeError:
-            # Another worker may be half-way through writing its chunks.
-            return trial.params
-        params.update(trial.params)
-        return params
+        return _grouping.params_with_published(trial)
 
     def _publish_relative_params(
         self, study: Study, trial: FrozenTrial, params: dict[str, Any]
     ) -> None:
-        text = json.dumps(params)
-        for i in range(0, len(text), _SYSTEM_ATTR_MAX_LENGTH):
-            compat.set_trial_system_attr(
-                study,
-                trial,
-                f"{_RELATIVE_PARAMS_KEY}:{i // _SYSTEM_ATTR_MAX_LENGTH}",
-                text[i : i + _SYSTEM_ATTR_MAX_LENGTH],
-            )
+        """Let other workers see this trial's relative parameters before it suggests them."""
+        _attrs.write_chunked(
+            lambda key, value: compat.set_trial_system_attr(study, trial, key, value),
+            _attrs.RELATIVE_PARAMS,
+            json.dumps(params),
+        )
 
     def _prior_for(self, name: str, distribution: BaseDistribution) -> np.ndarray | None:
         probs = self._prior_probs.get(name)
@@ -570,9 +460,7 @@ class ClusterTPESampler(BaseSampler):
             )
         return probs
 
-    def _record(
-        self, study: Study, trial: FrozenTrial, mode: str, grouped: _GroupedTrials
-    ) -> None:
+    def _record(self, study: Study, trial: FrozenTrial, mode: str, grouped: GroupedTrials) -> None:
         attrs = {
             "mode": mode,
             "n_good": len(grouped.good),
@@ -584,48 +472,15 @@ class ClusterTPESampler(BaseSampler):
             "fallback_reason": grouped.split.fallback_reason,
         }
         for key, value in attrs.items():
-            compat.set_trial_user_attr(study, trial, f"{ATTR_PREFIX}{key}", value)
+            compat.set_trial_user_attr(study, trial, _attrs.decision_key(key), value)
 
 
-# -- module-level helpers (pure functions of trials) ------------------------------------------
-
-
-def _check_int(name: str, value: Any, *, minimum: int, extra: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        suffix = f" {extra}" if extra else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{suffix}, got {value!r}.")
-
-
-def _normalise_priors(
-    prior_weights: Mapping[str, Sequence[float]] | None,
-) -> dict[str, np.ndarray]:
-    if prior_weights is None:
-        return {}
-    if not isinstance(prior_weights, Mapping):
-        raise ValueError(
-            f"prior_weights must be a mapping of parameter name to weights, got {prior_weights!r}."
-        )
-    probs = {}
-    for name, weights in prior_weights.items():
-        w = np.asarray(weights, dtype=float)
-        if (
-            w.ndim != 1
-            or w.size == 0
-            or not np.all(np.isfinite(w))
-            or np.any(w < 0)
-            or w.sum() <= 0
-        ):
-            raise ValueError(
-                f"prior_weights[{name!r}] must be a non-empty sequence of finite non-negative "
-                f"weights with a positive sum, got {weights!r}."
-            )
-        probs[name] = w / w.sum()
-    return probs
+# -- duplicate detection ---------------------------------------------------------------
 
 
 def _configurations(observations: dict[str, np.ndarray]) -> set[bytes]:
     """The observed configurations, as hashable rows of internal representations."""
-    if _n_rows(observations) == 0:
+    if _grouping.n_rows(observations) == 0:
         return set()
     rows = np.ascontiguousarray(np.column_stack(list(observations.values())))
     return {row.tobytes() for row in rows}
@@ -634,48 +489,3 @@ def _configurations(observations: dict[str, np.ndarray]) -> set[bytes]:
 def _is_seen(candidates: dict[str, np.ndarray], seen: set[bytes]) -> np.ndarray:
     rows = np.ascontiguousarray(np.column_stack(list(candidates.values())))
     return np.array([row.tobytes() in seen for row in rows], dtype=bool)
-
-
-def _subset(observations: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
-    index = np.asarray(rows, dtype=int)
-    return {name: values[index] for name, values in observations.items()}
-
-
-def _n_rows(observations: dict[str, np.ndarray]) -> int:
-    return len(next(iter(observations.values()))) if observations else 0
-
-
-def _violation(trial: FrozenTrial) -> float:
-    """Total constraint violation (0 when feasible or when no constraint was set)."""
-    return float(sum(v for v in trial.constraints.values() if v > 0))
-
-
-def _pruned_score(study: Study, trial: FrozenTrial) -> tuple[float, float]:
-    """Rank pruned trials as Optuna's TPE does: furthest step first, then last value."""
-    if not trial.intermediate_values:
-        return 1.0, 0.0
-    step, value = max(trial.intermediate_values.items())
-    if math.isnan(value):
-        return -step, math.inf
-    return -step, value if study.direction == StudyDirection.MINIMIZE else -value
-
-
-def _complete_scores(study: Study, trials: list[FrozenTrial]) -> np.ndarray:
-    """One score per complete trial, lower is better.
-
-    Single objective: the value, negated when maximising (NaN counts as worst). Several
-    objectives (our interpretation of "cluster on the fronts"): the non-domination rank plus a
-    tie-break in [0, 1) given by the mean normalised rank of the trial's objective values, so
-    trials on one front are ordered by how good they are on average.
-    """
-    signs = np.array([-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in study.directions])
-    values = np.array([t.values for t in trials], dtype=float).reshape(len(trials), -1) * signs
-    values = np.where(np.isnan(values), np.inf, values)
-    if values.shape[1] == 1:
-        return values[:, 0]
-    finite_max = np.finfo(float).max
-    bounded = np.clip(values, -finite_max, finite_max)
-    fronts = compat.fast_non_domination_rank(bounded)
-    ranks = np.argsort(np.argsort(bounded, axis=0, kind="stable"), axis=0, kind="stable")
-    tie_break = ranks.mean(axis=1) / max(len(trials), 1)
-    return fronts.astype(float) + tie_break

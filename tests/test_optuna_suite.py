@@ -6,11 +6,17 @@ from collections.abc import Callable
 
 import pytest
 from optuna.samplers import BaseSampler
-from optuna.testing.pytest_samplers import BasicSamplerTestCase
-from optuna.testing.pytest_samplers import MultiObjectiveSamplerTestCase
-from optuna.testing.pytest_samplers import RelativeSamplerTestCase
 
 from optuna_ctpe import ClusterTPESampler
+
+
+suites = pytest.importorskip(
+    "optuna.testing.pytest_samplers",
+    reason="Optuna's reusable sampler suites (optuna.testing.pytest_samplers) ship from 4.8 on",
+)
+BasicSamplerTestCase = suites.BasicSamplerTestCase
+MultiObjectiveSamplerTestCase = suites.MultiObjectiveSamplerTestCase
+RelativeSamplerTestCase = suites.RelativeSamplerTestCase
 
 
 # Optuna runs TPESampler in these suites with n_startup_trials=0 because the relative tests

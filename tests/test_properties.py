@@ -16,6 +16,7 @@ from optuna.distributions import FloatDistribution
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 
+from optuna_ctpe import _optuna_compat as compat
 from optuna_ctpe import ClusterTPESampler
 from optuna_ctpe._split import cluster_split
 
@@ -90,7 +91,7 @@ def test_suggestions_always_lie_in_their_distributions(space, plan, options, dir
         elif outcome == "fail":
             study.tell(trial, state=TrialState.FAIL)
         else:
-            trial.set_constraint("c", 1.0 if outcome == "infeasible" else -1.0)
+            compat.set_constraint(trial, "c", 1.0 if outcome == "infeasible" else -1.0)
             study.tell(trial, value)  # NaN values make Optuna fail the trial itself.
     assert len(study.trials) == len(plan)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from optuna.trial import create_trial
 from optuna.trial import TrialState
 import pytest
 
+from optuna_ctpe import _optuna_compat as compat
 from optuna_ctpe import ClusterTPESampler
+from optuna_ctpe._grouping import params_with_published
 
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -60,7 +63,7 @@ def test_maximize_mirrors_minimize():
 
 
 def test_default_cap_is_tpe_good_set_size():
-    study = make_study(THREE_GROUPS)  # 10 finished trials -> at most ceil(0.1 * 10) = 1 good
+    study = make_study(THREE_GROUPS)  # 10 finished trials -> at most ceil(0.05 * 10) = 1 good
     good, _, _ = grouped_numbers(study)
     assert good == [1]
 
@@ -312,20 +315,6 @@ def test_threads_share_one_sampler():
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
 
 
-def test_constraints_steer_towards_feasible_region():
-    def objective(trial):
-        x = trial.suggest_float("x", 0, 10)
-        trial.set_constraint("x_below_3", x - 3.0)
-        return -x
-
-    study = optuna.create_study(sampler=ClusterTPESampler(seed=0, n_startup_trials=10))
-    study.optimize(objective, n_trials=60)
-    late = study.trials[30:]
-    feasible = [t for t in late if all(v <= 0 for v in t.constraints.values())]
-    assert len(feasible) >= 20
-    assert min(t.value for t in feasible) < -2.5
-
-
 def test_importing_the_sampler_does_not_import_torch():
     code = (
         "import sys, optuna, optuna_ctpe\n"
@@ -371,3 +360,37 @@ def test_avoid_duplicates_never_repeats_a_configuration_while_new_ones_exist():
     # 32 configurations exist; start-up trials are random and may repeat, nothing after them.
     assert n_distinct(True) >= 25 - 3
     assert n_distinct(False) < n_distinct(True)
+
+
+def test_relative_params_published_by_0_1_0_are_still_read():
+    # 0.1.0 wrote `ctpe:relative_params:<i>` without a header, cutting the raw JSON text at
+    # 2045 characters; a study a 0.1.0 worker left RUNNING must still count as seen.
+    sampler = ClusterTPESampler(seed=0, n_startup_trials=2)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: t.suggest_float("x", 0, 100), n_trials=3)
+    running = study.ask()
+    text = json.dumps({"x": 42.0, "note": "n" * 3000})
+    for i in range(0, len(text), 2045):
+        compat.storage_of(study).set_trial_system_attr(
+            compat.trial_id(running), f"ctpe:relative_params:{i // 2045}", text[i : i + 2045]
+        )
+    trials = study.get_trials(deepcopy=False)
+    observations, row_of = sampler._observations(trials, {"x": FloatDistribution(0, 100)})
+    assert observations["x"][row_of[running.number]] == 42.0
+    study.optimize(lambda t: t.suggest_float("x", 0, 100), n_trials=2)
+    assert len(study.trials) == 6
+
+
+def test_published_relative_params_fit_the_rdb_attribute_limit():
+    # JSON escaping makes a quote two characters: chunks cut from the raw text at 2045
+    # characters (as 0.1.0 did) could exceed the 2048 of old RDB schemas.
+    sampler = ClusterTPESampler(seed=0)
+    study = optuna.create_study(sampler=sampler)
+    trial = study.ask()
+    params = {f'quoted "{i}" ' + '"' * 500: float(i) for i in range(20)}
+    sampler._publish_relative_params(study, study.trials[trial.number], params)
+    attrs = study.trials[trial.number].system_attrs
+    chunks = [v for k, v in attrs.items() if k.startswith("ctpe:relative_params:")]
+    assert len(chunks) > 1
+    assert all(len(json.dumps(chunk)) <= 2048 for chunk in chunks)
+    assert params_with_published(study.trials[trial.number]) == params
