@@ -102,7 +102,7 @@ class Evaluator:
 
     def _net(self, widths_key: Any) -> Any:
         if widths_key not in self._nets:
-            from optuna_ctpe.width import prune_widths
+            from optuna_ctpe.nn.width import prune_widths
 
             pruned = {g: w for g, w in widths_key if w < 1}
             net = (
@@ -120,7 +120,7 @@ class Evaluator:
     def accuracy(self, config: Any) -> float:
         import torch
 
-        from optuna_ctpe.quantize import quantize_weight
+        from optuna_ctpe.nn.quantize import quantize_weight
 
         key = config.key()
         if key in self.scores:

@@ -1,10 +1,10 @@
-"""Per-layer Hessian traces: optuna_ctpe.sensitivity against PyHessian.
+"""Per-layer Hessian traces: optuna_ctpe.nn.sensitivity against PyHessian.
 
 Both compute Hutchinson estimates of the trace of every Conv/Linear weight's Hessian block of a
 randomly initialised torchvision ResNet-18 (10 classes) on one batch of 16×3×32×32 inputs with
 cross-entropy, with the same number of Rademacher probes per layer, on the CPU, in eval mode.
 
-* **ours**: :func:`optuna_ctpe.sensitivity.hutchinson_traces` with ``rtol=0`` (every probe
+* **ours**: :func:`optuna_ctpe.nn.sensitivity.hutchinson_traces` with ``rtol=0`` (every probe
   runs): one gradient with ``create_graph=True``, then one Hessian-vector product of the whole
   network per probe, read out for all 21 layers at once.
 * **PyHessian 0.1** (``pip install pyhessian``, benchmark-only): ``hessian(...).trace()`` gives
@@ -51,7 +51,7 @@ def _setup(seed: int, batch_size: int) -> tuple[nn.Module, tuple[torch.Tensor, t
 
 
 def time_ours(model: nn.Module, batch: tuple, n_probes: int) -> tuple[float, dict]:
-    from optuna_ctpe.sensitivity import hutchinson_traces
+    from optuna_ctpe.nn.sensitivity import hutchinson_traces
 
     criterion = nn.CrossEntropyLoss()
 

@@ -92,7 +92,7 @@ def test_space_from_model(space: HessianSearchSpace, task: Task) -> None:
 
 
 def test_size_accounting_matches_the_applied_model(space: HessianSearchSpace, task: Task) -> None:
-    from optuna_ctpe.quantize import model_size
+    from optuna_ctpe.nn.quantize import model_size
 
     configs = [space.uniform(8), space.uniform(4, 0.5)] + [
         space.config_from_params(p) for p in space.warm_starts(size_ratio=0.12, n=2)

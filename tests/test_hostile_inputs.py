@@ -27,9 +27,9 @@ from optuna.trial import TrialState
 import pytest
 
 from optuna_ctpe import ClusterTPESampler
+from optuna_ctpe._attrs import SEARCH_SPACE as USER_ATTR_KEY
 from optuna_ctpe.search_space import HessianSearchSpace
 from optuna_ctpe.search_space import LayerSensitivity
-from optuna_ctpe.search_space import USER_ATTR_KEY
 
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -279,7 +279,7 @@ def _batch():  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_loss_is_refused_and_the_model_kept(bad) -> None:  # type: ignore[no-untyped-def]
     torch = _torch()
-    from optuna_ctpe.sensitivity import hutchinson_traces
+    from optuna_ctpe.nn.sensitivity import hutchinson_traces
 
     model = _mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -296,7 +296,7 @@ def test_non_finite_loss_is_refused_and_the_model_kept(bad) -> None:  # type: ig
 
 @pytest.mark.torch
 def test_config_layers_the_model_lacks_are_refused() -> None:
-    from optuna_ctpe.quantize import quantize_model
+    from optuna_ctpe.nn.quantize import quantize_model
 
     with pytest.raises(ValueError, match=r"bits names layers the model lacks: \['9', 'head'\]"):
         quantize_model(_mlp(), {"0": 4, "head": 8, "9": 2})
@@ -358,10 +358,10 @@ def test_torch_files_with_arbitrary_objects_are_refused(tmp_path) -> None:  # ty
 
     # The library's own loader (exports of the CLI) refuses it too.
     try:
-        from optuna_ctpe._cli_export import EXPORT_SCHEMA
-        from optuna_ctpe._cli_export import load_exported
+        from optuna_ctpe.cli.export import EXPORT_SCHEMA
+        from optuna_ctpe.cli.export import load_exported
     except ImportError as e:  # pragma: no cover - the CLI is optional here
-        pytest.skip(f"optuna_ctpe._cli_export not importable: {e}")
+        pytest.skip(f"optuna_ctpe.cli.export not importable: {e}")
     space = _space_for_mlp()
     config = space.uniform(4)
     doc = tmp_path / "model.json"

@@ -1,4 +1,4 @@
-"""Tests of optuna_ctpe.quantize: fake quantization, size and BOPs accounting."""
+"""Tests of optuna_ctpe.nn.quantize: fake quantization, size and BOPs accounting."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from optuna_ctpe.quantize import bops  # noqa: E402
-from optuna_ctpe.quantize import model_size  # noqa: E402
-from optuna_ctpe.quantize import quantization_error  # noqa: E402
-from optuna_ctpe.quantize import quantize_model  # noqa: E402
-from optuna_ctpe.quantize import quantize_weight  # noqa: E402
+from optuna_ctpe.nn.quantize import bops  # noqa: E402
+from optuna_ctpe.nn.quantize import model_size  # noqa: E402
+from optuna_ctpe.nn.quantize import quantization_error  # noqa: E402
+from optuna_ctpe.nn.quantize import quantize_model  # noqa: E402
+from optuna_ctpe.nn.quantize import quantize_weight  # noqa: E402
 
 
 pytestmark = pytest.mark.torch

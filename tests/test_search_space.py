@@ -396,7 +396,8 @@ def test_module_imports_without_torch() -> None:
     import sys
 
     code = (
-        "import sys; import optuna_ctpe.search_space, optuna_ctpe.warm_start, optuna_ctpe.tasks; "
+        "import sys; import optuna_ctpe.search_space, optuna_ctpe.space.warm_start, "
+        "optuna_ctpe.tasks; "
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

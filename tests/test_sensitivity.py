@@ -1,4 +1,4 @@
-"""Tests of optuna_ctpe.sensitivity: Hutchinson and empirical-Fisher per-layer traces."""
+"""Tests of optuna_ctpe.nn.sensitivity: Hutchinson and empirical-Fisher per-layer traces."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
-from optuna_ctpe.sensitivity import _rademacher  # noqa: E402
-from optuna_ctpe.sensitivity import choice_sensitivity  # noqa: E402
-from optuna_ctpe.sensitivity import empirical_fisher_traces  # noqa: E402
-from optuna_ctpe.sensitivity import hutchinson_traces  # noqa: E402
-from optuna_ctpe.sensitivity import hutchinson_traces_from_criterion  # noqa: E402
-from optuna_ctpe.sensitivity import LayerTrace  # noqa: E402
+from optuna_ctpe.nn.hutchinson import _rademacher  # noqa: E402
+from optuna_ctpe.nn.sensitivity import choice_sensitivity  # noqa: E402
+from optuna_ctpe.nn.sensitivity import empirical_fisher_traces  # noqa: E402
+from optuna_ctpe.nn.sensitivity import hutchinson_traces  # noqa: E402
+from optuna_ctpe.nn.sensitivity import hutchinson_traces_from_criterion  # noqa: E402
+from optuna_ctpe.nn.sensitivity import LayerTrace  # noqa: E402
 
 
 pytestmark = pytest.mark.torch

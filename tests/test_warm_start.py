@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from optuna_ctpe.warm_start import ilp_allocation
+from optuna_ctpe.space.warm_start import ilp_allocation
 
 
 def _brute_force(omega: list[np.ndarray], cost: list[np.ndarray], budget: float) -> float:

@@ -1,4 +1,4 @@
-"""Tests of optuna_ctpe.width: dependency groups and structured width pruning."""
+"""Tests of optuna_ctpe.nn.width: dependency groups and structured width pruning."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ pytest.importorskip("torch_pruning")
 
 from torch import nn  # noqa: E402
 
-from optuna_ctpe.width import prune_widths  # noqa: E402
-from optuna_ctpe.width import width_groups  # noqa: E402
-from optuna_ctpe.width import width_perturbation  # noqa: E402
+from optuna_ctpe.nn.width import prune_widths  # noqa: E402
+from optuna_ctpe.nn.width import width_groups  # noqa: E402
+from optuna_ctpe.nn.width import width_perturbation  # noqa: E402
 
 
 pytestmark = pytest.mark.torch
@@ -52,7 +52,7 @@ def removed_sq_norm(model: nn.Module, pruned: nn.Module, layers) -> float:
             a[n].weight.detach().double().pow(2).sum() - b[n].weight.detach().double().pow(2).sum()
         )
         for n in layers
-        if isinstance(a[n], (nn.Conv2d, nn.Linear))
+        if isinstance(a[n], (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
     )
 
 
@@ -170,3 +170,26 @@ def test_torchvision_groups_and_pruning(arch: str, n_groups: int) -> None:
         assert width_perturbation(model, g, 0.5) == pytest.approx(
             removed_sq_norm(model, single, g.layers), rel=1e-6
         )
+
+
+@pytest.mark.parametrize("conv, example", [(nn.Conv1d, (2, 3, 5)), (nn.Conv3d, (2, 3, 3, 3, 3))])
+def test_conv1d_and_conv3d_layers_are_width_groups(conv, example) -> None:  # type: ignore[no-untyped-def]
+    """Every supported layer type roots a width group, not only Conv2d and Linear."""
+    torch.manual_seed(0)
+    n_positions = int(torch.Size(example[2:]).numel())
+    model = nn.Sequential(
+        conv(3, 8, 3, padding=1),
+        nn.ReLU(),
+        conv(8, 6, 1),
+        nn.Flatten(),
+        nn.Linear(6 * n_positions, 4),
+    )
+    ex = torch.randn(*example)
+    groups = {g.name: g for g in width_groups(model, ex)}
+    assert sorted(groups) == ["0", "2"]
+    pruned = prune_widths(model, ex, {"0": 0.5})
+    assert pruned[0].out_channels == 4 and pruned[2].in_channels == 4
+    assert pruned(ex).shape == (2, 4)
+    assert width_perturbation(model, groups["0"], 0.5) == pytest.approx(
+        removed_sq_norm(model, pruned, ["0", "2"])
+    )

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 
-__all__ = ["Task", "digits_task"]
+__all__ = ["CACHE_ENV", "Task", "digits_task"]
+
+#: The environment variable that overrides the weight cache folder of the embedded tasks.
+CACHE_ENV = "OPTUNA_CTPE_CACHE_DIR"
 
 
 @dataclass(frozen=True)

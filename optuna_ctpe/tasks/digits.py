@@ -3,8 +3,8 @@
 The data set (1,797 grayscale 8×8 images of the digits 0-9) ships with scikit-learn, so the task
 needs no download. The CNN has five weight layers, enough for per-layer bit-widths and two
 width groups to matter, and trains deterministically to 97-98% validation accuracy in a few
-seconds on a CPU. The trained weights are cached in ``$XDG_CACHE_HOME/optuna-ctpe`` (default
-``~/.cache/optuna-ctpe``) with a SHA-256 checksum beside them, and rebuilt when the file is
+seconds on a CPU. The trained weights are cached in the platform's user cache folder
+(:func:`default_cache_dir`) with a SHA-256 checksum beside them, and rebuilt when the file is
 missing or does not match its checksum.
 
 Example:
@@ -27,10 +27,14 @@ import pickle
 import tempfile
 
 import numpy as np
+import platformdirs
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from optuna_ctpe._validation import check_integer
+from optuna_ctpe.nn.layers import eval_mode
+from optuna_ctpe.tasks import CACHE_ENV
 from optuna_ctpe.tasks import Task
 
 
@@ -74,12 +78,13 @@ class DigitsCNN(nn.Module):
 
 
 def default_cache_dir() -> Path:
-    """``$OPTUNA_CTPE_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/optuna-ctpe``, else
-    ``~/.cache/optuna-ctpe``."""
-    if explicit := os.environ.get("OPTUNA_CTPE_CACHE_DIR"):
+    """``$OPTUNA_CTPE_CACHE_DIR`` if set, else the platform's user cache folder for
+    ``optuna-ctpe`` (``platformdirs.user_cache_dir``: ``$XDG_CACHE_HOME/optuna-ctpe`` or
+    ``~/.cache/optuna-ctpe`` on Linux, ``~/Library/Caches/optuna-ctpe`` on macOS, under
+    ``%LOCALAPPDATA%`` on Windows)."""
+    if explicit := os.environ.get(CACHE_ENV):
         return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "optuna-ctpe"
+    return Path(platformdirs.user_cache_dir("optuna-ctpe"))
 
 
 def _split(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -213,9 +218,7 @@ def digits_task(
     Raises:
         ValueError: If ``seed`` is not a non-negative integer.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-    seed = int(seed)
+    seed = check_integer(seed, "seed", minimum=0)
     splits = _split(seed)
     model = DigitsCNN()
     model.load_state_dict(_trained_state(seed, None if cache_dir is None else Path(cache_dir)))
@@ -229,10 +232,8 @@ def digits_task(
 
     @torch.no_grad()
     def evaluate(net: nn.Module) -> float:
-        was_training = net.training
-        net.eval()
-        correct = sum(int((net(x).argmax(1) == y).sum()) for x, y in validation)
-        net.train(was_training)
+        with eval_mode(net):
+            correct = sum(int((net(x).argmax(1) == y).sum()) for x, y in validation)
         return correct / sum(len(y) for _, y in validation)
 
     return Task(

@@ -1,0 +1,14 @@
+"""The torch wing: measuring a model into search-space records, and applying a configuration.
+
+* :mod:`~optuna_ctpe.nn.sensitivity`: per-layer Hessian (Hutchinson) and empirical-Fisher
+  traces (:mod:`~optuna_ctpe.nn.hutchinson`, :mod:`~optuna_ctpe.nn.fisher`);
+* :mod:`~optuna_ctpe.nn.quantize`: fake quantization, size and BOPs accounting;
+* :mod:`~optuna_ctpe.nn.width`: dependency-aware width groups and structured pruning;
+* :mod:`~optuna_ctpe.nn.measure`: a model -> the records a
+  :class:`~optuna_ctpe.HessianSearchSpace` is built from;
+* :mod:`~optuna_ctpe.nn.apply`: a configuration -> a pruned, quantized copy of a model;
+* :mod:`~optuna_ctpe.nn.layers`: the supported layer types and the mode-preserving context.
+
+Every module here imports torch; this package's ``__init__`` does not, so that importing a
+sibling never costs more than it needs. Requires the ``torch`` extra.
+"""

@@ -1,0 +1,388 @@
+"""Mixed-precision fake quantization and size accounting on PyTorch's own quantization ops.
+
+Weights are quantized symmetrically per output channel with
+``torch.fake_quantize_per_channel_affine``: channel ``c`` gets the scale
+``s_c = max|W_c| / q_max`` with ``q_max = 2^(b-1) - 1``, zero point 0 and the integer range
+``[-q_max, q_max]`` (``2^b - 1`` levels, symmetric around 0). Scales are float32 and clamped to
+at least ``1e-8``, because a zero scale (an all-zero channel) makes the op return garbage
+without an error. Activations (optional) are quantized per tensor and asymmetrically, with the
+min/max range observed on calibration data, by ``torch.fake_quantize_per_tensor_affine`` in
+forward pre-hooks.
+
+Fake quantization keeps float tensors holding the quantized values, so a quantized model runs
+on any device and its accuracy is that of the integer model. The deprecated
+``torch.ao.quantization`` workflow is not used.
+
+Requires the ``torch`` extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from collections.abc import Mapping
+import copy
+from dataclasses import dataclass
+from dataclasses import field
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from optuna_ctpe._validation import check_bits
+from optuna_ctpe._validation import check_integer
+from optuna_ctpe.nn.layers import eval_mode
+from optuna_ctpe.nn.layers import weight_of
+from optuna_ctpe.nn.layers import WEIGHTED_LAYER_TYPES
+
+
+__all__ = [
+    "ModelSize",
+    "bops",
+    "model_size",
+    "quantization_error",
+    "quantize_model",
+    "quantize_weight",
+]
+
+_MIN_SCALE = 1e-8
+_FP32_BITS = 32
+#: Activations are quantized to at most this many bits (a float32 activation is "32 bits").
+_MAX_ACTIVATION_BITS = 32
+
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-output-channel fake quantization of a weight to ``bits`` bits.
+
+    Gradients pass straight through inside the clipping range (the op's STE); the scales are
+    computed without gradient.
+
+    Args:
+        weight: Floating-point tensor with the output channels along dimension 0 (the layout of
+            Conv and Linear weights); a 0-d tensor is treated as a single channel.
+        bits: Integer bit-width in [2, 16].
+
+    Returns:
+        A tensor of ``weight``'s shape and dtype holding the quantized values.
+
+    Raises:
+        ValueError: If ``bits`` is not an integer in [2, 16].
+        TypeError: If ``weight`` is not a floating-point tensor.
+    """
+    bits = check_bits(bits, "bits")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {_describe(weight)}.")
+    qmax = 2 ** (bits - 1) - 1
+    w = weight.reshape(1) if weight.dim() == 0 else weight
+    # The op requires float32 scales; half/bfloat16/float64 weights are quantized in float32.
+    w32 = w.float()
+    with torch.no_grad():
+        amax = w32.abs().flatten(1).amax(1) if w32.dim() > 1 else w32.abs()
+        scale = (amax / qmax).clamp_min(_MIN_SCALE)
+    zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    q = torch.fake_quantize_per_channel_affine(w32, scale, zero_point, 0, -qmax, qmax)
+    return q.to(weight.dtype).reshape(weight.shape)
+
+
+def quantization_error(weight: torch.Tensor, bits: int) -> float:
+    """``‖Q_b(W) − W‖²``: the squared Frobenius norm of the quantization error.
+
+    Args:
+        weight: Floating-point weight tensor (see :func:`quantize_weight`).
+        bits: Integer bit-width in [2, 16].
+
+    Raises:
+        ValueError: If ``bits`` is not an integer in [2, 16].
+    """
+    with torch.no_grad():
+        w = weight.detach()
+        return float((quantize_weight(w, bits).double() - w.double()).pow(2).sum())
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: Mapping[str, int],
+    *,
+    activation_bits: int | Mapping[str, int] | None = None,
+    calibration_batches: Iterable[Any] | None = None,
+) -> nn.Module:
+    """A deep copy of ``model`` with mixed-precision fake-quantized weights (and activations).
+
+    ``model`` is never modified. Each named layer's ``weight`` is replaced by
+    :func:`quantize_weight` at its bit-width; biases and all other parameters stay float.
+
+    With ``activation_bits``, the input of each chosen layer is fake-quantized per tensor,
+    asymmetrically over ``[min(0, lo), max(0, hi)]`` with ``2^b`` levels, where ``lo``/``hi``
+    are the smallest/largest input values seen while running the weight-quantized copy (in eval
+    mode, without gradients) on ``calibration_batches``. The quantizers are forward pre-hooks of
+    the copy and are deep-copyable.
+
+    Args:
+        model: The network.
+        bits: Module name -> weight bit-width (integer in [2, 16]); each module needs a
+            ``weight`` parameter. Modules not named keep float weights.
+        activation_bits: None (float activations), one bit-width for the inputs of every layer
+            in ``bits``, or module name -> bit-width for chosen layers.
+        calibration_batches: Required with ``activation_bits``: each batch is an input tensor,
+            or a tuple/list whose first element is the input tensor (``(inputs, targets)``).
+
+    Returns:
+        The quantized copy, in the same train/eval modes as ``model``.
+
+    Raises:
+        ValueError: On unknown layer names (all listed), modules without a weight, bit-widths
+            outside [2, 16], ``activation_bits`` without ``calibration_batches`` (or with an
+            empty one), or non-finite calibration activations.
+    """
+    if not isinstance(bits, Mapping):
+        raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
+    checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
+    _check_layer_names(model, checked, "bits", need_weight=True)
+    act = _activation_bits(activation_bits, checked)
+    _check_layer_names(model, act, "activation_bits", need_weight=False)
+    if act and calibration_batches is None:
+        raise ValueError("calibration_batches is required when activation_bits is given.")
+
+    net = copy.deepcopy(model)
+    modules = dict(net.named_modules())
+    with torch.no_grad():
+        for name, b in checked.items():
+            weight = modules[name].weight
+            weight.copy_(quantize_weight(weight.detach(), b))
+    if act:
+        _calibrate(net, modules, act, calibration_batches)  # type: ignore[arg-type]
+    return net
+
+
+class _ActivationFakeQuant:
+    """Forward pre-hook fake-quantizing a module's first input per tensor."""
+
+    def __init__(self, scale: float, zero_point: int, qmax: int) -> None:
+        self.scale = scale
+        self.zero_point = zero_point
+        self.qmax = qmax
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        q = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, self.qmax)
+        return (q, *args[1:])
+
+
+class _RangeObserver:
+    """Forward pre-hook recording the min and max of a module's first input."""
+
+    def __init__(self) -> None:
+        self.lo = math.inf
+        self.hi = -math.inf
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+
+
+def _calibrate(
+    net: nn.Module,
+    modules: Mapping[str, nn.Module],
+    act: Mapping[str, int],
+    batches: Iterable[Any],
+) -> None:
+    observers = {name: _RangeObserver() for name in act}
+    handles = [modules[n].register_forward_pre_hook(o) for n, o in observers.items()]
+    n_batches = 0
+    try:
+        # Eval mode: batch-norm statistics of the copy must not move during calibration.
+        with eval_mode(net), torch.no_grad():
+            for batch in batches:
+                net(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if n_batches == 0:
+        raise ValueError("calibration_batches is empty: at least one batch is needed.")
+    for name, b in act.items():
+        obs = observers[name]
+        if not (math.isfinite(obs.lo) and math.isfinite(obs.hi)):
+            raise ValueError(
+                f"the calibration inputs of layer {name!r} are not finite "
+                f"(range [{obs.lo}, {obs.hi}]), or the layer was never called."
+            )
+        # The range must contain 0 so that zero (padding, ReLU outputs) is represented exactly.
+        lo, hi = min(obs.lo, 0.0), max(obs.hi, 0.0)
+        qmax = 2**b - 1
+        scale = max((hi - lo) / qmax, _MIN_SCALE)
+        zero_point = min(qmax, max(0, round(-lo / scale)))
+        modules[name].register_forward_pre_hook(_ActivationFakeQuant(scale, zero_point, qmax))
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Storage size of a (mixed-precision) model.
+
+    Attributes:
+        total_bits: Bits to store every parameter (each counted once).
+        n_params: Number of parameter elements.
+        layer_bits: Module name -> bits of the module's own parameters (weight and bias), for
+            every module that owns parameters.
+        bytes: ``total_bits / 8``.
+        compression_ratio: ``32 * n_params / total_bits``, the size ratio to an FP32 model.
+    """
+
+    total_bits: int
+    n_params: int
+    layer_bits: dict[str, int] = field(default_factory=dict, hash=False)
+
+    @property
+    def bytes(self) -> float:
+        return self.total_bits / 8
+
+    @property
+    def compression_ratio(self) -> float:
+        return _FP32_BITS * self.n_params / self.total_bits if self.total_bits else math.inf
+
+
+def model_size(
+    model: nn.Module, bits: Mapping[str, int] | None = None, *, default_bits: int = 32
+) -> ModelSize:
+    """Storage size of ``model`` with the weights of ``bits``' layers at their bit-widths.
+
+    Every parameter is counted once: the ``weight`` of each layer in ``bits`` at its
+    bit-width, every other parameter (biases, norm scales, unquantized layers) at
+    ``default_bits``. Buffers (batch-norm running statistics) are not counted: at inference they
+    fold into the preceding layer. Per-channel scales are not counted either (one float per
+    output channel, negligible next to the weights).
+
+    Args:
+        model: The network (its actual, possibly pruned, parameter shapes are counted).
+        bits: Layer name -> weight bit-width in [2, 16]; None or empty counts everything at
+            ``default_bits``.
+        default_bits: Bit-width of every other parameter, an integer in [1, 64].
+
+    Raises:
+        ValueError: On unknown layer names, modules without a weight, or bad bit-widths.
+    """
+    default_bits = check_integer(default_bits, "default_bits", minimum=1, maximum=64)
+    bits = {} if bits is None else bits
+    if not isinstance(bits, Mapping):
+        raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
+    checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
+    _check_layer_names(model, checked, "bits", need_weight=True)
+    modules = dict(model.named_modules())
+    weight_bits = {id(modules[n].weight): b for n, b in checked.items()}
+    seen: set[int] = set()
+    total = n_params = 0
+    layer_bits: dict[str, int] = {}
+    for name, module in modules.items():
+        own = 0
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:  # shared parameters are stored once
+                continue
+            seen.add(id(p))
+            own += p.numel() * weight_bits.get(id(p), default_bits)
+            n_params += p.numel()
+        if own:
+            layer_bits[name] = own
+            total += own
+    return ModelSize(total_bits=total, n_params=n_params, layer_bits=layer_bits)
+
+
+def bops(
+    model: nn.Module,
+    bits: Mapping[str, int],
+    example_input: Any,
+    activation_bits: int | Mapping[str, int] = 32,
+) -> int:
+    """Bit operations per sample: ``Σ MACs × weight bits × activation bits`` over Conv/Linear.
+
+    MACs are counted by forward hooks on one eval-mode, no-grad pass over ``example_input``
+    and divided by its batch size: a Conv's MACs are ``output elements × in_channels / groups ×
+    kernel elements``, a Linear's ``output elements × in_features``. Layers not in ``bits``
+    count at 32 weight bits. ``model`` is left in its original modes.
+
+    Args:
+        model: The network.
+        bits: Layer name -> weight bit-width in [2, 16].
+        example_input: Input tensor (batch first), or a tuple of positional inputs whose first
+            element fixes the batch size.
+        activation_bits: One activation bit-width for every layer, or layer name -> bit-width
+            (others at 32); integers in [2, 32].
+
+    Raises:
+        ValueError: On unknown layer names or bad bit-widths.
+    """
+    if not isinstance(bits, Mapping):
+        raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
+    checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
+    _check_layer_names(model, checked, "bits", need_weight=True)
+    if isinstance(activation_bits, Mapping):
+        act = {
+            n: check_bits(b, f"activation_bits[{n!r}]", maximum=_MAX_ACTIVATION_BITS)
+            for n, b in activation_bits.items()
+        }
+        _check_layer_names(model, act, "activation_bits", need_weight=False)
+        default_act = _FP32_BITS
+    else:
+        act = {}
+        default_act = check_bits(activation_bits, "activation_bits", maximum=_MAX_ACTIVATION_BITS)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    macs: dict[str, int] = {}
+
+    def counter(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            per_output = (
+                module.in_features
+                if isinstance(module, nn.Linear)
+                else module.in_channels // module.groups * math.prod(module.kernel_size)
+            )
+            macs[name] = macs.get(name, 0) + output.numel() * per_output // output.shape[0]
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(counter(n))
+        for n, m in model.named_modules()
+        if isinstance(m, WEIGHTED_LAYER_TYPES)
+    ]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(
+        n * checked.get(name, _FP32_BITS) * act.get(name, default_act) for name, n in macs.items()
+    )
+
+
+def _activation_bits(
+    activation_bits: int | Mapping[str, int] | None, bits: Mapping[str, int]
+) -> dict[str, int]:
+    if activation_bits is None:
+        return {}
+    if isinstance(activation_bits, Mapping):
+        return {
+            name: check_bits(b, f"activation_bits[{name!r}]")
+            for name, b in activation_bits.items()
+        }
+    b = check_bits(activation_bits, "activation_bits")
+    return dict.fromkeys(bits, b)
+
+
+def _check_layer_names(
+    model: nn.Module, names: Iterable[str], what: str, *, need_weight: bool
+) -> None:
+    modules = dict(model.named_modules())
+    unknown = sorted(n for n in names if n not in modules)
+    if unknown:
+        raise ValueError(f"{what} names layers the model lacks: {unknown}.")
+    if need_weight:
+        missing = sorted(n for n in names if weight_of(modules[n]) is None)
+        if missing:
+            raise ValueError(f"{what} names modules without a weight parameter: {missing}.")
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of dtype {x.dtype}"
+    return type(x).__name__

@@ -1,0 +1,63 @@
+"""HAWQ-V2's sensitivity Ω of a choice: the one definition the package uses.
+
+``Ω = Tr̄(H) · ‖ΔW‖²``: ``Tr̄(H)`` is the layer's Hessian trace divided by its parameter count
+(``mean_trace``), ``‖ΔW‖²`` the squared norm of the weight change a choice makes: ``‖Q_b(W) −
+W‖²`` for a bit-width ``b``, the squared norm of the removed weights for a width ratio. Pure
+Python: the torch wing measures the two factors, the space wing multiplies them here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna_ctpe._validation import check_real
+from optuna_ctpe.space.params import bits_param
+from optuna_ctpe.space.params import width_param
+from optuna_ctpe.space.records import SpaceSpec
+
+
+def choice_sensitivity(mean_trace: float, delta_w_sq_norm: float) -> float:
+    """HAWQ-V2's sensitivity ``Ω = Tr̄(H) · ‖ΔW‖²`` of one choice for one layer.
+
+    ``Ω`` is the second-order loss increase ``½ ΔWᵀ H ΔW`` (up to the factor ½) for a
+    perturbation spread evenly over the Hessian's eigendirections, so choices of different
+    layers are comparable. ``ΔW`` is ``Q_b(W) − W`` for a bit-width (see
+    :func:`optuna_ctpe.nn.quantize.quantization_error`) or the removed weights for a width (see
+    :func:`optuna_ctpe.nn.width.width_perturbation`).
+
+    Args:
+        mean_trace: The layer's mean trace
+            (:attr:`optuna_ctpe.nn.traces.LayerTrace.mean_trace`).
+        delta_w_sq_norm: ``‖ΔW‖²``, non-negative.
+
+    Raises:
+        ValueError: If an argument is not finite or ``delta_w_sq_norm`` is negative.
+    """
+    trace = check_real(mean_trace, "mean_trace")
+    return trace * check_real(delta_w_sq_norm, "delta_w_sq_norm", minimum=0.0)
+
+
+def omega_table(spec: SpaceSpec) -> dict[str, dict[Any, float]]:
+    """Parameter name -> {choice: Ω} over the full grids (before pruning), every parameter."""
+    out: dict[str, dict[Any, float]] = {}
+    for name, layer in spec.layers.items():
+        out[bits_param(name)] = {
+            b: choice_sensitivity(layer.mean_trace, layer.errors[b]) for b in spec.bits
+        }
+    for name, group in spec.groups.items():
+        out[width_param(name)] = {
+            w: choice_sensitivity(group.mean_trace, group.perturbations[w]) for w in spec.widths
+        }
+    return out
+
+
+def omega_reference(spec: SpaceSpec) -> float:
+    """``Ω_ref``: the largest Ω over the searched layers at the median bit-width of the grid."""
+    median_bits = spec.bits[(len(spec.bits) - 1) // 2]
+    return max(
+        (
+            choice_sensitivity(spec.layers[n].mean_trace, spec.layers[n].errors[median_bits])
+            for n in spec.searched_layers()
+        ),
+        default=0.0,
+    )

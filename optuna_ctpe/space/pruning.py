@@ -1,0 +1,156 @@
+"""The pruning rule of a Hessian search space, and the prior weights over what it keeps.
+
+arXiv:2308.06422 prunes its search space with "Hessian-based pruning" but does not publish the
+rule. This module implements OUR interpretation, built from HAWQ-V2 and NNCF's HAWQ:
+
+1. Every choice gets the HAWQ-V2 perturbation ``Ω = mean_trace × ‖ΔW‖²``
+   (:func:`optuna_ctpe.space.omega.choice_sensitivity`): ``mean_trace`` is the layer's Hessian
+   trace divided by its parameter count, ``‖ΔW‖²`` is ``‖Q_b(W) − W‖²`` for a bit-width ``b``
+   or the squared norm of the removed weights for a width ratio. By a second-order Taylor
+   expansion at a minimum, with the layer's Hessian taken as ``mean_trace × I``, ``Ω / 2``
+   estimates the loss increase.
+2. The reference ``Ω_ref`` is the largest ``Ω`` over the searched layers at the median bit
+   choice (4 bits for the default grid ``(2, 3, 4, 6, 8)``): the damage of quantizing the most
+   fragile layer to a middling precision. A choice is kept if ``Ω <= budget × Ω_ref``, so
+   ``budget`` is dimensionless and means the same on every model. Since ``Ω`` of uniform
+   rounding falls about 4× per bit, the default ``budget=16`` admits choices up to about as
+   harmful as the most fragile layer two bits below the median; ``budget=1`` (tried first)
+   pruned the best configurations of the digits CNN away. Widths use the same threshold, so a
+   width ratio survives only if it perturbs the loss no more than that either.
+3. The safest choice (the highest bit-width, the widest ratio) is always kept.
+4. Monotonicity (as NNCF's HAWQ enumerates only such sequences): a layer with a larger mean
+   trace never has a smaller minimum bit-width than a less sensitive layer.
+5. The first and last weight layers are fixed to ``keep_first_last_bits`` (8 by default, as in
+   HAQ and HAWQ) or searched like the others when it is None.
+
+The rule knows nothing of a size target; :func:`relaxed_budget` raises the threshold just
+enough for the pruned space to hold a configuration of a given size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from optuna_ctpe._validation import check_real
+from optuna_ctpe.space.omega import omega_reference
+from optuna_ctpe.space.params import bits_param
+from optuna_ctpe.space.params import Choices
+from optuna_ctpe.space.params import searched
+from optuna_ctpe.space.params import width_param
+from optuna_ctpe.space.records import SpaceSpec
+from optuna_ctpe.space.size import smallest_size
+
+#: Parameter name -> {choice: Ω}, as :func:`optuna_ctpe.space.omega.omega_table` gives it.
+OmegaTable = Mapping[str, Mapping[Any, float]]
+
+
+def threshold(spec: SpaceSpec) -> float:
+    """``budget × Ω_ref``: the largest Ω a kept choice may have (``inf``: keep everything)."""
+    ref = omega_reference(spec)
+    # With no measurable sensitivity there is nothing to prune on: keep everything.
+    return math.inf if ref == 0 or math.isinf(spec.budget) else spec.budget * ref
+
+
+def prune(spec: SpaceSpec, omega: OmegaTable) -> dict[str, tuple[Any, ...]]:
+    """Parameter name -> the choices the rule keeps, for every layer and group of ``spec``.
+
+    Args:
+        spec: The space's validated inputs.
+        omega: Its :func:`~optuna_ctpe.space.omega.omega_table`.
+    """
+    limit = threshold(spec)
+    layers = spec.searched_layers()
+    kept_bits = {
+        name: [b for b in spec.bits if b == spec.bits[-1] or omega[bits_param(name)][b] <= limit]
+        for name in layers
+    }
+    # Monotonicity: walking from the least to the most sensitive layer, the minimum bit-width
+    # never decreases. Ties in the trace are ordered by name so the rule is deterministic.
+    floor = spec.bits[0]
+    for name in sorted(layers, key=lambda n: (spec.layers[n].mean_trace, n)):
+        floor = max(floor, kept_bits[name][0])
+        kept_bits[name] = [b for b in kept_bits[name] if b >= floor]
+    choices: dict[str, tuple[Any, ...]] = {
+        bits_param(name): tuple(kept_bits[name]) if name in kept_bits else (spec.fixed_bits[name],)
+        for name in spec.layers
+    }
+    for name in spec.groups:
+        choices[width_param(name)] = tuple(
+            w for w in spec.widths if w == spec.widths[-1] or omega[width_param(name)][w] <= limit
+        )
+    return choices
+
+
+def relaxed_budget(spec: SpaceSpec, omega: OmegaTable, target: float) -> float:
+    """The smallest budget >= ``spec.budget`` whose pruned space has a configuration of at most
+    ``target`` bits.
+
+    A choice is readmitted exactly when the budget reaches its own ``Ω / Ω_ref``, so those
+    ratios (and ``inf``) are the only budgets worth trying.
+
+    Raises:
+        ValueError: If even the unpruned grid's smallest configuration exceeds ``target``.
+    """
+    reference = omega_reference(spec)
+    candidates = [spec.budget]
+    if reference > 0 and math.isfinite(spec.budget):
+        ratios = {v / reference for table in omega.values() for v in table.values()} - {0.0}
+        candidates += [b for b in sorted(ratios) if b > spec.budget]
+    for budget in [*candidates, math.inf]:
+        relaxed = dataclasses.replace(spec, budget=budget)
+        if smallest_size(relaxed, prune(relaxed, omega)) <= target:
+            return budget
+    raise ValueError(
+        f"no configuration of the full grid fits {target:.0f} bits; the smallest has "
+        f"{smallest_size(relaxed, prune(relaxed, omega))} bits."
+    )
+
+
+def prior_weights(
+    spec: SpaceSpec,
+    choices: Choices,
+    omega: OmegaTable,
+    temperature: float = 0.5,
+    floor: float = 0.1,
+) -> dict[str, list[float]]:
+    """Per-parameter weights over the kept choices of the searched parameters.
+
+    A choice's weight is ``exp((saving − risk) / temperature)``, normalised, then mixed with the
+    uniform distribution (``floor`` of the mass), so that no choice is ruled out:
+
+    * ``saving = 1 − choice / safest choice``, the fraction of the layer's bits (or the group's
+      channels) the choice removes;
+    * ``risk = log(1 + Ω / threshold)``, with ``threshold = budget × Ω_ref`` (``Ω_ref`` when
+      nothing is pruned): at most ``log 2`` for kept choices, and growing only logarithmically
+      beyond, because Ω is a second-order estimate that overstates how bad large perturbations
+      rank against each other.
+
+    Cheap-and-safe choices thus get the most weight.
+
+    Args:
+        spec: The space's validated inputs.
+        choices: The kept choices (:func:`prune`).
+        omega: The space's Ω table.
+        temperature: Softness of the preference, > 0; a large value tends to uniform.
+        floor: Fraction of the mass spread uniformly over the choices, in [0, 1].
+    """
+    temperature = check_real(temperature, "temperature", minimum=0.0, open_minimum=True)
+    floor = check_real(floor, "floor", minimum=0.0, maximum=1.0)
+    limit = threshold(spec)
+    scale = limit if math.isfinite(limit) else (omega_reference(spec) or 1.0)
+    out: dict[str, list[float]] = {}
+    for name in searched(choices):
+        options = list(choices[name])
+        top = max(options)
+        saving = np.array([1.0 - c / top for c in options])
+        risk = np.log1p([omega[name][c] / scale for c in options])
+        logits = (saving - risk) / temperature
+        weights = np.exp(logits - logits.max())
+        weights = (1 - floor) * weights / weights.sum() + floor / len(options)
+        out[name] = weights.tolist()
+    return out

@@ -1,0 +1,473 @@
+"""Plain-data records of a Hessian search space, and the validation of their fields.
+
+:class:`QuantConfig` is one point of the space; :class:`LayerSensitivity`,
+:class:`WidthGroupSensitivity` and :class:`ParamTensor` are what a space is built from (and what
+its JSON holds); :class:`SpaceSpec` is the validated whole that every function of
+:mod:`optuna_ctpe.space` works on. No torch here: the records travel through JSON and study
+attributes to machines without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+import math
+import types
+from typing import Any
+from typing import TypeVar
+
+from optuna_ctpe._validation import check_bits
+from optuna_ctpe._validation import check_grid
+from optuna_ctpe._validation import check_integer
+from optuna_ctpe._validation import check_ratio
+from optuna_ctpe._validation import is_real
+from optuna_ctpe._validation import MAX_BITS
+from optuna_ctpe._validation import MIN_BITS
+
+
+#: The default grid of weight bit-widths (the CLI's ``--bits`` default too).
+DEFAULT_BITS = (2, 3, 4, 6, 8)
+#: The default grid of width ratios (the CLI's ``--widths`` default too).
+DEFAULT_WIDTHS = (0.5, 0.75, 1.0)
+# Ω of uniform rounding falls about 4x per bit, so 16 = 4^2 admits choices up to about two bits
+# below the most sensitive layer's median-bit damage. Budget 1 (no slack) pruned the best
+# configurations away on the digits CNN (benchmarks/results/hessian_search.md).
+DEFAULT_BUDGET = 16.0
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def kept_channels(n_channels: int, ratio: float) -> int:
+    """Channels left when a group of ``n_channels`` is pruned to ``ratio``: at least one."""
+    return max(1, round(n_channels * ratio))
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain-data records
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One point of the search space: a bit-width per quantized layer, a ratio per width group.
+
+    Attributes:
+        bits: Layer name -> weight bit-width, for every quantized layer (searched or fixed).
+        widths: Width-group name -> fraction of channels kept, in (0, 1], for every group.
+    """
+
+    bits: Mapping[str, int]
+    widths: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Read-only views keep the frozen dataclass really immutable (and safely hashable).
+        object.__setattr__(self, "bits", types.MappingProxyType(dict(self.bits)))
+        object.__setattr__(self, "widths", types.MappingProxyType(dict(self.widths)))
+
+    def key(self) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, float], ...]]:
+        """A hashable canonical key, e.g. to cache evaluations of repeated configurations."""
+        return tuple(sorted(self.bits.items())), tuple(sorted(self.widths.items()))
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuantConfig) and self.key() == other.key()
+
+    def __repr__(self) -> str:
+        return f"QuantConfig(bits={dict(self.bits)!r}, widths={dict(self.widths)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Mapping proxies do not pickle; rebuild from plain dicts (multiprocessing, caches).
+        return QuantConfig, (dict(self.bits), dict(self.widths))
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """Sensitivity data of one quantizable layer.
+
+    Attributes:
+        name: Module name, e.g. ``"features.0"``.
+        mean_trace: Hessian trace of the layer's weight divided by its parameter count (HAWQ-V2's
+            average eigenvalue), finite and >= 0.
+        n_params: Number of weight parameters (biases excluded).
+        errors: Bit-width -> ``‖Q_b(W) − W‖²`` of the layer's weight; must cover the space's
+            bit-widths.
+        trace_stderr: Standard error of ``mean_trace`` (0 when it is exact or unknown).
+    """
+
+    name: str
+    mean_trace: float
+    n_params: int
+    errors: Mapping[int, float]
+    trace_stderr: float = 0.0
+
+
+@dataclass(frozen=True)
+class WidthGroupSensitivity:
+    """Sensitivity data of one group of channels that must be pruned together.
+
+    Attributes:
+        name: Group name (by convention the name of the layer whose outputs it prunes).
+        n_channels: Channels of the group at full width.
+        mean_trace: Parameter-weighted mean of the ``mean_trace`` of the group's layers.
+        perturbations: Width ratio -> squared norm of the weights that ratio removes; must cover
+            the space's widths (1.0 -> 0).
+        kept_channels: Width ratio -> channels left after pruning. Defaults to
+            :func:`kept_channels` (``max(1, round(n_channels * ratio))``);
+            :meth:`HessianSearchSpace.from_model` records the counts the pruner actually produces.
+    """
+
+    name: str
+    n_channels: int
+    mean_trace: float
+    perturbations: Mapping[float, float]
+    kept_channels: Mapping[float, int] | None = None
+
+    def kept(self, ratio: float) -> int:
+        """Channels left at ``ratio``."""
+        if self.kept_channels is not None and ratio in self.kept_channels:
+            return int(self.kept_channels[ratio])
+        return kept_channels(self.n_channels, ratio)
+
+
+@dataclass(frozen=True)
+class ParamTensor:
+    """A parameter tensor of the model, for exact size accounting.
+
+    Attributes:
+        name: Parameter name, e.g. ``"conv1.weight"``.
+        numel: Number of elements at full width.
+        layer: Name of the quantized layer whose bit-width this tensor is stored at, or None for a
+            tensor kept in float32 (biases, normalisation parameters, unsearched layers).
+        out_group: Width group that prunes the tensor's first dimension, or None.
+        in_group: Width group that prunes the tensor's second dimension, or None.
+    """
+
+    name: str
+    numel: int
+    layer: str | None = None
+    out_group: str | None = None
+    in_group: str | None = None
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """Everything a search space is built from, validated: the input of every space function.
+
+    Build it with :func:`make_spec`, which checks every field; the dataclass itself checks
+    nothing, so that :func:`dataclasses.replace` can change the budget of a checked spec.
+
+    Attributes:
+        layers: Layer name -> its sensitivity, in model order.
+        groups: Width-group name -> its sensitivity.
+        tensors: Every parameter tensor of the model, for size accounting.
+        bits: The bit-width grid, ascending.
+        widths: The width-ratio grid, ascending.
+        budget: The pruning threshold as a multiple of ``Ω_ref`` (> 0, ``math.inf`` allowed).
+        fixed_bits: Layer name -> bit-width of the quantized but unsearched layers.
+    """
+
+    layers: Mapping[str, LayerSensitivity]
+    groups: Mapping[str, WidthGroupSensitivity]
+    tensors: tuple[ParamTensor, ...]
+    bits: tuple[int, ...]
+    widths: tuple[float, ...]
+    budget: float
+    fixed_bits: Mapping[str, int]
+
+    def searched_layers(self) -> list[str]:
+        """The layers whose bit-width is searched (not fixed), in model order."""
+        return [n for n in self.layers if n not in self.fixed_bits]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _reworded(check: Callable[[Any, str], _T], requirement: str) -> Callable[[Any, str], _T]:
+    """``check``, failing with ``"<name> must hold <requirement>, got <value>."`` instead.
+
+    The grids have always said "must hold", and saved error matching (the tests, user scripts)
+    relies on it; the rule itself is the shared one of :mod:`optuna_ctpe._validation`.
+    """
+
+    def check_one(value: Any, name: str) -> _T:
+        try:
+            return check(value, name)
+        except ValueError:
+            raise ValueError(f"{name} must hold {requirement}, got {value!r}.") from None
+
+    return check_one
+
+
+#: One bit-width of a grid or a configuration, in [MIN_BITS, MAX_BITS].
+check_bit = _reworded(check_bits, f"integers in [{MIN_BITS}, {MAX_BITS}]")
+#: One width ratio of a grid, in (0, 1].
+check_width = _reworded(check_ratio, "ratios in (0, 1]")
+
+
+def check_bits_grid(bits: Any, name: str = "bits") -> tuple[int, ...]:
+    """A bit-width grid: a non-empty, repeat-free sequence of bit-widths, sorted."""
+    return check_grid(bits, name, check_bit)
+
+
+def check_widths_grid(widths: Any, name: str = "widths") -> tuple[float, ...]:
+    """A width-ratio grid: a non-empty, repeat-free sequence of ratios in (0, 1], sorted."""
+    return check_grid(widths, name, check_width)
+
+
+def check_budget(budget: Any) -> float:
+    """A pruning budget: a number > 0; ``math.inf`` (keep every choice) is allowed."""
+    if not is_real(budget) or not budget > 0:
+        raise ValueError(f"budget must be a number > 0 (math.inf keeps all), got {budget!r}.")
+    return float(budget)
+
+
+def check_nonnegative(value: Any, what: str) -> float:
+    """A finite number >= 0 of a record (a trace, an error), named ``what`` in the message."""
+    if not is_real(value):
+        raise ValueError(f"{what} must be a number, got {value!r}.")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{what} must be finite and >= 0, got {number!r}.")
+    return number
+
+
+def make_spec(
+    layers: Sequence[LayerSensitivity | Mapping[str, Any]],
+    groups: Sequence[WidthGroupSensitivity | Mapping[str, Any]],
+    tensors: Sequence[ParamTensor | Mapping[str, Any]] | None,
+    bits: Sequence[int],
+    widths: Sequence[float],
+    budget: float,
+    fixed_bits: Mapping[str, int] | None,
+) -> SpaceSpec:
+    """Check every field and build the :class:`SpaceSpec`.
+
+    The arguments are those of :class:`~optuna_ctpe.HessianSearchSpace`, which holds their
+    defaults and documentation.
+
+    Raises:
+        ValueError: Naming the field and the bad value.
+    """
+    bits_grid = check_bits_grid(bits)
+    widths_grid = check_widths_grid(widths)
+    checked_budget = check_budget(budget)
+    layer_map = check_layers(layers, bits_grid)
+    group_map = check_groups(groups, widths_grid)
+    fixed = dict(fixed_bits or {})
+    for name, b in fixed.items():
+        if name not in layer_map:
+            raise ValueError(
+                f"fixed_bits names unknown layer {name!r}; known layers: {sorted(layer_map)}."
+            )
+        fixed[name] = check_bit(b, f"fixed_bits[{name!r}]")
+    return SpaceSpec(
+        layers=layer_map,
+        groups=group_map,
+        tensors=check_tensors(tensors, layer_map, group_map),
+        bits=bits_grid,
+        widths=widths_grid,
+        budget=checked_budget,
+        fixed_bits=fixed,
+    )
+
+
+def _checked_by_name(
+    records: Any,
+    plural: str,
+    kind: str,
+    convert: Callable[[Any], _R],
+    check_one: Callable[[_R, str], _R],
+    *,
+    allow_empty: bool,
+) -> dict[str, _R]:
+    """Name -> ``check_one(record, "of <kind> <name>")`` for each of ``records``, converted from
+    its mapping by ``convert``; the names must be distinct non-empty strings."""
+    requirement = "a sequence" if allow_empty else "a non-empty sequence"
+    if (
+        isinstance(records, Mapping)
+        or not isinstance(records, Sequence)
+        or not (allow_empty or records)
+    ):
+        raise ValueError(f"{plural} must be {requirement}, got {records!r}.")
+    out: dict[str, _R] = {}
+    for item in records:
+        record = convert(item)
+        name = record.name  # type: ignore[attr-defined]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {kind} name must be a non-empty string, got {name!r}.")
+        if name in out:
+            raise ValueError(f"{plural} has the {kind} {name!r} twice.")
+        out[name] = check_one(record, f"of {kind} {name!r}")
+    return out
+
+
+def _per_choice(
+    values: Mapping[Any, Any], grid: Sequence[Any], field: str, what: str, grid_name: str
+) -> dict[Any, float]:
+    """``field`` (choice -> number >= 0) checked to cover every choice of ``grid``."""
+    missing = [c for c in grid if c not in values]
+    if missing:
+        raise ValueError(f"the {field} {what} lack the {grid_name} {missing}.")
+    return {c: check_nonnegative(values[c], f"{field}[{c}] {what}") for c in grid}
+
+
+def check_layers(
+    layers: Sequence[LayerSensitivity | Mapping[str, Any]], bits: Sequence[int]
+) -> dict[str, LayerSensitivity]:
+    """Layer name -> checked :class:`LayerSensitivity`, whose errors cover ``bits``."""
+
+    def check_one(layer: LayerSensitivity, what: str) -> LayerSensitivity:
+        trace = check_nonnegative(layer.mean_trace, f"the mean_trace {what}")
+        stderr = check_nonnegative(layer.trace_stderr, f"the trace_stderr {what}")
+        n_params = check_integer(layer.n_params, f"the n_params {what}", minimum=1)
+        errors = _per_choice(layer.errors, bits, "errors", what, "bit-widths")
+        return LayerSensitivity(layer.name, trace, n_params, errors, stderr)
+
+    return _checked_by_name(layers, "layers", "layer", as_layer, check_one, allow_empty=False)
+
+
+def check_groups(
+    groups: Sequence[WidthGroupSensitivity | Mapping[str, Any]], widths: Sequence[float]
+) -> dict[str, WidthGroupSensitivity]:
+    """Group name -> checked :class:`WidthGroupSensitivity`, covering ``widths``."""
+
+    def check_one(group: WidthGroupSensitivity, what: str) -> WidthGroupSensitivity:
+        trace = check_nonnegative(group.mean_trace, f"the mean_trace {what}")
+        n_channels = check_integer(group.n_channels, f"the n_channels {what}", minimum=1)
+        perturbations = _per_choice(group.perturbations, widths, "perturbations", what, "widths")
+        kept = None
+        if group.kept_channels is not None:
+            kept = {
+                w: check_integer(
+                    group.kept_channels.get(w),
+                    f"kept_channels[{w}] {what}",
+                    minimum=1,
+                    maximum=n_channels,
+                )
+                for w in widths
+            }
+        return WidthGroupSensitivity(group.name, n_channels, trace, perturbations, kept)
+
+    return _checked_by_name(groups, "groups", "group", as_group, check_one, allow_empty=True)
+
+
+def check_tensors(
+    tensors: Sequence[ParamTensor | Mapping[str, Any]] | None,
+    layers: Mapping[str, LayerSensitivity],
+    groups: Mapping[str, WidthGroupSensitivity],
+) -> tuple[ParamTensor, ...]:
+    """The checked tensors; by default (None) one weight tensor per layer, without groups."""
+    if tensors is None:
+        if groups:
+            raise ValueError(
+                "tensors is required when groups is not empty: the size effect of a width "
+                "depends on which tensors the group prunes."
+            )
+        return tuple(ParamTensor(f"{n}.weight", layer.n_params, n) for n, layer in layers.items())
+    out: dict[str, ParamTensor] = {}
+    for item in tensors:
+        t = as_tensor(item)
+        if t.name in out:
+            raise ValueError(f"tensors has the tensor {t.name!r} twice.")
+        numel = check_integer(t.numel, f"the numel of tensor {t.name!r}", minimum=1)
+        if t.layer is not None and t.layer not in layers:
+            raise ValueError(f"tensor {t.name!r} names unknown layer {t.layer!r}.")
+        for role, g in (("out_group", t.out_group), ("in_group", t.in_group)):
+            if g is None:
+                continue
+            if g not in groups:
+                raise ValueError(f"tensor {t.name!r} names unknown {role} {g!r}.")
+            if numel % groups[g].n_channels:
+                raise ValueError(
+                    f"the numel {numel} of tensor {t.name!r} is not a multiple of the "
+                    f"{groups[g].n_channels} channels of its {role} {g!r}."
+                )
+        out[t.name] = ParamTensor(t.name, numel, t.layer, t.out_group, t.in_group)
+    unused = set(groups) - {t.out_group for t in out.values()}
+    if unused:
+        raise ValueError(f"no tensor has the width groups {sorted(unused)} as out_group.")
+    return tuple(out.values())
+
+
+def check_config(spec: SpaceSpec, config: Any) -> QuantConfig:
+    """``config``, if it names exactly ``spec``'s layers and groups with valid values."""
+    if not isinstance(config, QuantConfig):
+        raise ValueError(f"config must be a QuantConfig, got {config!r}.")
+    for what, names, known in (
+        ("bits", config.bits, spec.layers),
+        ("widths", config.widths, spec.groups),
+    ):
+        if set(names) != set(known):
+            kind = "layers" if what == "bits" else "groups"
+            raise ValueError(
+                f"config.{what} must name exactly the {kind} {sorted(known)}, got {sorted(names)}."
+            )
+    for name, b in config.bits.items():
+        check_bit(b, f"config.bits[{name!r}]")
+    for name, w in config.widths.items():
+        check_ratio(w, f"config.widths[{name!r}]")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Records from mappings (JSON)
+# ----------------------------------------------------------------------------------------------
+
+
+def as_layer(item: LayerSensitivity | Mapping[str, Any]) -> LayerSensitivity:
+    """``item`` as a :class:`LayerSensitivity` (from the mapping of its fields)."""
+    if isinstance(item, LayerSensitivity):
+        return item
+    if not isinstance(item, Mapping):
+        raise ValueError(f"a layer must be a LayerSensitivity or a mapping, got {item!r}.")
+    return LayerSensitivity(
+        name=item["name"],
+        mean_trace=item["mean_trace"],
+        n_params=item["n_params"],
+        errors={int(k): v for k, v in item["errors"].items()},
+        trace_stderr=item.get("trace_stderr", 0.0),
+    )
+
+
+def as_group(item: WidthGroupSensitivity | Mapping[str, Any]) -> WidthGroupSensitivity:
+    """``item`` as a :class:`WidthGroupSensitivity` (from the mapping of its fields)."""
+    if isinstance(item, WidthGroupSensitivity):
+        return item
+    if not isinstance(item, Mapping):
+        raise ValueError(
+            f"a width group must be a WidthGroupSensitivity or a mapping, got {item!r}."
+        )
+    kept = item.get("kept_channels")
+    return WidthGroupSensitivity(
+        name=item["name"],
+        n_channels=item["n_channels"],
+        mean_trace=item["mean_trace"],
+        perturbations={float(k): v for k, v in item["perturbations"].items()},
+        kept_channels=None if kept is None else {float(k): int(v) for k, v in kept.items()},
+    )
+
+
+def as_tensor(item: ParamTensor | Mapping[str, Any]) -> ParamTensor:
+    """``item`` as a :class:`ParamTensor` (from the mapping of its fields)."""
+    if isinstance(item, ParamTensor):
+        return item
+    if not isinstance(item, Mapping):
+        raise ValueError(f"a tensor must be a ParamTensor or a mapping, got {item!r}.")
+    name = item["name"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a tensor name must be a non-empty string, got {name!r}.")
+    return ParamTensor(
+        name=name,
+        numel=item["numel"],
+        layer=item.get("layer"),
+        out_group=item.get("out_group"),
+        in_group=item.get("in_group"),
+    )

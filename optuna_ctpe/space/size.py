@@ -1,0 +1,120 @@
+"""Size accounting and summed perturbation of a configuration, and the size of the space.
+
+A configuration's storage is exact: each weight of a quantized layer takes its bit-width, every
+other parameter (biases, normalisation) 32 bits, and a width ratio shrinks each tensor its group
+prunes by the channels it removes, along the pruned dimension. Quantization scales are not
+counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import math
+from typing import Any
+
+from optuna_ctpe._validation import check_integer
+from optuna_ctpe._validation import check_ratio
+from optuna_ctpe.space.params import bits_param
+from optuna_ctpe.space.params import Choices
+from optuna_ctpe.space.params import extreme_config
+from optuna_ctpe.space.params import width_param
+from optuna_ctpe.space.records import check_config
+from optuna_ctpe.space.records import ParamTensor
+from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.records import SpaceSpec
+
+
+#: Bits of a parameter that is not quantized.
+FLOAT_BITS = 32
+
+
+def numel_after(spec: SpaceSpec, tensor: ParamTensor, widths: Mapping[str, float]) -> int:
+    """Elements of ``tensor`` left after pruning to ``widths``.
+
+    Exact: a tensor's numel is a multiple of the channels of each pruned dimension
+    (:func:`~optuna_ctpe.space.records.check_tensors` makes sure).
+    """
+    numel = tensor.numel
+    for g in (tensor.out_group, tensor.in_group):
+        if g is not None:
+            group = spec.groups[g]
+            numel = numel // group.n_channels * group.kept(widths[g])
+    return numel
+
+
+def size_bits(spec: SpaceSpec, config: QuantConfig) -> int:
+    """Exact storage of the model under ``config``, in bits (see the module docstring)."""
+    check_config(spec, config)
+    return sum(
+        numel_after(spec, t, config.widths)
+        * (config.bits[t.layer] if t.layer is not None else FLOAT_BITS)
+        for t in spec.tensors
+    )
+
+
+def smallest_size(spec: SpaceSpec, choices: Choices) -> int:
+    """Storage of the smallest configuration the kept ``choices`` allow, in bits.
+
+    Size grows with every bit-width and ratio, so it is the one taking every smallest choice.
+    """
+    return size_bits(spec, extreme_config(choices, min))
+
+
+def fp32_bits(spec: SpaceSpec) -> int:
+    """Storage of the unpruned float32 model, in bits (the denominator of size ratios)."""
+    return FLOAT_BITS * sum(t.numel for t in spec.tensors)
+
+
+def size_target(spec: SpaceSpec, size_ratio: Any, size_bits: Any) -> float:
+    """A size target in bits, from exactly one of a fraction of fp32 and a number of bits.
+
+    Raises:
+        ValueError: If not exactly one is given, ``size_ratio`` is not in (0, 1] or
+            ``size_bits`` is not a positive integer.
+    """
+    if (size_ratio is None) == (size_bits is None):
+        raise ValueError("give exactly one of size_ratio and size_bits.")
+    if size_ratio is not None:
+        try:
+            return check_ratio(size_ratio, "size_ratio") * fp32_bits(spec)
+        except ValueError:
+            # The wording saved scripts match on.
+            raise ValueError(f"size_ratio must be in (0, 1], got {size_ratio!r}.") from None
+    return float(check_integer(size_bits, "size_bits", minimum=1))
+
+
+def perturbation(
+    spec: SpaceSpec, omega: Mapping[str, Mapping[Any, float]], config: QuantConfig
+) -> float:
+    """The summed Ω of ``config``'s searched layers and groups (fixed layers are the same in
+    every configuration, so they are left out).
+
+    Raises:
+        ValueError: If ``config`` does not fit ``spec`` or sets a value outside the grid.
+    """
+    check_config(spec, config)
+    items = [(bits_param(n), b) for n, b in config.bits.items() if n not in spec.fixed_bits]
+    items += [(width_param(g), w) for g, w in config.widths.items()]
+    total = 0.0
+    for name, value in items:
+        if value not in omega[name]:
+            raise ValueError(
+                f"config sets {name!r} to {value!r}, outside the grid {list(omega[name])}."
+            )
+        total += omega[name][value]
+    return float(total)
+
+
+def log10_size_before(spec: SpaceSpec) -> float:
+    """log10 of the number of configurations before pruning (fixed layers excluded)."""
+    counts = [len(spec.bits)] * len(spec.searched_layers()) + [len(spec.widths)] * len(spec.groups)
+    return _log10_product(counts)
+
+
+def log10_size_after(choices: Choices) -> float:
+    """log10 of the number of configurations the kept ``choices`` allow."""
+    return _log10_product([len(c) for c in choices.values()])
+
+
+def _log10_product(counts: list[int]) -> float:
+    return float(sum(math.log10(c) for c in counts))
