@@ -102,9 +102,7 @@ def check_real(
     """
     if is_real(value):
         number = float(value)
-        below = minimum is not None and (
-            number <= minimum if open_minimum else number < minimum
-        )
+        below = minimum is not None and (number <= minimum if open_minimum else number < minimum)
         above = maximum is not None and number > maximum
         if math.isfinite(number) and not below and not above:
             return number

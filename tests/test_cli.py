@@ -337,8 +337,8 @@ def existing(tmp_path: Path) -> Iterator[Path]:
     study = optuna.create_study(
         storage=f"sqlite:///{db}", study_name="e", directions=["maximize"] * 2
     )
-    from optuna_ctpe._cli_study import DEFAULTS
-    from optuna_ctpe._cli_study import Settings
+    from optuna_ctpe.cli.options import DEFAULTS
+    from optuna_ctpe.cli.settings import Settings
 
     study.set_user_attr("ctpe:settings", Settings(**DEFAULTS).to_attr())
     yield db

@@ -10,7 +10,7 @@ optuna-dashboard shows as sortable columns:
 
 With ``finetune_epochs > 0`` the copy is fine-tuned by quantization-aware training: the weights
 stay in float and every forward pass quantizes them, with straight-through gradients
-(:func:`optuna_ctpe.quantize.quantize_weight`). Each epoch is one pass over the task's
+(:func:`optuna_ctpe.nn.quantize.quantize_weight`). Each epoch is one pass over the task's
 calibration batches, after which the validation accuracy is reported as the intermediate value
 of that step, so a pruner can stop an unpromising trial. The fine-tuning is deterministic on a
 CPU, which lets ``optuna-ctpe export`` rebuild the exact model a trial scored.
@@ -19,25 +19,36 @@ CPU, which lets ``optuna-ctpe export`` rebuild the exact model a trial scored.
 from __future__ import annotations
 
 from collections.abc import Callable
-import copy
 from typing import Any
 
 import optuna
 
-from optuna_ctpe._cli_signals import check_interrupted
-from optuna_ctpe._cli_signals import interruptible
-from optuna_ctpe._cli_storage import WORKER_ATTR
-from optuna_ctpe._cli_storage import worker_id
-from optuna_ctpe._cli_study import Settings
+from optuna_ctpe import _attrs
+from optuna_ctpe import _optuna_compat as compat
+from optuna_ctpe.cli.settings import Settings
+from optuna_ctpe.cli.signals import check_interrupted
+from optuna_ctpe.cli.signals import interruptible
+from optuna_ctpe.cli.storage import worker_id
 from optuna_ctpe.search_space import HessianSearchSpace
 from optuna_ctpe.search_space import QuantConfig
 from optuna_ctpe.tasks import Task
 
 
-__all__ = ["FINETUNE_LR", "Objective", "build_model"]
+__all__ = ["FINETUNE_LR", "Objective", "build_model", "model_metrics"]
 
 #: Adam learning rate of the fine-tuning: small, since it only repairs quantization damage.
 FINETUNE_LR = 1e-4
+
+
+def model_metrics(
+    space: HessianSearchSpace, accuracy: float, size_bits: float
+) -> dict[str, float]:
+    """A model's accuracy, size in bytes and compression over FP32, under their metric names."""
+    return {
+        _attrs.ACCURACY: accuracy,
+        _attrs.SIZE_BYTES: size_bits / 8,
+        _attrs.COMPRESSION_RATIO: space.fp32_bits / size_bits,
+    }
 
 
 def build_model(
@@ -65,10 +76,10 @@ def build_model(
     import torch
     from torch.nn.utils import parametrize
 
-    from optuna_ctpe.quantize import quantize_weight
+    from optuna_ctpe.nn.quantize import quantize_weight
 
     # Start from the float, width-pruned copy; the quantizers sit in the forward pass.
-    net = _pruned_float(task, config)
+    net = space.prune(task.model, config, task.example_inputs)
     modules = dict(net.named_modules())
 
     class _Quantize(torch.nn.Module):
@@ -100,16 +111,6 @@ def build_model(
     return net.eval()
 
 
-def _pruned_float(task: Task, config: QuantConfig) -> Any:
-    """A width-pruned float copy of the task's model (``space.apply`` would also quantize)."""
-    pruned = {g: w for g, w in config.widths.items() if w < 1}
-    if not pruned:
-        return copy.deepcopy(task.model)
-    from optuna_ctpe.width import prune_widths
-
-    return prune_widths(task.model, task.example_inputs, pruned)
-
-
 class Objective:
     """The objective function of ``optuna-ctpe search``.
 
@@ -139,32 +140,42 @@ class Objective:
     def _evaluate(self, trial: optuna.Trial) -> float | tuple[float, float]:
         # Tag the trial with this process first, so that if the process dies, the next worker
         # on this host can tell the trial is abandoned.
-        trial.study._storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker_id())
-        trial.set_user_attr("sampler", self._sampler_name)
-        space, settings = self._space, self._settings
-        config = space.suggest(trial)
-        single = settings.objective == "budget"
-
-        def on_epoch(epoch: int, accuracy: float) -> None:
-            check_interrupted()  # fine-tuning is the long part of a trial: stop between epochs
-            # Multi-objective studies cannot report intermediate values (Optuna raises).
-            if single:
-                trial.report(accuracy, epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"accuracy {accuracy:.4f} after epoch {epoch}")
-
-        net = build_model(space, self._task, config, settings.finetune_epochs, on_epoch)
+        compat.storage_of(trial.study).set_trial_system_attr(
+            compat.trial_id(trial), _attrs.WORKER, worker_id()
+        )
+        trial.set_user_attr(_attrs.SAMPLER, self._sampler_name)
+        config = self._space.suggest(trial)
+        net = build_model(
+            self._space,
+            self._task,
+            config,
+            self._settings.finetune_epochs,
+            self._epoch_reporter(trial),
+        )
         accuracy = float(self._task.evaluate(net))
-        size_bits = space.size(config)
-        trial.set_user_attr("accuracy", accuracy)
-        trial.set_user_attr("size_bytes", size_bits / 8)
-        trial.set_user_attr("size_kb", size_bits / 8 / 1024)
-        trial.set_user_attr("compression_ratio", space.fp32_bits / size_bits)
+        size_bits = self._space.size(config)
+        for key, value in model_metrics(self._space, accuracy, size_bits).items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr(_attrs.SIZE_KB, size_bits / 8 / 1024)
         if self._budget_bits is None:
             return accuracy, size_bits / 8 / 1024
         # Relative excess over the budget: <= 0 is feasible, and the value is comparable across
         # models, which is what TPE's ranking of infeasible trials by violation needs.
         violation = size_bits / self._budget_bits - 1.0
-        trial.set_constraint("size", violation)
-        trial.set_user_attr("feasible", violation <= 0)
+        compat.set_constraint(trial, "size", violation)
+        trial.set_user_attr(_attrs.FEASIBLE, violation <= 0)
         return accuracy
+
+    def _epoch_reporter(self, trial: optuna.Trial) -> Callable[[int, float], None]:
+        """The ``on_epoch`` of :func:`build_model`: stop on a signal, report, maybe prune."""
+        # Multi-objective studies cannot report intermediate values (Optuna raises).
+        single = self._settings.objective == "budget"
+
+        def on_epoch(epoch: int, accuracy: float) -> None:
+            check_interrupted()  # fine-tuning is the long part of a trial: stop between epochs
+            if single:
+                trial.report(accuracy, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"accuracy {accuracy:.4f} after epoch {epoch}")
+
+        return on_epoch

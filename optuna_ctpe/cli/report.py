@@ -11,11 +11,12 @@ import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
+from optuna_ctpe import _attrs
+from optuna_ctpe.cli.choose import chosen_trials
 from optuna_ctpe.search_space import HessianSearchSpace
 
 
 __all__ = [
-    "chosen_trials",
     "format_table",
     "plot_sensitivities",
     "search_report",
@@ -53,20 +54,6 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def chosen_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The trials a study recommends: its Pareto front sorted by size (two objectives), or its
-    most accurate feasible trial, ties broken by size (one objective under a size budget)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        return []
-    if len(study.directions) > 1:
-        return sorted(study.best_trials, key=lambda t: (t.values[1], -t.values[0], t.number))
-    feasible = [t for t in complete if all(v <= 0 for v in t.constraints.values())]
-    if not feasible:
-        return []
-    return [min(feasible, key=lambda t: (-t.values[0], t.user_attrs["size_bytes"], t.number))]
-
-
 def search_report(
     study: optuna.Study,
     space: HessianSearchSpace,
@@ -81,49 +68,20 @@ def search_report(
     groups = sorted(space.groups, key=lambda g: (order.get(g, len(order)), g))
     headers = ["configuration", "accuracy", "size KB", "compression"]
     headers += [f"bits:{n}" for n in layers] + [f"width:{g}" for g in groups]
-    rows: list[list[Any]] = []
-    for key, label, bits in (("fp32", "FP32", 32), ("uniform8", "uniform 8-bit", 8)):
-        b = baselines[key]
-        per_layer = [space.fixed_bits.get(n, bits) if bits != 32 else 32 for n in layers]
-        rows.append(
-            [label, b["accuracy"], b["size_bytes"] / 1024, b["compression_ratio"]]
-            + per_layer
-            + [1.0] * len(groups)
-        )
     chosen = chosen_trials(study)
-    # A converged sampler re-evaluates its favourite configurations: one row per configuration.
-    repeats: dict[tuple[Any, ...], list[FrozenTrial]] = {}
-    for trial in chosen:
-        repeats.setdefault(tuple(sorted(trial.params.items())), []).append(trial)
-    for same in repeats.values():
-        trial = same[0]
-        config = space.config_from_params(trial.params)
-        label = f"trial {trial.number}" + (f" (+{len(same) - 1} repeats)" if len(same) > 1 else "")
-        rows.append(
-            [
-                label,
-                trial.user_attrs["accuracy"],
-                trial.user_attrs["size_bytes"] / 1024,
-                trial.user_attrs["compression_ratio"],
-            ]
-            + [config.bits[n] for n in layers]
-            + [config.widths[g] for g in groups]
-        )
-    counts = {s: 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state] += 1
-    summary = ", ".join(f"{n} {s.name.lower()}" for s, n in counts.items() if n)
+    rows = _baseline_rows(space, baselines, layers, len(groups))
+    configurations = _chosen_rows(space, chosen, layers, groups)
     if len(study.directions) > 1:
-        title = f"Pareto front ({len(repeats)} configurations), smallest first:"
+        title = f"Pareto front ({len(configurations)} configurations), smallest first:"
     elif chosen:
         title = "Most accurate configuration within the size budget:"
     else:
         title = "No completed trial meets the size budget yet."
     return "\n".join(
         [
-            f"Study {study.study_name!r}: {summary or 'no trials'}.",
+            f"Study {study.study_name!r}: {_state_counts(study) or 'no trials'}.",
             title,
-            format_table(headers, rows),
+            format_table(headers, rows + configurations),
             "",
             "Open the study in optuna-dashboard with:",
             f"  optuna-dashboard {dashboard_url}",
@@ -131,8 +89,62 @@ def search_report(
     )
 
 
+def _metric_cells(metrics: Mapping[str, Any]) -> list[Any]:
+    """Accuracy, size in KB and compression ratio: the report's first numeric columns."""
+    return [
+        metrics[_attrs.ACCURACY],
+        metrics[_attrs.SIZE_BYTES] / 1024,
+        metrics[_attrs.COMPRESSION_RATIO],
+    ]
+
+
+def _baseline_rows(
+    space: HessianSearchSpace,
+    baselines: Mapping[str, Mapping[str, float]],
+    layers: Sequence[str],
+    n_groups: int,
+) -> list[list[Any]]:
+    """The FP32 and uniform 8-bit rows (layers with fixed bits keep them under uniform 8)."""
+    rows: list[list[Any]] = []
+    for key, label, bits in (("fp32", "FP32", 32), ("uniform8", "uniform 8-bit", 8)):
+        per_layer = [space.fixed_bits.get(n, bits) if bits != 32 else 32 for n in layers]
+        rows.append([label, *_metric_cells(baselines[key]), *per_layer] + [1.0] * n_groups)
+    return rows
+
+
+def _chosen_rows(
+    space: HessianSearchSpace,
+    chosen: Sequence[FrozenTrial],
+    layers: Sequence[str],
+    groups: Sequence[str],
+) -> list[list[Any]]:
+    """One row per chosen configuration: a converged sampler re-evaluates its favourites."""
+    repeats: dict[tuple[Any, ...], list[FrozenTrial]] = {}
+    for trial in chosen:
+        repeats.setdefault(tuple(sorted(trial.params.items())), []).append(trial)
+    rows: list[list[Any]] = []
+    for same in repeats.values():
+        trial = same[0]
+        config = space.config_from_params(trial.params)
+        label = f"trial {trial.number}" + (f" (+{len(same) - 1} repeats)" if len(same) > 1 else "")
+        rows.append(
+            [label, *_metric_cells(trial.user_attrs)]
+            + [config.bits[n] for n in layers]
+            + [config.widths[g] for g in groups]
+        )
+    return rows
+
+
+def _state_counts(study: optuna.Study) -> str:
+    """``3 complete, 1 fail``: the study's trials by state."""
+    counts = {s: 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    return ", ".join(f"{n} {s.name.lower()}" for s, n in counts.items() if n)
+
+
 def sensitivity_table(traces: Sequence[Any]) -> str:
-    """Per-layer trace table of :class:`~optuna_ctpe.sensitivity.LayerTrace` records,
+    """Per-layer trace table of :class:`~optuna_ctpe.nn.traces.LayerTrace` records,
     in model order."""
     rows = [
         [t.name, t.n_params, t.trace, t.mean_trace, t.relative_stderr, t.n_probes] for t in traces

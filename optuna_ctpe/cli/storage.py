@@ -33,14 +33,15 @@ from optuna.storages import RDBStorage
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from optuna_ctpe import _attrs
+from optuna_ctpe import _optuna_compat as compat
+from optuna_ctpe.cli.options import UsageError
 
 __all__ = [
     "HEARTBEAT_INTERVAL",
     "GRACE_PERIOD",
     "StorageSpec",
     "UNTAGGED_GRACE",
-    "UsageError",
-    "WORKER_ATTR",
     "fail_abandoned_trials",
     "owner_is_dead",
     "open_storage",
@@ -53,8 +54,6 @@ HEARTBEAT_INTERVAL = 10
 #: Seconds without a heartbeat after which another worker fails the trial. Three missed beats,
 #: so that a worker stalled by a long garbage collection or a busy disk is not failed.
 GRACE_PERIOD = 3 * HEARTBEAT_INTERVAL
-#: Trial system attribute naming the process that runs the trial.
-WORKER_ATTR = "ctpe:worker"
 #: Seconds after which a RUNNING trial without a worker tag counts as abandoned. Generous, since
 #: trial start times come from the creating worker's clock, which may differ from ours.
 UNTAGGED_GRACE = 300
@@ -62,10 +61,6 @@ UNTAGGED_GRACE = 300
 _SCHEMA_ATTEMPTS = 5
 
 _PROCESS_START = f"{time.time():.3f}"
-
-
-class UsageError(Exception):
-    """A bad command-line value; the CLI prints ``optuna-ctpe: error: <message>`` and exits 2."""
 
 
 @dataclass(frozen=True)
@@ -235,12 +230,12 @@ def fail_abandoned_trials(study: optuna.Study, *, only_own: bool = False) -> lis
     callback (the retry of RDB storages) runs for each trial failed here, exactly as if the
     heartbeat had failed it.
     """
-    storage = study._storage
+    storage = compat.storage_of(study)
     me = worker_id()
     now = datetime.datetime.now()
     failed: list[int] = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.system_attrs.get(WORKER_ATTR)
+        owner = trial.system_attrs.get(_attrs.WORKER)
         if only_own:
             if owner != me:
                 continue
@@ -254,7 +249,7 @@ def fail_abandoned_trials(study: optuna.Study, *, only_own: bool = False) -> lis
             # only an old untagged trial is known to be abandoned (its worker died in between).
             continue
         try:
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            if not storage.set_trial_state_values(compat.trial_id(trial), state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker finished or failed it first
@@ -262,5 +257,5 @@ def fail_abandoned_trials(study: optuna.Study, *, only_own: bool = False) -> lis
         get_callback = getattr(storage, "get_heartbeat_stale_trial_callback", None)
         callback = get_callback() if get_callback is not None else None
         if callback is not None and not only_own:
-            callback(study, storage.get_trial(trial._trial_id))
+            callback(study, storage.get_trial(compat.trial_id(trial)))
     return failed

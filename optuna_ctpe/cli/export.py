@@ -12,6 +12,7 @@ width-pruned model, so its shapes fit the pruned architecture, not the original 
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 import json
 import os
@@ -22,22 +23,66 @@ import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
-from optuna_ctpe._cli_objective import build_model
-from optuna_ctpe._cli_report import chosen_trials
-from optuna_ctpe._cli_storage import StorageSpec
-from optuna_ctpe._cli_storage import UsageError
-from optuna_ctpe._cli_storage import open_storage
-from optuna_ctpe._cli_study import SETTINGS_ATTR
-from optuna_ctpe._cli_study import Settings
-from optuna_ctpe._cli_study import load_task
+from optuna_ctpe import _attrs
+from optuna_ctpe.cli.choose import recommended_trial
+from optuna_ctpe.cli.objective import build_model
+from optuna_ctpe.cli.options import add_storage_options
+from optuna_ctpe.cli.options import add_task_options
+from optuna_ctpe.cli.options import nonnegative_int
+from optuna_ctpe.cli.options import UsageError
+from optuna_ctpe.cli.settings import Settings
+from optuna_ctpe.cli.storage import open_storage
+from optuna_ctpe.cli.storage import parse_storage
+from optuna_ctpe.cli.storage import StorageSpec
+from optuna_ctpe.cli.task import load_task
 from optuna_ctpe.search_space import HessianSearchSpace
 from optuna_ctpe.search_space import QuantConfig
 from optuna_ctpe.tasks import Task
 
 
-__all__ = ["EXPORT_SCHEMA", "ExportResult", "export", "load_exported"]
+__all__ = ["EXPORT_SCHEMA", "ExportResult", "add_parser", "export", "load_exported"]
 
 EXPORT_SCHEMA = "optuna-ctpe/export"
+
+
+def add_parser(commands: Any) -> None:
+    """Add the ``export`` command to the subparsers ``commands``."""
+    parser = commands.add_parser(
+        "export",
+        help="write a trial's configuration (JSON) and quantized model (state dict)",
+        description=(
+            "Rebuild one trial's width-pruned, quantized model and write "
+            "<study>-trial<N>.json (configuration, metrics, search space) and "
+            "<study>-trial<N>.pt (its state dict, saved with torch.save; load it with "
+            "torch.load(path, weights_only=True), or with optuna_ctpe.cli.load_exported(json))."
+        ),
+    )
+    add_storage_options(parser, study_required=False)
+    parser.add_argument(
+        "--trial",
+        type=nonnegative_int,
+        metavar="N",
+        help=(
+            "trial number to export (default: the most accurate feasible trial for "
+            "--objective budget, the most accurate Pareto-optimal trial for pareto)"
+        ),
+    )
+    parser.add_argument(
+        "-o", "--output-dir", default=".", metavar="DIR", help="folder for the files (default: .)"
+    )
+    add_task_options(parser, task=False)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``optuna-ctpe export`` with parsed arguments; return the exit code."""
+    spec = parse_storage(args.storage)
+    result = export(spec, args.study_name, args.trial, args.output_dir, cache_dir=args.cache_dir)
+    recorded = result.trial.user_attrs[_attrs.ACCURACY]
+    print(f"trial {result.trial.number}: accuracy {result.accuracy:.4f} (recorded {recorded:.4f})")
+    print(f"configuration: {result.config_path}")
+    print(f"state dict:    {result.model_path}  (torch.load(path, weights_only=True))")
+    return 0
 
 
 @dataclass(frozen=True)
@@ -68,28 +113,42 @@ def _pick_study(storage: optuna.storages.BaseStorage, spec: StorageSpec, name: s
 
 
 def _pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
-    if number is not None:
-        trials = study.get_trials(deepcopy=False)
-        if not 0 <= number < len(trials):
+    if number is None:
+        trial = recommended_trial(study)
+        if trial is None:
             raise UsageError(
-                f"--trial {number} does not exist in study {study.study_name!r}, which has "
-                f"trials 0 to {len(trials) - 1}."
-            )
-        trial = trials[number]
-        if trial.state != TrialState.COMPLETE:
-            raise UsageError(
-                f"--trial {number} is {trial.state.name}, not COMPLETE; only completed trials "
-                "have a scored configuration."
+                f"study {study.study_name!r} has no completed (feasible) trial to export; pass "
+                "--trial N."
             )
         return trial
-    chosen = chosen_trials(study)
-    if not chosen:
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials):
         raise UsageError(
-            f"study {study.study_name!r} has no completed (feasible) trial to export; pass "
-            "--trial N."
+            f"--trial {number} does not exist in study {study.study_name!r}, which has "
+            f"trials 0 to {len(trials) - 1}."
         )
-    # On a Pareto front, the most accurate configuration (the front is sorted by size).
-    return max(chosen, key=lambda t: (t.user_attrs["accuracy"], -t.user_attrs["size_bytes"]))
+    trial = trials[number]
+    if trial.state != TrialState.COMPLETE:
+        raise UsageError(
+            f"--trial {number} is {trial.state.name}, not COMPLETE; only completed trials "
+            "have a scored configuration."
+        )
+    return trial
+
+
+def _load_study(spec: StorageSpec, study_name: str | None) -> optuna.Study:
+    """The ``optuna-ctpe search`` study to export from (never creating a storage file)."""
+    local = spec.local_file
+    if local is not None and not local.exists():
+        # Opening a missing SQLite or journal file would create an empty one: a typo in the path
+        # must not leave files behind.
+        raise UsageError(f"--storage {spec.location!r}: no such file {str(local)!r}.")
+    storage = open_storage(spec, heartbeat=False)
+    name = _pick_study(storage, spec, study_name)
+    study = optuna.load_study(study_name=name, storage=storage)
+    if _attrs.SETTINGS not in study.user_attrs:
+        raise UsageError(f"study {name!r} was not created by optuna-ctpe search.")
+    return study
 
 
 def export(
@@ -114,17 +173,8 @@ def export(
         UsageError: If the study or trial does not exist, the trial is not complete, or the study
             was not made by ``optuna-ctpe search``.
     """
-    local = spec.local_file
-    if local is not None and not local.exists():
-        # Opening a missing SQLite or journal file would create an empty one: a typo in the path
-        # must not leave files behind.
-        raise UsageError(f"--storage {spec.location!r}: no such file {str(local)!r}.")
-    storage = open_storage(spec, heartbeat=False)
-    name = _pick_study(storage, spec, study_name)
-    study = optuna.load_study(study_name=name, storage=storage)
-    if SETTINGS_ATTR not in study.user_attrs:
-        raise UsageError(f"study {name!r} was not created by optuna-ctpe search.")
-    settings = Settings.from_attr(study.user_attrs[SETTINGS_ATTR])
+    study = _load_study(spec, study_name)
+    settings = Settings.from_attr(study.user_attrs[_attrs.SETTINGS])
     trial = _pick_trial(study, trial_number)
     space = HessianSearchSpace.load_from_study(study)  # present once any trial has completed
     task = load_task(settings.task, seed=settings.seed, cache_dir=cache_dir)
@@ -136,13 +186,28 @@ def export(
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-trial{trial.number}"
+    stem = f"{study.study_name}-trial{trial.number}"
     model_path = out / f"{stem}.pt"
     config_path = out / f"{stem}.json"
     torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, model_path)
-    document = {
+    document = _document(study.study_name, trial, settings, space, config, accuracy, model_path)
+    config_path.write_text(json.dumps(document, indent=2) + "\n")
+    return ExportResult(config_path, model_path, trial, accuracy)
+
+
+def _document(
+    study_name: str,
+    trial: FrozenTrial,
+    settings: Settings,
+    space: HessianSearchSpace,
+    config: QuantConfig,
+    reproduced_accuracy: float,
+    model_path: Path,
+) -> dict[str, Any]:
+    """The export's JSON: what rebuilding the model needs, and the trial's recorded metrics."""
+    return {
         "schema": EXPORT_SCHEMA,
-        "study": name,
+        "study": study_name,
         "trial": trial.number,
         "task": settings.task,
         "seed": settings.seed,
@@ -150,17 +215,15 @@ def export(
         "params": trial.params,
         "bits": dict(config.bits),
         "widths": dict(config.widths),
-        "accuracy": trial.user_attrs["accuracy"],
-        "reproduced_accuracy": accuracy,
-        "size_bytes": trial.user_attrs["size_bytes"],
-        "compression_ratio": trial.user_attrs["compression_ratio"],
-        "state_dict": model_path.name,
+        _attrs.ACCURACY: trial.user_attrs[_attrs.ACCURACY],
+        "reproduced_accuracy": reproduced_accuracy,
+        _attrs.SIZE_BYTES: trial.user_attrs[_attrs.SIZE_BYTES],
+        _attrs.COMPRESSION_RATIO: trial.user_attrs[_attrs.COMPRESSION_RATIO],
+        "state_dict": model_path.name,  # beside the JSON: the pair moves together
         "load": "optuna_ctpe.cli.load_exported(json_path), or build the pruned architecture and "
         "load_state_dict(torch.load(state_dict, weights_only=True))",
         "search_space": json.loads(space.to_json()),
     }
-    config_path.write_text(json.dumps(document, indent=2) + "\n")
-    return ExportResult(config_path, model_path, trial, accuracy)
 
 
 def load_exported(

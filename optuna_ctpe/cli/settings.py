@@ -1,0 +1,167 @@
+"""A study's settings: what defines its problem, and how command-line options resolve against them.
+
+The settings (task, seed, objective, size budget, grids, pruning and fine-tuning) are what make
+two trials comparable. They are decided once, when the study is created, from the options given
+and :data:`~optuna_ctpe.cli.options.DEFAULTS`, and stored as the study's ``ctpe:settings`` user
+attribute. A later run adopts them; an explicit option that contradicts them is a usage error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import asdict
+from dataclasses import dataclass
+from dataclasses import fields
+from typing import Any
+
+import optuna
+
+from optuna_ctpe import _attrs
+from optuna_ctpe.cli.options import DEFAULT_SIZE_BUDGET
+from optuna_ctpe.cli.options import DEFAULTS
+from optuna_ctpe.cli.options import show_grid
+from optuna_ctpe.cli.options import UsageError
+
+
+__all__ = ["Settings", "resolve", "resolve_settings", "stored_settings"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What defines a study's problem; stored once as ``ctpe:settings``.
+
+    Attributes:
+        task: ``module:factory`` of the task.
+        seed: Seed of the task (data split, training) and of the sensitivity probes.
+        objective: ``"pareto"`` (maximise accuracy, minimise size) or ``"budget"`` (maximise
+            accuracy subject to ``size <= size_budget``).
+        size_budget: Size budget as a fraction of the FP32 size, in (0, 1]; None for Pareto.
+        bits: Bit-width grid.
+        widths: Width-ratio grid.
+        hessian_pruning: Whether choices are pruned by Hessian sensitivity.
+        finetune_epochs: Fine-tuning epochs per trial (0: none).
+    """
+
+    task: str
+    seed: int
+    objective: str
+    size_budget: float | None
+    bits: tuple[int, ...]
+    widths: tuple[float, ...]
+    hessian_pruning: bool
+    finetune_epochs: int
+
+    @classmethod
+    def from_attr(cls, data: Mapping[str, Any]) -> Settings:
+        """The settings stored as the ``ctpe:settings`` user attribute (JSON lists as tuples)."""
+        values = {f.name: data[f.name] for f in fields(cls)}
+        values["bits"] = tuple(values["bits"])
+        values["widths"] = tuple(values["widths"])
+        return cls(**values)
+
+    def to_attr(self) -> dict[str, Any]:
+        """The JSON-ready dict stored as the ``ctpe:settings`` user attribute."""
+        data = asdict(self)
+        data["bits"], data["widths"] = list(self.bits), list(self.widths)
+        return data
+
+    @property
+    def directions(self) -> list[str]:
+        """The study's directions: accuracy up (and size down, for the Pareto objective)."""
+        return ["maximize", "minimize"] if self.objective == "pareto" else ["maximize"]
+
+
+#: The option that sets each setting, as error messages name it.
+_OPTION = {
+    "task": "--task",
+    "seed": "--seed",
+    "objective": "--objective",
+    "size_budget": "--size-budget",
+    "bits": "--bits",
+    "widths": "--widths",
+    "hessian_pruning": "--no-hessian-pruning",
+    "finetune_epochs": "--finetune-epochs",
+}
+
+
+def resolve(
+    requested: Mapping[str, Any],
+    stored: Mapping[str, Any] | None,
+    study_name: str,
+    check: Callable[[Settings], None],
+) -> Settings:
+    """Merge the options given on the command line with a study's stored settings.
+
+    Args:
+        requested: Setting name -> the command line's value, None where the option was not given.
+        stored: The study's ``ctpe:settings`` attribute, or None for a study yet to be created
+            (the options then apply, with :data:`~optuna_ctpe.cli.options.DEFAULTS`).
+        study_name: The study, as error messages name it.
+        check: Validates the resolved settings against the other options of the command.
+
+    Raises:
+        UsageError: If an explicit option contradicts the stored settings, ``--size-budget``
+            comes without ``--objective budget``, or ``check`` refuses the settings.
+    """
+    if stored is None:
+        settings = _new_settings(requested)
+    else:
+        settings = _adopted(requested, stored, study_name)
+    check(settings)
+    return settings
+
+
+def _new_settings(requested: Mapping[str, Any]) -> Settings:
+    values = {k: (DEFAULTS[k] if v is None else v) for k, v in requested.items()}
+    if values["objective"] == "budget" and values["size_budget"] is None:
+        values["size_budget"] = DEFAULT_SIZE_BUDGET
+    if values["objective"] == "pareto" and values["size_budget"] is not None:
+        raise UsageError("--size-budget applies to --objective budget only.")
+    return Settings(**values)
+
+
+def _adopted(requested: Mapping[str, Any], stored: Mapping[str, Any], study_name: str) -> Settings:
+    settings = Settings.from_attr(stored)
+    for key, value in requested.items():
+        have = getattr(settings, key)
+        if value is None or value == have:
+            continue
+        option = _OPTION[key]
+        # --no-hessian-pruning is a flag: it has no value to show.
+        given = option if key == "hessian_pruning" else f"{option} {show_grid(value)}"
+        created = "Hessian pruning" if key == "hessian_pruning" else f"{option} {show_grid(have)}"
+        raise UsageError(
+            f"{given} conflicts with study {study_name!r}, which was created with {created}; "
+            "leave the option out to continue the study, or use another --study-name."
+        )
+    return settings
+
+
+def stored_settings(
+    storage: optuna.storages.BaseStorage, study_name: str
+) -> dict[str, Any] | None:
+    """The ``ctpe:settings`` attribute of a study; None if the study or the attribute is absent.
+
+    Reads the storage, writes nothing (no study is created).
+    """
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    return storage.get_study_user_attrs(study_id).get(_attrs.SETTINGS)
+
+
+def resolve_settings(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    requested: Mapping[str, Any],
+    check: Callable[[Settings], None],
+) -> Settings:
+    """The settings a search with these options runs under: the existing study's, or the
+    options' (with defaults) for a new study. Reads the storage, writes nothing.
+
+    The arguments are those of :func:`resolve`, with the study's storage in place of its
+    stored settings.
+    """
+    return resolve(requested, stored_settings(storage, study_name), study_name, check)

@@ -1,0 +1,258 @@
+"""The study of ``optuna-ctpe search``: its creation or joining, and its one-time set-up.
+
+A study is created by one worker (the *creator*) and joined by any number of others, at the
+same time (distributed workers) or later (a resumed run). Everything that defines the problem
+is decided once and stored in the study's user attributes, where later workers and
+optuna-dashboard read it:
+
+* ``ctpe:settings``: task, seed, objective, size budget, grids, pruning and fine-tuning
+  (:class:`~optuna_ctpe.cli.settings.Settings`).
+* ``ctpe:search_space`` (+ chunks): the pruned :class:`~optuna_ctpe.HessianSearchSpace` as JSON.
+* ``ctpe:sensitivities``: per-layer Hessian trace data, readable in the dashboard.
+* ``ctpe:baselines``: accuracy and size of the FP32 model and of uniform 8-bit quantization.
+* ``ctpe:setup``: the worker that measures the sensitivities, so that others wait for it
+  instead of measuring again, and take over if it died.
+* ``ctpe:search_space_size``: log10 of the number of configurations before and after pruning.
+
+Trials enqueued as warm starts carry the user attribute ``ctpe:warm_start``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
+import math
+import time
+from typing import Any
+import warnings
+
+import optuna
+
+from optuna_ctpe import _attrs
+from optuna_ctpe.cli.objective import model_metrics
+from optuna_ctpe.cli.options import UsageError
+from optuna_ctpe.cli.settings import resolve
+from optuna_ctpe.cli.settings import Settings
+from optuna_ctpe.cli.settings import stored_settings
+from optuna_ctpe.cli.storage import owner_is_dead
+from optuna_ctpe.cli.storage import worker_id
+from optuna_ctpe.search_space import HessianSearchSpace
+from optuna_ctpe.tasks import Task
+
+
+__all__ = ["Prepared", "SETUP_TIMEOUT", "join_or_create", "prepare"]
+
+#: How long a joining worker waits for another worker's sensitivity measurement.
+SETUP_TIMEOUT = 900.0
+#: How long a joining worker waits for the creator to store the settings of a new study.
+_SETTINGS_TIMEOUT = 30.0
+_POLL = 0.5
+
+
+def join_or_create(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    settings: Settings,
+    requested: Mapping[str, Any],
+    check: Callable[[Settings], None],
+) -> tuple[optuna.Study, Settings, bool]:
+    """Create the study with ``settings``, or join it if it exists; return it, its settings and
+    whether this process created it.
+
+    Creating without ``load_if_exists`` first makes exactly one of several simultaneous
+    workers the creator (the storage's unique study name decides), so the set-up runs once.
+
+    Args:
+        storage: The storage.
+        study_name: The study.
+        settings: The settings :func:`~optuna_ctpe.cli.settings.resolve_settings` resolved.
+        requested: The command line's options, as ``resolve_settings`` took them: resolved
+            again only if another worker created the study in the meantime with other settings.
+        check: As for ``resolve_settings``.
+
+    Raises:
+        UsageError: If the study exists but was not created by ``optuna-ctpe search``, or (after
+            a lost creation race) the options contradict the winner's settings.
+    """
+    if stored_settings(storage, study_name) is None:
+        study = _create(storage, study_name, settings)
+        if study is not None:
+            return study, settings, True
+    study = optuna.load_study(storage=storage, study_name=study_name, sampler=None)
+    stored = _wait_for_settings(study)
+    if Settings.from_attr(stored) != settings:
+        # Another worker created the study between our read and our attempt (ours were
+        # defaults, theirs explicit): the options must hold against its settings.
+        settings = resolve(requested, stored, study_name, check)
+    return study, settings, False
+
+
+def _create(
+    storage: optuna.storages.BaseStorage, study_name: str, settings: Settings
+) -> optuna.Study | None:
+    """The new study, its set-up claimed and its settings stored; None if it exists already."""
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=study_name, directions=settings.directions
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        return None  # another worker won the race
+    # Claim the set-up at once, so joining workers wait instead of measuring too.
+    study.set_user_attr(_attrs.SETUP, {"worker": worker_id(), "started": time.time()})
+    study.set_user_attr(_attrs.SETTINGS, settings.to_attr())
+    with warnings.catch_warnings():
+        # Experimental since Optuna 3.2, and what names the objectives in the dashboard.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(
+            [_attrs.ACCURACY, _attrs.SIZE_KB]
+            if settings.objective == "pareto"
+            else [_attrs.ACCURACY]
+        )
+    return study
+
+
+def _wait_for_settings(study: optuna.Study) -> dict[str, Any]:
+    """The stored settings of a study; the creator writes them right after creating it."""
+    deadline = time.monotonic() + _SETTINGS_TIMEOUT
+    while (stored := study.user_attrs.get(_attrs.SETTINGS)) is None:
+        if time.monotonic() > deadline:
+            raise UsageError(
+                f"study {study.study_name!r} exists but was not created by optuna-ctpe search "
+                f"(it has no {_attrs.SETTINGS!r} user attribute); use another --study-name."
+            )
+        time.sleep(_POLL)
+    return stored
+
+
+@dataclass
+class Prepared:
+    """Everything a worker needs once the study is set up."""
+
+    space: HessianSearchSpace
+    baselines: dict[str, dict[str, float]]
+
+
+def prepare(
+    study: optuna.Study,
+    settings: Settings,
+    task: Task,
+    *,
+    creator: bool,
+    log: Callable[[str], None],
+) -> Prepared:
+    """Measure and store the search space and baselines once, or read another worker's.
+
+    The creator measures; a joining worker waits for the creator's attributes, and measures
+    itself only if the worker that claimed the set-up has died on this host.
+    """
+    deadline = time.monotonic() + SETUP_TIMEOUT
+    announced = False
+    while True:
+        attrs = study.user_attrs  # read afresh from the storage on every access
+        if _attrs.SEARCH_SPACE in attrs and _attrs.BASELINES in attrs:
+            space = HessianSearchSpace.load_from_study(study)
+            return Prepared(space, attrs[_attrs.BASELINES])
+        claim = attrs.get(_attrs.SETUP)
+        owner = claim.get("worker") if isinstance(claim, dict) else None
+        if creator:
+            return _set_up(study, settings, task, log)
+        if owner is None or owner_is_dead(owner):
+            log(f"taking over the set-up of study {study.study_name!r} from {owner} ...")
+            study.set_user_attr(_attrs.SETUP, {"worker": worker_id(), "started": time.time()})
+            return _set_up(study, settings, task, log)
+        if not announced:
+            log(f"waiting for worker {owner} to measure the sensitivities ...")
+            announced = True
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"worker {owner} has not finished setting up study {study.study_name!r} in "
+                f"{SETUP_TIMEOUT:.0f} s; if it died on another machine, delete its "
+                f"{_attrs.SETUP!r} claim or use another --study-name."
+            )
+        time.sleep(_POLL)
+
+
+def _set_up(
+    study: optuna.Study, settings: Settings, task: Task, log: Callable[[str], None]
+) -> Prepared:
+    log("measuring Hessian sensitivities ...")
+    space = _measure_space(settings, task)
+    baselines = _baselines(space, task)
+    study.set_user_attr(_attrs.SENSITIVITIES, _sensitivity_records(space))
+    study.set_user_attr(
+        _attrs.SEARCH_SPACE_SIZE,
+        {"log10_before": space.log10_size_before, "log10_after": space.log10_size_after},
+    )
+    # A worker taking over from a dead one does not enqueue the warm starts a second time.
+    if not any(t.user_attrs.get(_attrs.WARM_START) for t in study.get_trials(deepcopy=False)):
+        for params in _warm_starts(space, settings):
+            study.enqueue_trial(params, user_attrs={_attrs.WARM_START: True})
+    # Written last: joining workers start searching as soon as they see these two.
+    study.set_user_attr(_attrs.BASELINES, baselines)
+    space.save_to_study(study)
+    return Prepared(space, baselines)
+
+
+def _measure_space(settings: Settings, task: Task) -> HessianSearchSpace:
+    """The task's pruned search space, relaxed until the size budget (if any) can be met."""
+    # The library's default pruning threshold, or none at all (math.inf keeps every choice).
+    no_pruning: dict[str, float] = {} if settings.hessian_pruning else {"budget": math.inf}
+    space = HessianSearchSpace.from_model(
+        task.model,
+        task.loss_fn,
+        task.calibration_batches,
+        bits=settings.bits,
+        widths=settings.widths,
+        example_inputs=task.example_inputs,
+        seed=settings.seed,
+        **no_pruning,
+    )
+    if settings.size_budget is None:
+        return space
+    try:
+        return space.relaxed_for_size(settings.size_budget)
+    except ValueError as e:
+        raise UsageError(f"--size-budget {settings.size_budget:g} cannot be met: {e}") from None
+
+
+def _sensitivity_records(space: HessianSearchSpace) -> dict[str, dict[str, Any]]:
+    """The ``ctpe:sensitivities`` attribute: per layer, what the dashboard shows."""
+    return {
+        name: {
+            "n_params": s.n_params,
+            "mean_trace": s.mean_trace,
+            "trace": s.mean_trace * s.n_params,
+            "rel_stderr": s.trace_stderr / s.mean_trace if s.mean_trace > 0 else None,
+            "fixed_bits": space.fixed_bits.get(name),
+        }
+        for name, s in space.sensitivities.items()
+    }
+
+
+def _baselines(space: HessianSearchSpace, task: Task) -> dict[str, dict[str, float]]:
+    """Accuracy and size of the FP32 model and of uniform 8-bit quantization."""
+    fp32 = model_metrics(space, float(task.evaluate(task.model)), space.fp32_bits)
+    uniform = space.uniform(8)
+    quantized = space.apply(task.model, uniform, task.example_inputs)
+    return {
+        "fp32": fp32,
+        "uniform8": model_metrics(space, float(task.evaluate(quantized)), space.size(uniform)),
+    }
+
+
+def _warm_starts(space: HessianSearchSpace, settings: Settings) -> list[dict[str, Any]]:
+    """ILP allocations to enqueue: two at the budget, or one at each of two sizes on the way
+    to a Pareto front (1/6 and 1/10 of FP32, between uniform 8-bit and 4-bit)."""
+    if not space.distributions:
+        return []
+    if settings.size_budget is not None:
+        return space.warm_starts(size_ratio=settings.size_budget, n=2)
+    found: list[dict[str, Any]] = []
+    for ratio in (1 / 6, 1 / 10):
+        try:
+            candidates = space.warm_starts(size_ratio=ratio, n=1)
+        except ValueError:
+            continue  # nothing in the pruned space is that small
+        found += [c for c in candidates if c not in found]
+    return found
