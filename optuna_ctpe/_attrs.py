@@ -25,6 +25,8 @@ import hashlib
 import json
 from typing import Any
 
+from optuna_ctpe._validation import is_integer
+
 
 PREFIX = "ctpe:"
 
@@ -121,10 +123,10 @@ def read_chunked(
     if header is None:
         return _read_headerless(attrs, key) if legacy_headerless else None
     n_chunks = header.get("n_chunks") if isinstance(header, Mapping) else None
-    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+    if not is_integer(n_chunks) or n_chunks < 1:
         raise ChunkedAttrError(f"attribute {key!r} is not a chunk header: {header!r}.")
     try:
-        chunks = [attrs[f"{key}:{i}"] for i in range(n_chunks)]
+        chunks = [attrs[f"{key}:{i}"] for i in range(int(n_chunks))]
     except KeyError:
         raise MissingChunkError(
             f"attribute {key!r} lacks some of its {n_chunks} chunks."
