@@ -410,6 +410,7 @@ class HessianSearchSpace:
         keep_first_last_bits: int | None = 8,
         budget: float = DEFAULT_BUDGET,
         estimator: Literal["hutchinson", "fisher"] = "hutchinson",
+        include_embeddings: bool = False,
         seed: int = 0,
         max_probes: int = 200,
         min_probes: int = 10,
@@ -426,10 +427,19 @@ class HessianSearchSpace:
             batches: Calibration batches passed to ``loss_fn``.
             bits: The grid of weight bit-widths, integers in [2, 16].
             widths: The grid of width ratios in (0, 1]. Width groups are searched only when
-                ``example_inputs`` is given and the grid has more than one ratio.
-            layers: Names of the modules to quantize; by default every module of a supported
-                type (:data:`optuna_ctpe.nn.layers.WEIGHTED_LAYER_TYPES`) with a weight, in
-                module order.
+                ``example_inputs`` is given and the grid has more than one ratio. They are
+                torch-pruning's channel-dependency groups (convolutions of every kind, with the
+                norms between them; a transformer's hidden and MLP sizes); an attention module
+                with a known head count (BERT/ViT ``query``/``key``/``value``, ``q_proj``...)
+                is pruned by whole heads, other attention projections (grouped-query, fused
+                ``qkv``) keep their outputs. A group whose pruned model does not run is left
+                out with a warning; GPT-2's ``Conv1D`` layers cannot be pruned (an error).
+            layers: Names of the layers to quantize; by default every supported layer
+                (:data:`optuna_ctpe.nn.layers.LAYER_TYPES`: Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+                Linear, GPT-2's ``Conv1D``, and the projection weights of
+                ``nn.MultiheadAttention``, named after the parameter, e.g.
+                ``"encoder.layers.0.self_attn.in_proj_weight"``), in module order. A module
+                with a weight matrix of another type is named in a warning and left float.
             example_inputs: Inputs for tracing channel dependencies (width groups); None
                 searches bit-widths only.
             keep_first_last_bits: Bit-width the first and last of ``layers`` are fixed to, or
@@ -437,7 +447,12 @@ class HessianSearchSpace:
             budget: Pruning threshold as a multiple of ``Ω_ref``; see
                 :mod:`optuna_ctpe.space.pruning`.
             estimator: ``"hutchinson"`` (Hessian trace, HAWQ-V2) or ``"fisher"`` (empirical
-                Fisher trace: cheaper, positive, a Gauss-Newton stand-in for the Hessian).
+                Fisher trace: cheaper, positive, a Gauss-Newton stand-in for the Hessian, and
+                needs first derivatives only). Hutchinson runs attention on PyTorch's math
+                kernel, which has second derivatives, and restores the user's kernel choice.
+            include_embeddings: Also search ``nn.Embedding`` tables (quantized per row) and
+                layers tied to them (an LM head sharing the embedding: one layer, one
+                bit-width, counted once); off by default.
             seed, max_probes, min_probes, rtol, progress: The estimator's probe seed, most and
                 fewest probes, relative-error stop and progress bar (see
                 :func:`optuna_ctpe.nn.hutchinson.hutchinson_traces`).
@@ -446,6 +461,8 @@ class HessianSearchSpace:
             ValueError: On a bad grid, an unknown layer name, an unknown ``estimator`` or a NaN
                 sensitivity. A negative trace estimate (Hutchinson noise on an indefinite
                 Hessian) is clipped to 0 with a warning.
+            RuntimeError: If ``loss_fn`` is not twice differentiable (Hutchinson), naming the
+                op without a second derivative and what to use instead.
         """
         from optuna_ctpe.nn.measure import measure
 
@@ -459,6 +476,7 @@ class HessianSearchSpace:
             example_inputs=example_inputs,
             keep_first_last_bits=keep_first_last_bits,
             estimator=estimator,
+            include_embeddings=include_embeddings,
             seed=seed,
             max_probes=max_probes,
             min_probes=min_probes,
@@ -472,7 +490,9 @@ class HessianSearchSpace:
     ) -> torch.nn.Module:
         """A width-pruned, weight-quantized copy of ``model`` under ``config`` (needs torch).
 
-        ``model`` is not modified; see :func:`optuna_ctpe.nn.apply.configured_copy`.
+        ``model`` is not modified; see :func:`optuna_ctpe.nn.apply.configured_copy`. Each
+        layer's weight is quantized per output channel along its type's axis
+        (:data:`optuna_ctpe.nn.layers.LAYER_TYPES`); a tied tensor once, at its one bit-width.
 
         Raises:
             ValueError: If ``config`` does not fit the space, or a width below 1 is requested

@@ -76,22 +76,29 @@ def build_model(
     import torch
     from torch.nn.utils import parametrize
 
+    from optuna_ctpe.nn.layers import resolve_layers
     from optuna_ctpe.nn.quantize import quantize_weight
 
     # Start from the float, width-pruned copy; the quantizers sit in the forward pass.
     net = space.prune(task.model, config, task.example_inputs)
-    modules = dict(net.named_modules())
+    # A layer is a tensor on a module: ``weight`` of a Linear or convolution, or a parameter such
+    # as MultiheadAttention's ``in_proj_weight``, quantized along its type's output axis.
+    layers = resolve_layers(net, list(config.bits), "config.bits")
 
     class _Quantize(torch.nn.Module):
-        def __init__(self, bits: int) -> None:
+        def __init__(self, bits: int, axis: int) -> None:
             super().__init__()
             self.bits = bits
+            self.axis = axis
 
         def forward(self, weight: torch.Tensor) -> torch.Tensor:
-            return quantize_weight(weight, self.bits)
+            return quantize_weight(weight, self.bits, self.axis)
 
     for name, bits in config.bits.items():
-        parametrize.register_parametrization(modules[name], "weight", _Quantize(bits))
+        layer = layers[name]
+        parametrize.register_parametrization(
+            layer.module, layer.attr, _Quantize(bits, layer.out_axis)
+        )
     optimiser = torch.optim.Adam(net.parameters(), lr=FINETUNE_LR)
     try:
         for epoch in range(finetune_epochs):
@@ -106,8 +113,8 @@ def build_model(
     finally:
         # Bake the quantized weights into plain parameters: the result is an ordinary module
         # whose state dict loads with torch.load(weights_only=True).
-        for name in config.bits:
-            parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
+        for layer in layers.values():
+            parametrize.remove_parametrizations(layer.module, layer.attr, leave_parametrized=True)
     return net.eval()
 
 

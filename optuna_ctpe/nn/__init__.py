@@ -3,11 +3,13 @@
 * :mod:`~optuna_ctpe.nn.sensitivity`: per-layer Hessian (Hutchinson) and empirical-Fisher
   traces (:mod:`~optuna_ctpe.nn.hutchinson`, :mod:`~optuna_ctpe.nn.fisher`);
 * :mod:`~optuna_ctpe.nn.quantize`: fake quantization, size and BOPs accounting;
-* :mod:`~optuna_ctpe.nn.width`: dependency-aware width groups and structured pruning;
+* :mod:`~optuna_ctpe.nn.width`: dependency-aware width groups and structured pruning, with
+  attention heads as units (:mod:`~optuna_ctpe.nn.heads`);
 * :mod:`~optuna_ctpe.nn.measure`: a model -> the records a
   :class:`~optuna_ctpe.HessianSearchSpace` is built from;
 * :mod:`~optuna_ctpe.nn.apply`: a configuration -> a pruned, quantized copy of a model;
-* :mod:`~optuna_ctpe.nn.layers`: the supported layer types and the mode-preserving context.
+* :mod:`~optuna_ctpe.nn.layers`: the supported layer types (each with its output-channel axis),
+  how layers are named, and the mode-preserving context.
 
 Every module here imports torch; this package's ``__init__`` does not, so that importing a
 sibling never costs more than it needs. Requires the ``torch`` extra.

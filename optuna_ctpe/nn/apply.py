@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from optuna_ctpe.nn.layers import model_layers
+from optuna_ctpe.nn.layers import weight_of
 from optuna_ctpe.nn.quantize import quantize_model
 from optuna_ctpe.nn.width import prune_widths
 from optuna_ctpe.space.records import LayerSensitivity
@@ -31,12 +33,13 @@ def check_model(model: nn.Module, layers: Mapping[str, LayerSensitivity]) -> Non
     Names alone are not enough: another architecture can reuse them, and the space's size
     accounting and sensitivities would then silently describe a different model.
     """
+    known = model_layers(model, include_embeddings=True)
     modules = dict(model.named_modules())
-    missing = sorted(name for name in layers if name not in modules)
+    missing = sorted(name for name in layers if name not in known and name not in modules)
     if missing:
         raise ValueError(f"the search space names layers the model lacks: {missing}.")
     for name, layer in layers.items():
-        weight = getattr(modules[name], "weight", None)
+        weight = known[name].weight if name in known else weight_of(modules[name])
         numel = weight.numel() if weight is not None else None
         if numel != layer.n_params:
             raise ValueError(

@@ -82,7 +82,7 @@ def empirical_fisher_traces(
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(run.batches), generator=generator).tolist()
     stats = RunningStats(len(run.names))
-    per_sample = _SquaredGradientNorms(model, loss_fn, run.names, run.weights)
+    per_sample = _SquaredGradientNorms(model, loss_fn, run.param_names, run.weights)
     with traced(model, run.weights), progress_bar("Fisher", max_probes, progress) as update:
         for b in order:
             batch = to_device(run.batches[b], run.device)
@@ -100,13 +100,18 @@ class _SquaredGradientNorms:
     """Per-sample squared gradient norms of the selected weights, shape (n_samples, n_layers)."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, names: list[str], weights: list[torch.Tensor]
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        param_names: list[str],
+        weights: list[torch.Tensor],
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.module = _LossModule(model, loss_fn)
         self.weights = weights
-        self.keys = [f"{n}.weight" if n else "weight" for n in names]
+        # Parameter names, as functional_call swaps them (a tied tensor under one of its names).
+        self.keys = param_names
         self.use_vmap = True
 
     def __call__(self, batch: Any, index: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from optuna_ctpe.nn.traces import progress_bar
 from optuna_ctpe.nn.traces import RunningStats
 from optuna_ctpe.nn.traces import setup
 from optuna_ctpe.nn.traces import traced
+from optuna_ctpe.nn.traces import twice_differentiable
 
 
 __all__ = ["hutchinson_traces", "hutchinson_traces_from_criterion"]
@@ -63,8 +64,9 @@ def hutchinson_traces(
         batches: Batches passed to ``loss_fn`` (e.g. ``(inputs, targets)`` tuples); tensors
             inside tuples, lists and dicts are moved to ``device``.
         layers: Which modules' weights to trace: a sequence of module names, a tuple of module
-            types, or None for every Conv1d/2d/3d and Linear module
-            (:data:`optuna_ctpe.nn.layers.WEIGHTED_LAYER_TYPES`).
+            types, or None for every supported layer
+            (:func:`optuna_ctpe.nn.layers.model_layers`: Conv, ConvTranspose, Linear, Conv1D and
+            ``nn.MultiheadAttention`` projections, named as :mod:`optuna_ctpe.nn.layers` says).
         max_probes: Most probes (Hessian-vector products); at least 2.
         min_probes: Fewest probes before the relative-error stop may trigger; at least 2
             (a value above ``max_probes`` just means that all ``max_probes`` run).
@@ -82,6 +84,8 @@ def hutchinson_traces(
         ValueError: On a bad numeric argument, empty ``batches``, an unknown layer name, a
             selected module without a weight, a non-scalar or non-finite loss, or a loss that
             does not depend on the weights.
+        RuntimeError: If the loss is not twice differentiable (an op without a second
+            derivative), naming the op and what to use instead.
         TypeError: If ``layers`` or the loss has the wrong type.
     """
     run = setup(model, batches, layers, max_probes, min_probes, rtol, seed, device)
@@ -97,7 +101,8 @@ def hutchinson_traces(
                 grads = None  # free the previous batch's graph before building the next
                 grads = _first_gradient(model, loss_fn, run.batches[b], b, weights, run.device)
             probes = [_rademacher(w, generator) for w in weights]
-            stats.add(_block_quadratic_forms(grads, weights, probes).unsqueeze(0))
+            with twice_differentiable():
+                stats.add(_block_quadratic_forms(grads, weights, probes).unsqueeze(0))
             worst = stats.worst_relative_stderr()
             update(worst, 1)
             if stats.n >= min_probes and (k + 1) % n_batches == 0 and worst < rtol:

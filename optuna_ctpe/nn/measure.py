@@ -16,11 +16,15 @@ import math
 from typing import Any
 import warnings
 
+import torch
 from torch import nn
 
 from optuna_ctpe.nn import width as _width
+from optuna_ctpe.nn.layers import eval_mode
+from optuna_ctpe.nn.layers import layer_type
+from optuna_ctpe.nn.layers import LayerWeight
+from optuna_ctpe.nn.layers import model_layers
 from optuna_ctpe.nn.layers import weight_of
-from optuna_ctpe.nn.layers import WEIGHTED_LAYER_TYPES
 from optuna_ctpe.nn.quantize import quantization_error
 from optuna_ctpe.nn.sensitivity import estimator as _estimator
 from optuna_ctpe.nn.traces import LayerTrace
@@ -46,6 +50,7 @@ def measure(
     example_inputs: Any,
     keep_first_last_bits: int | None,
     estimator: str,
+    include_embeddings: bool = False,
     **estimator_kwargs: Any,
 ) -> dict[str, Any]:
     """Measure ``model`` into the keyword arguments of :class:`~optuna_ctpe.HessianSearchSpace`.
@@ -57,11 +62,14 @@ def measure(
         bits: The grid of weight bit-widths.
         widths: The grid of width ratios; width groups are measured only when
             ``example_inputs`` is given and the grid has more than one ratio.
-        layers: Names of the modules to quantize; None for every supported layer with a weight.
+        layers: Names of the layers to quantize (:mod:`optuna_ctpe.nn.layers`); None for every
+            supported layer.
         example_inputs: Inputs for tracing channel dependencies, or None (bits only).
         keep_first_last_bits: Bit-width the first and last layers are fixed to, or None.
         estimator: ``"hutchinson"`` or ``"fisher"``
             (:data:`optuna_ctpe.nn.sensitivity.ESTIMATORS`).
+        include_embeddings: Also quantize ``nn.Embedding`` tables (per row) and layers tied to
+            them (an LM head); off by default.
         **estimator_kwargs: ``seed``, ``max_probes``, ``min_probes``, ``rtol`` and ``progress``
             of the estimator.
 
@@ -77,22 +85,25 @@ def measure(
     if keep_first_last_bits is not None:
         check_bit(keep_first_last_bits, "keep_first_last_bits")
     estimate = _estimator(estimator)
-    quantizable, names = quantized_layer_names(model, layers)
+    quantizable, names = quantized_layer_names(
+        model, layers, include_embeddings=include_embeddings
+    )
     width_groups: list[_width.WidthGroup] = []
     if example_inputs is not None and len(widths) > 1:
         width_groups = _width.width_groups(model, example_inputs)
     group_layers = {n for g in width_groups for n in g.layers}
     traced = [n for n in quantizable if n in set(names) | group_layers]
     traces = estimate(model, loss_fn, batches, layers=traced, **estimator_kwargs)
+    by_name = model_layers(model, include_embeddings=include_embeddings)
     mean_trace = {name: _mean_trace(traces[name], estimator) for name in traced}
     groups, tensors = measure_groups(
-        model, example_inputs, width_groups, widths, mean_trace, names
+        model, example_inputs, width_groups, widths, mean_trace, [by_name[n] for n in names]
     )
     fixed = None
     if keep_first_last_bits is not None:
         fixed = {names[0]: keep_first_last_bits, names[-1]: keep_first_last_bits}
     return {
-        "layers": _layer_sensitivities(model, names, traces, mean_trace, bits),
+        "layers": _layer_sensitivities([by_name[n] for n in names], traces, mean_trace, bits),
         "groups": groups,
         "tensors": tensors,
         "bits": bits,
@@ -102,19 +113,23 @@ def measure(
 
 
 def quantized_layer_names(
-    model: nn.Module, layers: Sequence[str] | None
+    model: nn.Module, layers: Sequence[str] | None, *, include_embeddings: bool = False
 ) -> tuple[list[str], list[str]]:
-    """Every supported layer with a weight, and those of them to quantize, in module order.
+    """Every supported layer, and those of them to quantize, in module order.
+
+    Modules holding a weight matrix of an unsupported type are named in a warning.
+
+    Args:
+        model: The network.
+        layers: Layer names to quantize, or None for every supported layer.
+        include_embeddings: Count ``nn.Embedding`` modules (and layers tied to them, such as
+            an LM head) as supported layers.
 
     Raises:
-        ValueError: If ``layers`` names a module that is not a supported layer, or nothing is
+        ValueError: If ``layers`` names something that is not a supported layer, or nothing is
             left to quantize.
     """
-    quantizable = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, WEIGHTED_LAYER_TYPES) and weight_of(m) is not None
-    ]
+    quantizable = list(model_layers(model, include_embeddings=include_embeddings, warn=True))
     if layers is None:
         names = quantizable
     else:
@@ -123,12 +138,14 @@ def quantized_layer_names(
         unknown = [n for n in layers if n not in quantizable]
         if unknown:
             raise ValueError(
-                f"layers names {unknown}, which are not Conv/Linear modules of the model; "
+                f"layers names {unknown}, which are not supported layers of the model "
+                f"(Conv, ConvTranspose, Linear, Conv1D, attention projections"
+                f"{'' if include_embeddings else '; embeddings need include_embeddings=True'}); "
                 f"known: {quantizable}."
             )
         names = [n for n in quantizable if n in set(layers)]
     if not names:
-        raise ValueError("the model has no Conv or Linear layer to quantize.")
+        raise ValueError("the model has no Conv, Linear or attention layer to quantize.")
     return quantizable, names
 
 
@@ -150,23 +167,21 @@ def _mean_trace(trace: LayerTrace, estimator: str) -> float:
 
 
 def _layer_sensitivities(
-    model: nn.Module,
-    names: Sequence[str],
+    layers: Sequence[LayerWeight],
     traces: Mapping[str, LayerTrace],
     mean_trace: Mapping[str, float],
     bits: Sequence[int],
 ) -> list[LayerSensitivity]:
-    modules = dict(model.named_modules())
     out = []
-    for name in names:
-        weight = modules[name].weight.detach()
+    for layer in layers:
+        weight = layer.weight.detach()
         out.append(
             LayerSensitivity(
-                name=name,
-                mean_trace=mean_trace[name],
+                name=layer.name,
+                mean_trace=mean_trace[layer.name],
                 n_params=int(weight.numel()),
-                errors={b: quantization_error(weight, b) for b in bits},
-                trace_stderr=float(traces[name].stderr) / int(weight.numel()),
+                errors={b: quantization_error(weight, b, layer.out_axis) for b in bits},
+                trace_stderr=float(traces[layer.name].stderr) / int(weight.numel()),
             )
         )
     return out
@@ -178,22 +193,32 @@ def measure_groups(
     width_groups: Sequence[_width.WidthGroup],
     widths: Sequence[float],
     mean_trace: Mapping[str, float],
-    quantized: Sequence[str],
+    quantized: Sequence[LayerWeight],
 ) -> tuple[list[WidthGroupSensitivity], list[ParamTensor]]:
     """Width-group sensitivities and the tensor-to-group map, measured by actually pruning.
 
     Pruning each group alone at each ratio and diffing parameter shapes gives, exactly as the
     pruner behaves, which tensors each group shrinks (and along which dimension) and how many
-    channels each ratio keeps, so :meth:`HessianSearchSpace.size` needs no model.
+    channels each ratio keeps, so :meth:`HessianSearchSpace.size` needs no model. Diffing the
+    squared norms of the layer weights gives ``‖ΔW‖²`` of each ratio (the removed weights; the
+    kept ones are unchanged) for any coupling the pruner handles: grouped convolutions, group
+    norms, attention; norm scales and biases are not weights and are left out, as in
+    :func:`optuna_ctpe.nn.width.width_perturbation`.
     """
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     out_group: dict[str, str] = {}
     in_group: dict[str, str] = {}
     groups = []
+    norms = _weight_norms(model)
     for g in width_groups:
         kept: dict[float, int] = {1.0: int(g.n_channels)} if 1.0 in widths else {}
-        for w in (w for w in widths if w < 1):
-            pruned = _width.prune_widths(model, example_inputs, {g.name: w})
+        perturbations = dict.fromkeys(widths, 0.0)
+        pruned_at = _pruned_or_warn(model, example_inputs, g, widths)
+        if pruned_at is None:
+            continue
+        for w, pruned in pruned_at.items():
+            left = _weight_norms(pruned)
+            perturbations[w] = max(0.0, sum(norms[n] - left[n] for n in g.layers if n in norms))
             for n, p in pruned.named_parameters():
                 new, old = tuple(p.shape), shapes[n]
                 if new[:1] != old[:1]:
@@ -201,23 +226,61 @@ def measure_groups(
                     kept.setdefault(w, round(g.n_channels * new[0] / old[0]))
                 if len(old) > 1 and new[1:2] != old[1:2]:
                     in_group[n] = g.name
+                elif new[2:] != old[2:] and n not in out_group:
+                    # A parameter pruned along a later dimension (a ViT's class token and
+                    # position embedding): size accounting needs only which group shrinks it.
+                    out_group[n] = g.name
         groups.append(
             WidthGroupSensitivity(
                 name=g.name,
                 n_channels=int(g.n_channels),
                 mean_trace=_group_mean_trace(g, shapes, mean_trace),
-                perturbations={
-                    w: _width.width_perturbation(model, g, w) if w < 1 else 0.0 for w in widths
-                },
+                perturbations=perturbations,
                 kept_channels=kept if len(kept) == len(widths) else None,
             )
         )
-    layer_of = {f"{n}.weight": n for n in quantized}
+    layer_of = {layer.param_name: layer.name for layer in quantized}
     tensors = [
         ParamTensor(n, math.prod(s), layer_of.get(n), out_group.get(n), in_group.get(n))
         for n, s in shapes.items()
     ]
     return groups, tensors
+
+
+def _pruned_or_warn(
+    model: nn.Module, example_inputs: Any, group: _width.WidthGroup, widths: Sequence[float]
+) -> dict[float, nn.Module] | None:
+    """``group`` pruned alone to each width below 1; None, with a warning naming the group and
+    the pruner's error, when the pruned model does not run (torch-pruning mishandles some
+    couplings, e.g. torchvision ViT's class token), so the group is not searched."""
+    out = {}
+    call = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        for w in (w for w in widths if w < 1):
+            out[w] = _width.prune_widths(model, example_inputs, {group.name: w})
+            with torch.no_grad(), eval_mode(out[w]):
+                if isinstance(example_inputs, dict):
+                    out[w](**example_inputs)
+                else:
+                    out[w](*call)
+    except Exception as err:  # noqa: BLE001 - whatever the pruner or the pruned model raises
+        warnings.warn(
+            f"width group {group.name!r} ({len(group.layers)} layers) could not be pruned "
+            f"({type(err).__name__}: {err}); its width is not searched.",
+            stacklevel=4,
+        )
+        return None
+    return out
+
+
+def _weight_norms(model: nn.Module) -> dict[str, float]:
+    """Module name -> squared norm of its weight, for every module of a supported layer type."""
+    with torch.no_grad():
+        return {
+            n: float(m.weight.detach().double().pow(2).sum())
+            for n, m in model.named_modules()
+            if layer_type(m) is not None and weight_of(m) is not None
+        }
 
 
 def _group_mean_trace(

@@ -32,8 +32,9 @@ from torch import nn
 from optuna_ctpe._validation import check_bits
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe.nn.layers import eval_mode
-from optuna_ctpe.nn.layers import weight_of
-from optuna_ctpe.nn.layers import WEIGHTED_LAYER_TYPES
+from optuna_ctpe.nn.layers import LayerWeight
+from optuna_ctpe.nn.layers import model_layers
+from optuna_ctpe.nn.layers import resolve_layers
 
 
 __all__ = [
@@ -51,52 +52,57 @@ _FP32_BITS = 32
 _MAX_ACTIVATION_BITS = 32
 
 
-def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_weight(weight: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
     """Symmetric per-output-channel fake quantization of a weight to ``bits`` bits.
 
     Gradients pass straight through inside the clipping range (the op's STE); the scales are
     computed without gradient.
 
     Args:
-        weight: Floating-point tensor with the output channels along dimension 0 (the layout of
-            Conv and Linear weights); a 0-d tensor is treated as a single channel.
+        weight: Floating-point tensor; a 0-d tensor is treated as a single channel.
         bits: Integer bit-width in [2, 16].
+        axis: The axis holding the output channels, one scale each: 0 for Conv, Linear and
+            Embedding weights, 1 for ConvTranspose and GPT-2's ``Conv1D``
+            (:data:`optuna_ctpe.nn.layers.LAYER_TYPES`).
 
     Returns:
         A tensor of ``weight``'s shape and dtype holding the quantized values.
 
     Raises:
-        ValueError: If ``bits`` is not an integer in [2, 16].
+        ValueError: If ``bits`` is not an integer in [2, 16], or ``axis`` is not an axis of
+            ``weight``.
         TypeError: If ``weight`` is not a floating-point tensor.
     """
     bits = check_bits(bits, "bits")
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {_describe(weight)}.")
-    qmax = 2 ** (bits - 1) - 1
     w = weight.reshape(1) if weight.dim() == 0 else weight
+    axis = check_integer(axis, "axis", minimum=0, maximum=w.dim() - 1)
+    qmax = 2 ** (bits - 1) - 1
     # The op requires float32 scales; half/bfloat16/float64 weights are quantized in float32.
     w32 = w.float()
     with torch.no_grad():
-        amax = w32.abs().flatten(1).amax(1) if w32.dim() > 1 else w32.abs()
+        amax = w32.abs().transpose(0, axis).flatten(1).amax(1) if w32.dim() > 1 else w32.abs()
         scale = (amax / qmax).clamp_min(_MIN_SCALE)
     zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    q = torch.fake_quantize_per_channel_affine(w32, scale, zero_point, 0, -qmax, qmax)
+    q = torch.fake_quantize_per_channel_affine(w32, scale, zero_point, axis, -qmax, qmax)
     return q.to(weight.dtype).reshape(weight.shape)
 
 
-def quantization_error(weight: torch.Tensor, bits: int) -> float:
+def quantization_error(weight: torch.Tensor, bits: int, axis: int = 0) -> float:
     """``‖Q_b(W) − W‖²``: the squared Frobenius norm of the quantization error.
 
     Args:
         weight: Floating-point weight tensor (see :func:`quantize_weight`).
         bits: Integer bit-width in [2, 16].
+        axis: The output-channel axis of ``weight`` (see :func:`quantize_weight`).
 
     Raises:
         ValueError: If ``bits`` is not an integer in [2, 16].
     """
     with torch.no_grad():
         w = weight.detach()
-        return float((quantize_weight(w, bits).double() - w.double()).pow(2).sum())
+        return float((quantize_weight(w, bits, axis).double() - w.double()).pow(2).sum())
 
 
 def quantize_model(
@@ -108,8 +114,9 @@ def quantize_model(
 ) -> nn.Module:
     """A deep copy of ``model`` with mixed-precision fake-quantized weights (and activations).
 
-    ``model`` is never modified. Each named layer's ``weight`` is replaced by
-    :func:`quantize_weight` at its bit-width; biases and all other parameters stay float.
+    ``model`` is never modified. Each named layer's weight is replaced by
+    :func:`quantize_weight` at its bit-width, along its output-channel axis; biases and all
+    other parameters stay float. A tied tensor is quantized once (its layers must agree).
 
     With ``activation_bits``, the input of each chosen layer is fake-quantized per tensor,
     asymmetrically over ``[min(0, lo), max(0, hi)]`` with ``2^b`` levels, where ``lo``/``hi``
@@ -119,10 +126,13 @@ def quantize_model(
 
     Args:
         model: The network.
-        bits: Module name -> weight bit-width (integer in [2, 16]); each module needs a
-            ``weight`` parameter. Modules not named keep float weights.
+        bits: Layer name -> weight bit-width (integer in [2, 16]): a module with a ``weight``
+            parameter, or an ``nn.MultiheadAttention`` projection parameter such as
+            ``"attn.in_proj_weight"`` (:mod:`optuna_ctpe.nn.layers`). Layers not named keep
+            float weights.
         activation_bits: None (float activations), one bit-width for the inputs of every layer
-            in ``bits``, or module name -> bit-width for chosen layers.
+            in ``bits``, or layer name -> bit-width for chosen layers (a parameter layer's
+            activations are its module's first input).
         calibration_batches: Required with ``activation_bits``: each batch is an input tensor,
             or a tuple/list whose first element is the input tensor (``(inputs, targets)``).
 
@@ -130,26 +140,28 @@ def quantize_model(
         The quantized copy, in the same train/eval modes as ``model``.
 
     Raises:
-        ValueError: On unknown layer names (all listed), modules without a weight, bit-widths
-            outside [2, 16], ``activation_bits`` without ``calibration_batches`` (or with an
-            empty one), or non-finite calibration activations.
+        ValueError: On unknown layer names (all listed), modules without a weight, tied layers
+            given different bit-widths, bit-widths outside [2, 16], ``activation_bits``
+            without ``calibration_batches`` (or with an empty one), or non-finite calibration
+            activations.
     """
     if not isinstance(bits, Mapping):
         raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
     checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
-    _check_layer_names(model, checked, "bits", need_weight=True)
+    _check_tied(resolve_layers(model, list(checked), "bits"), checked)
     act = _activation_bits(activation_bits, checked)
-    _check_layer_names(model, act, "activation_bits", need_weight=False)
+    act = _activation_modules(model, act)
     if act and calibration_batches is None:
         raise ValueError("calibration_batches is required when activation_bits is given.")
 
     net = copy.deepcopy(model)
-    modules = dict(net.named_modules())
+    layers = resolve_layers(net, list(checked), "bits")
     with torch.no_grad():
         for name, b in checked.items():
-            weight = modules[name].weight
-            weight.copy_(quantize_weight(weight.detach(), b))
+            weight, axis = layers[name].weight, layers[name].out_axis
+            weight.copy_(quantize_weight(weight.detach(), b, axis))
     if act:
+        modules = dict(net.named_modules())
         _calibrate(net, modules, act, calibration_batches)  # type: ignore[arg-type]
     return net
 
@@ -267,9 +279,10 @@ def model_size(
     if not isinstance(bits, Mapping):
         raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
     checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
-    _check_layer_names(model, checked, "bits", need_weight=True)
+    layers = resolve_layers(model, list(checked), "bits")
+    _check_tied(layers, checked)
     modules = dict(model.named_modules())
-    weight_bits = {id(modules[n].weight): b for n, b in checked.items()}
+    weight_bits = {id(layers[n].weight): b for n, b in checked.items()}
     seen: set[int] = set()
     total = n_params = 0
     layer_bits: dict[str, int] = {}
@@ -293,12 +306,12 @@ def bops(
     example_input: Any,
     activation_bits: int | Mapping[str, int] = 32,
 ) -> int:
-    """Bit operations per sample: ``Σ MACs × weight bits × activation bits`` over Conv/Linear.
+    """Bit operations per sample: ``Σ MACs × weight bits × activation bits`` over the layers.
 
     MACs are counted by forward hooks on one eval-mode, no-grad pass over ``example_input``
-    and divided by its batch size: a Conv's MACs are ``output elements × in_channels / groups ×
-    kernel elements``, a Linear's ``output elements × in_features``. Layers not in ``bits``
-    count at 32 weight bits. ``model`` is left in its original modes.
+    and divided by its batch size (:func:`layer_macs`), for every supported layer
+    (:func:`optuna_ctpe.nn.layers.model_layers`) and every layer of ``bits``. Layers not in
+    ``bits`` count at 32 weight bits. ``model`` is left in its original modes.
 
     Args:
         model: The network.
@@ -314,35 +327,38 @@ def bops(
     if not isinstance(bits, Mapping):
         raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
     checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
-    _check_layer_names(model, checked, "bits", need_weight=True)
+    layers = {**model_layers(model), **resolve_layers(model, list(checked), "bits")}
     if isinstance(activation_bits, Mapping):
         act = {
             n: check_bits(b, f"activation_bits[{n!r}]", maximum=_MAX_ACTIVATION_BITS)
             for n, b in activation_bits.items()
         }
-        _check_layer_names(model, act, "activation_bits", need_weight=False)
+        _activation_modules(model, act)
         default_act = _FP32_BITS
     else:
         act = {}
         default_act = check_bits(activation_bits, "activation_bits", maximum=_MAX_ACTIVATION_BITS)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     macs: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    # nn.MultiheadAttention applies its out_proj's weight without calling it: its MACs are
+    # counted on the attention module's call.
+    host = {f"{n}.out_proj": n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
+    by_module: dict[str, list[LayerWeight]] = {}
+    for layer in layers.values():
+        by_module.setdefault(host.get(layer.name, layer.module_name), []).append(layer)
 
-    def counter(name: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            per_output = (
-                module.in_features
-                if isinstance(module, nn.Linear)
-                else module.in_channels // module.groups * math.prod(module.kernel_size)
-            )
-            macs[name] = macs.get(name, 0) + output.numel() * per_output // output.shape[0]
+    def counter(own: list[LayerWeight]) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            for layer in own:
+                n = layer_macs(layer, module, args, kwargs, output)
+                macs[layer.name] = macs.get(layer.name, 0) + n
 
         return hook
 
     handles = [
-        m.register_forward_hook(counter(n))
-        for n, m in model.named_modules()
-        if isinstance(m, WEIGHTED_LAYER_TYPES)
+        modules[n].register_forward_hook(counter(own), with_kwargs=True)
+        for n, own in by_module.items()
     ]
     try:
         with eval_mode(model), torch.no_grad():
@@ -353,6 +369,43 @@ def bops(
     return sum(
         n * checked.get(name, _FP32_BITS) * act.get(name, default_act) for name, n in macs.items()
     )
+
+
+def layer_macs(
+    layer: LayerWeight,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output: Any,
+) -> int:
+    """Multiply-accumulates per sample of one call of ``module`` (a forward hook's arguments)
+    for ``layer``: its module, or the ``nn.MultiheadAttention`` whose ``out_proj`` it is.
+
+    A Conv's are ``output elements × in_channels / groups × kernel elements``, a
+    ConvTranspose's ``input elements × out_channels / groups × kernel elements``, a Linear's
+    (and a ``Conv1D``'s) ``output elements × input features``, an ``nn.MultiheadAttention``
+    projection's ``input elements × embed_dim`` (its output projection's inputs are as many
+    as the queries'); an embedding lookup has none.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        inputs = [*args, *(kwargs.get(k) for k in ("query", "key", "value"))][:3]
+        which = {"in_proj_weight": (0, 1, 2), "k_proj_weight": (1,), "v_proj_weight": (2,)}
+        used = [inputs[i] for i in which.get(layer.attr, (0,))]
+        query = inputs[0]
+        batch = 1 if query.dim() == 2 else query.shape[0 if module.batch_first else 1]
+        return sum(x.numel() for x in used) * module.embed_dim // batch
+    out = output[0] if isinstance(output, tuple) else output
+    if isinstance(module, nn.Embedding) or not isinstance(out, torch.Tensor) or out.dim() == 0:
+        return 0
+    if isinstance(module, nn.modules.conv._ConvNd):
+        kernel = math.prod(module.kernel_size)
+        if module.transposed:
+            x = args[0]
+            return x.numel() * module.out_channels // module.groups * kernel // x.shape[0]
+        per_output = module.in_channels // module.groups * kernel
+    else:  # Linear (in_features = weight.shape[1]) or Conv1D (weight (in, out))
+        per_output = layer.weight.shape[1 - layer.out_axis]
+    return out.numel() * per_output // out.shape[0]
 
 
 def _activation_bits(
@@ -369,17 +422,27 @@ def _activation_bits(
     return dict.fromkeys(bits, b)
 
 
-def _check_layer_names(
-    model: nn.Module, names: Iterable[str], what: str, *, need_weight: bool
-) -> None:
+def _activation_modules(model: nn.Module, act: Mapping[str, int]) -> dict[str, int]:
+    """``act`` keyed by module: a parameter layer's activations are its module's inputs."""
     modules = dict(model.named_modules())
-    unknown = sorted(n for n in names if n not in modules)
+    known = model_layers(model, include_embeddings=True)
+    unknown = sorted(n for n in act if n not in modules and n not in known)
     if unknown:
-        raise ValueError(f"{what} names layers the model lacks: {unknown}.")
-    if need_weight:
-        missing = sorted(n for n in names if weight_of(modules[n]) is None)
-        if missing:
-            raise ValueError(f"{what} names modules without a weight parameter: {missing}.")
+        raise ValueError(f"activation_bits names layers the model lacks: {unknown}.")
+    return {(n if n in modules else known[n].module_name): b for n, b in act.items()}
+
+
+def _check_tied(layers: Mapping[str, LayerWeight], bits: Mapping[str, int]) -> None:
+    """Refuse two bit-widths for one tensor (tied weights are stored, and quantized, once)."""
+    by_tensor: dict[int, dict[str, int]] = {}
+    for name, layer in layers.items():
+        by_tensor.setdefault(id(layer.weight), {})[name] = bits[name]
+    for named in by_tensor.values():
+        if len(set(named.values())) > 1:
+            raise ValueError(
+                f"bits gives the layers {sorted(named)} different bit-widths {named}, but they "
+                "share one (tied) weight tensor, which is stored and quantized once."
+            )
 
 
 def _describe(x: Any) -> str:

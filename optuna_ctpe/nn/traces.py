@@ -6,22 +6,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
+from collections.abc import Mapping
 from collections.abc import Sequence
 import contextlib
 from dataclasses import dataclass
 import math
+import re
 import sys
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import sdpa_kernel
+from torch.nn.attention import SDPBackend
 from tqdm.auto import tqdm
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe._validation import is_real
 from optuna_ctpe.nn.layers import eval_mode
+from optuna_ctpe.nn.layers import LAYER_TYPES
+from optuna_ctpe.nn.layers import LayerWeight
+from optuna_ctpe.nn.layers import MHA_PARAMETERS
+from optuna_ctpe.nn.layers import model_layers
+from optuna_ctpe.nn.layers import resolve_layers
 from optuna_ctpe.nn.layers import weight_of
-from optuna_ctpe.nn.layers import WEIGHTED_LAYER_TYPES
 
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -102,6 +110,7 @@ class Setup:
     names: list[str]
     weights: list[torch.Tensor]
     device: torch.device
+    param_names: list[str]
 
 
 def setup(
@@ -127,50 +136,65 @@ def setup(
     batch_list = list(batches)
     if not batch_list:
         raise ValueError("batches is empty: at least one batch is needed.")
-    names, weights = select_layers(model, layers)
+    selected = select_layers(model, layers)
+    weights = [layer.weight for layer in selected.values()]
     dev = weights[0].device if device is None else torch.device(device)
-    return Setup(batch_list, names, weights, dev)
+    return Setup(
+        batch_list,
+        list(selected),
+        weights,
+        dev,
+        [layer.param_name for layer in selected.values()],
+    )
 
 
-def select_layers(model: nn.Module, layers: Layers) -> tuple[list[str], list[torch.Tensor]]:
-    """Names and weight parameters of the selected layers, in module order.
+def select_layers(model: nn.Module, layers: Layers) -> dict[str, LayerWeight]:
+    """The selected layers (name -> :class:`~optuna_ctpe.nn.layers.LayerWeight`), in module
+    order.
 
     Args:
         model: The network.
-        layers: A sequence of module names, a tuple of module types, or None for every module
-            of :data:`~optuna_ctpe.nn.layers.WEIGHTED_LAYER_TYPES`.
+        layers: A sequence of layer names (module names, or parameter names of
+            ``nn.MultiheadAttention`` projection weights), a tuple of module types, or None for
+            every supported layer (:func:`optuna_ctpe.nn.layers.model_layers`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    modules = dict(model.named_modules())
-    if layers is None or (
-        isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)
-    ):
-        types = WEIGHTED_LAYER_TYPES if layers is None else layers
+    if layers is None:
+        selected = model_layers(model)
+        if not selected:
+            raise ValueError(
+                f"the model has no layer of types {[t.name for t in LAYER_TYPES]} "
+                "or nn.MultiheadAttention."
+            )
+        return selected
+    if isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers):
         names = [
-            n for n, m in modules.items() if isinstance(m, types) and weight_of(m) is not None
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, layers) and weight_of(m) is not None
         ]
         if not names:
-            raise ValueError(f"the model has no layer of types {[t.__name__ for t in types]}.")
-    elif isinstance(layers, Sequence) and not isinstance(layers, str):
+            raise ValueError(f"the model has no layer of types {[t.__name__ for t in layers]}.")
+        return resolve_layers(model, names, "layers")
+    if isinstance(layers, Sequence) and not isinstance(layers, str):
         if not layers or not all(isinstance(n, str) for n in layers):
             raise ValueError(
                 f"layers must be a non-empty sequence of module names, got {layers!r}."
             )
-        unknown = [n for n in layers if n not in modules]
-        if unknown:
-            raise ValueError(f"layers names modules the model lacks: {unknown}.")
-        no_weight = [n for n in layers if weight_of(modules[n]) is None]
-        if no_weight:
-            raise ValueError(f"layers names modules without a weight parameter: {no_weight}.")
-        chosen = set(layers)
-        names = [n for n in modules if n in chosen]
-    else:
-        raise TypeError(
-            "layers must be None, a sequence of module names or a tuple of module types, "
-            f"got {layers!r}."
-        )
-    return names, [weight_of(modules[n]) for n in names]  # type: ignore[misc]
+        chosen = resolve_layers(model, list(layers), "layers")
+        position = {n: i for i, n in enumerate(dict(model.named_modules()))}
+        return dict(sorted(chosen.items(), key=lambda kv: _module_order(kv[1], position)))
+    raise TypeError(
+        "layers must be None, a sequence of module names or a tuple of module types, "
+        f"got {layers!r}."
+    )
+
+
+def _module_order(layer: LayerWeight, position: Mapping[str, int]) -> tuple[int, int]:
+    """A layer's place in module order (its module's; parameter layers in attribute order)."""
+    rank = MHA_PARAMETERS.index(layer.attr) + 1 if layer.attr in MHA_PARAMETERS else 0
+    return position[layer.module_name], rank
 
 
 def checked_loss(loss: Any, index: int) -> torch.Tensor:
@@ -194,10 +218,16 @@ def checked_loss(loss: Any, index: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def traced(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
-    """Eval mode and differentiable ``weights`` inside; flags, grads and modes restored after."""
+    """Eval mode, differentiable ``weights`` and twice-differentiable attention inside; flags,
+    grads, modes and the user's attention-kernel choice restored after.
+
+    PyTorch's fused scaled-dot-product-attention kernels (flash, memory-efficient, cuDNN) have
+    no second derivative; the math kernel has, so measurement runs on it (the same attention,
+    computed without fusion). :func:`twice_differentiable` explains what else can fail.
+    """
     params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     try:
-        with eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
             for w in weights:
                 w.requires_grad_(True)
             yield
@@ -205,6 +235,34 @@ def traced(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
         for p, requires_grad, grad in params:
             p.requires_grad_(requires_grad)
             p.grad = grad
+
+
+# How autograd says that an op has no second derivative.
+_NO_SECOND_DERIVATIVE = re.compile(r"derivative for (\S+) is not implemented")
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Turn autograd's "no second derivative" error into one that says what to do.
+
+    Raises:
+        RuntimeError: Naming the op without a second derivative, when the block raises autograd's
+            error for one; other errors pass unchanged.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        found = _NO_SECOND_DERIVATIVE.search(str(err))
+        if found is None:
+            raise
+        raise RuntimeError(
+            f"the loss is not twice differentiable: PyTorch has no second derivative for "
+            f"{found.group(1)}, which the Hessian (Hutchinson) estimator needs. Use an "
+            "implementation of that op with double backward (for a Hugging Face model, "
+            "attn_implementation='eager'; for attention, torch.nn.functional."
+            "scaled_dot_product_attention, whose math kernel this package selects), or "
+            "estimator='fisher', which needs first derivatives only."
+        ) from err
 
 
 @contextlib.contextmanager

