@@ -51,9 +51,12 @@ from optuna_ctpe.space.warm_start import warm_start_configs
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from contextlib import AbstractContextManager
 
     import optuna
     import torch
+
+    from optuna_ctpe.nn.apply import WeightCache
 
 
 __all__ = [
@@ -493,6 +496,8 @@ class HessianSearchSpace:
         ``model`` is not modified; see :func:`optuna_ctpe.nn.apply.configured_copy`. Each
         layer's weight is quantized per output channel along its type's axis
         (:data:`optuna_ctpe.nn.layers.LAYER_TYPES`); a tied tensor once, at its one bit-width.
+        The copy is the caller's to keep or modify; to score many configurations of one model,
+        :meth:`applied` avoids the copy per configuration.
 
         Raises:
             ValueError: If ``config`` does not fit the space, or a width below 1 is requested
@@ -502,6 +507,47 @@ class HessianSearchSpace:
 
         config = check_config(self._spec, config)
         return configured_copy(model, self._spec.layers, config, example_inputs, quantize=True)
+
+    def applied(
+        self,
+        model: torch.nn.Module,
+        config: QuantConfig,
+        example_inputs: Any = None,
+        *,
+        cache: WeightCache | None = None,
+    ) -> AbstractContextManager[torch.nn.Module]:
+        """``model`` configured to ``config`` for the time of a ``with`` block (needs torch).
+
+        With every width at 1, the block gets ``model`` itself with its weights quantized in
+        place, computing bit for bit what :meth:`apply`'s copy computes; on exit, also on an
+        exception, every weight is its original tensor again. With a width below 1 it gets
+        :meth:`apply`'s pruned copy. A :class:`~optuna_ctpe.nn.apply.WeightCache` keeps the
+        quantized weights from call to call, so each (layer, bit-width) is quantized once::
+
+            cache = WeightCache()
+            for config in configs:
+                with space.applied(model, config, cache=cache) as net:
+                    scores.append(evaluate(net))
+
+        Inside the block ``model`` holds quantized weights: no other thread may use it
+        meanwhile (give each thread its own copy of the model and its own cache), and
+        ``evaluate`` must not need the float model. See
+        :func:`optuna_ctpe.nn.apply.configured_in_place`.
+
+        Args:
+            model: The model the space was measured on.
+            config: A configuration of the space.
+            example_inputs: Inputs for dependency tracing; required when a width is below 1.
+            cache: Quantized weights of ``model`` kept across calls; None quantizes afresh.
+
+        Raises:
+            ValueError: If ``config`` does not fit the space, ``model`` is not the measured
+                one, or a width below 1 is requested without ``example_inputs``.
+        """
+        from optuna_ctpe.nn.apply import configured_in_place
+
+        config = check_config(self._spec, config)
+        return configured_in_place(model, self._spec.layers, config, example_inputs, cache=cache)
 
     def prune(
         self, model: torch.nn.Module, config: QuantConfig, example_inputs: Any = None

@@ -39,6 +39,7 @@ SAMPLER_ARGUMENTS = [
 
 SPACE_PUBLIC = {
     "apply",
+    "applied",
     "bits",
     "budget",
     "choices",

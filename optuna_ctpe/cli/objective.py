@@ -1,10 +1,10 @@
 """The objective of ``optuna-ctpe search``: apply a configuration, optionally fine-tune, score.
 
-Each trial suggests a :class:`~optuna_ctpe.search_space.QuantConfig`, builds the width-pruned,
-weight-quantized copy of the task's model and records, as trial user attributes that
-optuna-dashboard shows as sortable columns:
+Each trial suggests a :class:`~optuna_ctpe.search_space.QuantConfig`, scores the width-pruned,
+weight-quantized model and records, as trial user attributes that optuna-dashboard shows as
+sortable columns:
 
-* ``accuracy``: the task metric of the copy (after fine-tuning, if any);
+* ``accuracy``: the task metric of the configured model (after fine-tuning, if any);
 * ``size_bytes``, ``size_kb`` and ``compression_ratio`` (FP32 size / size);
 * ``feasible`` (budget objective): whether the size is within the budget.
 
@@ -14,11 +14,19 @@ stay in float and every forward pass quantizes them, with straight-through gradi
 calibration batches, after which the validation accuracy is reported as the intermediate value
 of that step, so a pruner can stop an unpromising trial. The fine-tuning is deterministic on a
 CPU, which lets ``optuna-ctpe export`` rebuild the exact model a trial scored.
+
+Without fine-tuning, a trial with every width at 1 copies nothing: it quantizes a working copy
+of the task's model in place for the time of the evaluation (:meth:`HessianSearchSpace.applied`),
+with each (layer, bit-width) quantized once per search (a
+:class:`~optuna_ctpe.nn.apply.WeightCache`). Each thread (``--n-jobs``) has its own working copy,
+made once; the task's model itself is never modified.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import copy
+import threading
 from typing import Any
 
 import optuna
@@ -139,6 +147,8 @@ class Objective:
         self._budget_bits = (
             None if settings.size_budget is None else settings.size_budget * space.fp32_bits
         )
+        # Without fine-tuning, trials configure the model in place instead of copying it.
+        self._models = _WorkingCopies(task.model) if settings.finetune_epochs == 0 else None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         with interruptible():
@@ -152,14 +162,7 @@ class Objective:
         )
         trial.set_user_attr(_attrs.SAMPLER, self._sampler_name)
         config = self._space.suggest(trial)
-        net = build_model(
-            self._space,
-            self._task,
-            config,
-            self._settings.finetune_epochs,
-            self._epoch_reporter(trial),
-        )
-        accuracy = float(self._task.evaluate(net))
+        accuracy = self._score(config, trial)
         size_bits = self._space.size(config)
         for key, value in model_metrics(self._space, accuracy, size_bits).items():
             trial.set_user_attr(key, value)
@@ -172,6 +175,21 @@ class Objective:
         compat.set_constraint(trial, "size", violation)
         trial.set_user_attr(_attrs.FEASIBLE, violation <= 0)
         return accuracy
+
+    def _score(self, config: QuantConfig, trial: optuna.Trial) -> float:
+        """The task metric of ``config``'s model."""
+        if self._models is None:
+            net = build_model(
+                self._space,
+                self._task,
+                config,
+                self._settings.finetune_epochs,
+                self._epoch_reporter(trial),
+            )
+            return float(self._task.evaluate(net))
+        model, cache = self._models.get()
+        with self._space.applied(model, config, self._task.example_inputs, cache=cache) as net:
+            return float(self._task.evaluate(net))
 
     def _epoch_reporter(self, trial: optuna.Trial) -> Callable[[int, float], None]:
         """The ``on_epoch`` of :func:`build_model`: stop on a signal, report, maybe prune."""
@@ -186,3 +204,31 @@ class Objective:
                     raise optuna.TrialPruned(f"accuracy {accuracy:.4f} after epoch {epoch}")
 
         return on_epoch
+
+
+class _WorkingCopies:
+    """One private copy of the task's model per thread, each with its weight cache.
+
+    A trial quantizes its thread's copy in place, so two threads never share a model, and the
+    task's own model is never touched: a task's ``evaluate`` may still compare against it. The
+    copy is made once per thread (Optuna's ``n_jobs`` threads are reused), not once per trial.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self._local = threading.local()
+
+    def get(self) -> tuple[Any, Any]:
+        """This thread's ``(model copy, WeightCache)``."""
+        local = self._local
+        if not hasattr(local, "model"):
+            local.model = copy.deepcopy(self._model)
+            local.cache = _weight_cache()
+        return local.model, local.cache
+
+
+def _weight_cache() -> Any:
+    # Imported here: the command line imports torch only once a study needs it.
+    from optuna_ctpe.nn.apply import WeightCache
+
+    return WeightCache()

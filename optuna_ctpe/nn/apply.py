@@ -1,30 +1,59 @@
-"""A configuration -> a width-pruned (and weight-quantized) copy of a model.
+"""A configuration -> a width-pruned (and weight-quantized) copy of a model, or the model itself
+with its weights quantized in place for the time of a ``with`` block.
 
-The other direction of :mod:`optuna_ctpe.nn.measure`: what :meth:`HessianSearchSpace.apply`
-and :meth:`HessianSearchSpace.prune` do with a model. Widths are pruned first
-(dependency-aware, :func:`optuna_ctpe.nn.width.prune_widths`), then every layer's weight is
-fake-quantized to its bit-width (:func:`optuna_ctpe.nn.quantize.quantize_model`).
+The other direction of :mod:`optuna_ctpe.nn.measure`: what :meth:`HessianSearchSpace.apply`,
+:meth:`HessianSearchSpace.prune` and :meth:`HessianSearchSpace.applied` do with a model. Widths
+are pruned first (dependency-aware, :func:`optuna_ctpe.nn.width.prune_widths`), then every
+layer's weight is fake-quantized to its bit-width (:func:`optuna_ctpe.nn.quantize.quantize_model`).
+
+A search scores one configuration per trial, and a copy per trial can cost more than the
+evaluation (a deep copy of resnet18 takes about as long as scoring 64 images, quantizing all its
+weights twice that; ``benchmarks/results/apply_cost.md``). :func:`configured_in_place` avoids
+both: it swaps each layer's parameter storage (``param.data``) for a quantized tensor and swaps
+the original back on exit, and a :class:`WeightCache` computes each (layer, bit-width) once.
 
 Requires the ``torch`` extra.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator
 from collections.abc import Mapping
+import contextlib
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
+from optuna_ctpe._validation import check_bits
+from optuna_ctpe._validation import check_integer
+from optuna_ctpe.nn.layers import LayerWeight
 from optuna_ctpe.nn.layers import model_layers
+from optuna_ctpe.nn.layers import resolve_layers
 from optuna_ctpe.nn.layers import weight_of
+from optuna_ctpe.nn.quantize import _check_tied
 from optuna_ctpe.nn.quantize import quantize_model
+from optuna_ctpe.nn.quantize import quantize_weight
 from optuna_ctpe.nn.width import prune_widths
 from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import QuantConfig
 
 
-__all__ = ["check_model", "configured_copy"]
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "WeightCache",
+    "check_model",
+    "configured_copy",
+    "configured_in_place",
+    "quantized_in_place",
+    "quantized_like",
+]
+
+#: The most bytes of quantized tensors a :class:`WeightCache` keeps by default (2 GiB: every
+#: bit-width of 2 to 8 of a 70M-parameter float32 model).
+DEFAULT_CACHE_BYTES = 2**31
 
 
 def check_model(model: nn.Module, layers: Mapping[str, LayerSensitivity]) -> None:
@@ -94,3 +123,180 @@ def configured_copy(
     if quantize:
         return quantize_model(net, dict(config.bits))
     return copy.deepcopy(model) if net is model else net
+
+
+@contextlib.contextmanager
+def configured_in_place(
+    model: nn.Module,
+    layers: Mapping[str, LayerSensitivity],
+    config: QuantConfig,
+    example_inputs: Any = None,
+    *,
+    cache: WeightCache | None = None,
+) -> Iterator[nn.Module]:
+    """``model`` configured to ``config`` inside the block, as it was after.
+
+    With every width at 1, ``model`` itself with its weights quantized in place
+    (:func:`quantized_in_place`); otherwise a pruned, quantized copy
+    (:func:`configured_copy`), since pruning changes the model's structure.
+
+    Args:
+        model: The model the space was measured on.
+        layers: The space's layer sensitivities (checked against ``model``).
+        config: A configuration of the space.
+        example_inputs: Inputs for dependency tracing; required when a width is below 1.
+        cache: Quantized weights of ``model`` kept across calls; None quantizes afresh.
+
+    Raises:
+        ValueError: If ``model`` does not match ``layers``, or a width below 1 is requested
+            without ``example_inputs``.
+    """
+    if any(w < 1 for w in config.widths.values()):
+        yield configured_copy(model, layers, config, example_inputs, quantize=True)
+        return
+    check_model(model, layers)
+    with quantized_in_place(model, config.bits, cache=cache) as net:
+        yield net
+
+
+@contextlib.contextmanager
+def quantized_in_place(
+    model: nn.Module, bits: Mapping[str, int], *, cache: WeightCache | None = None
+) -> Iterator[nn.Module]:
+    """``model`` with the weights of ``bits``' layers fake-quantized inside the block.
+
+    The values are those of :func:`optuna_ctpe.nn.quantize.quantize_model`, so the model
+    computes bit for bit what its quantized copy computes. Each parameter's storage is swapped
+    for a quantized tensor of the same layout and the original storage swapped back on exit,
+    also when the block raises: nothing is copied and the float weights are never written. A
+    tied tensor is swapped once. Buffers, train/eval modes and every other parameter are the
+    caller's: only the listed weights change. Not thread-safe: another thread using ``model``
+    meanwhile sees quantized weights.
+
+    Args:
+        model: The network.
+        bits: Layer name -> weight bit-width (see :func:`~optuna_ctpe.nn.quantize.quantize_model`).
+        cache: Where quantized weights are kept across calls; None quantizes afresh.
+
+    Raises:
+        ValueError: On unknown layer names, modules without a weight, tied layers given
+            different bit-widths, or bit-widths outside [2, 16].
+        TypeError: If ``bits`` is not a mapping.
+    """
+    if not isinstance(bits, Mapping):
+        raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
+    checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
+    resolved = resolve_layers(model, list(checked), "bits")
+    _check_tied(resolved, checked)
+    # (parameter, its float storage, its version right after the swap, cache key)
+    swapped: list[tuple[nn.Parameter, torch.Tensor, int, tuple[str, int]]] = []
+    try:
+        with torch.no_grad():
+            for name, b in checked.items():
+                layer, param = resolved[name], resolved[name].weight
+                if any(p is param for p, *_ in swapped):
+                    continue  # a tied tensor: quantized once
+                q = (
+                    quantized_like(param, b, layer.out_axis)
+                    if cache is None
+                    else cache.get(layer, b)
+                )
+                original = param.data
+                param.data = q
+                swapped.append((param, original, param._version, (layer.param_name, b)))
+        yield model
+    finally:
+        for param, original, version, key in reversed(swapped):
+            if cache is not None and param._version != version:
+                cache.discard(key)  # written to inside the block: the cached tensor is spoilt
+            param.data = original
+
+
+def quantized_like(weight: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+    """:func:`~optuna_ctpe.nn.quantize.quantize_weight` of ``weight`` in a new tensor laid out
+    (strides, memory format) like ``weight``, as :func:`quantize_model`'s copy holds it."""
+    with torch.no_grad():
+        source = weight.detach()
+        return torch.empty_like(source).copy_(quantize_weight(source, bits, axis))
+
+
+class _Entry:
+    """A cached quantized tensor and the float storage and version it was computed from."""
+
+    def __init__(self, weight: nn.Parameter, quantized: torch.Tensor) -> None:
+        # Holding the float storage keeps its address from being reused by another tensor.
+        self.source = weight.data
+        self.version = weight._version
+        self.quantized = quantized
+
+    def matches(self, weight: nn.Parameter) -> bool:
+        s = self.source
+        return (
+            weight.data_ptr() == s.data_ptr()
+            and weight._version == self.version
+            and weight.shape == s.shape
+            and weight.stride() == s.stride()
+            and weight.dtype == s.dtype
+            and weight.device == s.device
+        )
+
+
+class WeightCache:
+    """Quantized weights of one model per (layer, bit-width), reused from trial to trial.
+
+    Pass one to :meth:`HessianSearchSpace.applied` in a search loop: each layer is then
+    quantized once per bit-width instead of once per trial. An entry is used only while the
+    model's weight is the float tensor it was computed from, unmodified (same storage, same
+    version counter), so an optimiser step, an in-place op under ``torch.no_grad()`` or
+    ``load_state_dict`` in between makes the cache recompute, never serve a stale weight. A
+    write through ``.data`` (``p.data.copy_(...)``) bypasses the version counter: call
+    :meth:`clear` after one. The least recently used entries are dropped beyond ``max_bytes``.
+    Not thread-safe: one cache per model, used by one thread at a time.
+
+    Args:
+        max_bytes: The most bytes of quantized tensors kept, an integer >= 0 (0 caches
+            nothing).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = check_integer(max_bytes, "max_bytes", minimum=0)
+        self._entries: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
+        self._nbytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of quantized tensors held."""
+        return self._nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, layer: LayerWeight, bits: int) -> torch.Tensor:
+        """``layer``'s weight quantized to ``bits`` (see :func:`quantized_like`), from the cache
+        when it holds an entry for the weight as it is now."""
+        key = (layer.param_name, bits)
+        weight = layer.weight
+        entry = self._entries.get(key)
+        if entry is not None and entry.matches(weight):
+            self._entries.move_to_end(key)
+            return entry.quantized
+        self.discard(key)
+        q = quantized_like(weight, bits, layer.out_axis)
+        size = q.numel() * q.element_size()
+        if size <= self.max_bytes:
+            while self._nbytes + size > self.max_bytes:
+                self.discard(next(iter(self._entries)))
+            self._entries[key] = _Entry(weight, q)
+            self._nbytes += size
+        return q
+
+    def discard(self, key: tuple[str, int]) -> None:
+        """Drop the entry of ``key`` (a ``(parameter name, bits)`` pair), if any."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._nbytes -= entry.quantized.numel() * entry.quantized.element_size()
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._entries.clear()
+        self._nbytes = 0
