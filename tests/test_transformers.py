@@ -42,13 +42,13 @@ def _ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(seed))
 
 
-def _bert(attn: str, *, head: bool) -> nn.Module:
+def _bert(attn: str, *, head: bool, n_heads: int = 2) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=n_heads,
         intermediate_size=64,
         num_labels=3,
         attn_implementation=attn,
@@ -87,6 +87,28 @@ def _llama() -> nn.Module:
 
 def _lm_loss(net: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return net(input_ids=ids, labels=ids).loss
+
+
+def _torchvision_vit() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=16,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=3,
+    )
+
+
+def _timm_vit() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3
+    )
 
 
 class _Encoder(nn.Module):
@@ -302,17 +324,7 @@ def test_multihead_attention_projection_weights(kdim: int | None) -> None:
 
 
 def test_vision_transformers() -> None:
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    vit = torchvision.models.VisionTransformer(
-        image_size=16,
-        patch_size=8,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        mlp_dim=64,
-        num_classes=3,
-    )
+    vit = _torchvision_vit()
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     batch = (images, torch.tensor([0, 1, 2, 0]))
     space = _quiet(HessianSearchSpace.from_model, vit, _ce, [batch], widths=(1.0,), max_probes=4)
@@ -321,11 +333,7 @@ def test_vision_transformers() -> None:
 
 
 def test_timm_vit() -> None:
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3
-    )
+    vit = _timm_vit()
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     batch = (images, torch.tensor([0, 1, 2, 0]))
     space = _quiet(HessianSearchSpace.from_model, vit, _ce, [batch], widths=(1.0,), max_probes=4)
@@ -361,17 +369,7 @@ def test_a_loss_not_twice_differentiable_is_explained() -> None:
 
 
 def _bert_heads(attn: str) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-        attn_implementation=attn,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
+    return _bert(attn, head=True, n_heads=4).eval()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -451,10 +449,7 @@ def test_widths_of_transformer_encoder_llama_and_timm() -> None:
     assert not any("q_proj" in g or "k_proj" in g or "v_proj" in g for g in space.groups)
     _check_half_width(space, llama, lambda net: _lm_loss(net, ids), {"input_ids": ids})
 
-    timm = pytest.importorskip("timm")
-    vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3
-    )
+    vit = _timm_vit()
     images, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
     space = _widths_space(vit, _ce, (images, labels), images)
     # The fused qkv is kept whole; the class token and position embedding follow the hidden size.
@@ -463,17 +458,7 @@ def test_widths_of_transformer_encoder_llama_and_timm() -> None:
 
 
 def test_a_width_group_the_pruner_breaks_is_named_in_a_warning() -> None:
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    vit = torchvision.models.VisionTransformer(
-        image_size=16,
-        patch_size=8,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        mlp_dim=64,
-        num_classes=3,
-    )
+    vit = _torchvision_vit()
     images, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
     with pytest.warns(UserWarning, match=r"width group 'conv_proj' .*could not be pruned"):
         space = _widths_space(vit, _ce, (images, labels), images)
