@@ -7,7 +7,8 @@
   attention heads as units (:mod:`~optuna_ctpe.nn.heads`);
 * :mod:`~optuna_ctpe.nn.measure`: a model -> the records a
   :class:`~optuna_ctpe.HessianSearchSpace` is built from;
-* :mod:`~optuna_ctpe.nn.apply`: a configuration -> a pruned, quantized copy of a model;
+* :mod:`~optuna_ctpe.nn.apply`: a configuration -> a pruned, quantized copy of a model, or the
+  model itself quantized in place for a block (with a cache of quantized weights);
 * :mod:`~optuna_ctpe.nn.layers`: the supported layer types (each with its output-channel axis),
   how layers are named, and the mode-preserving context.
 
