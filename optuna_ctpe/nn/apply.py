@@ -27,15 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from optuna_ctpe._validation import check_bits
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe.nn.layers import LayerWeight
 from optuna_ctpe.nn.layers import model_layers
-from optuna_ctpe.nn.layers import resolve_layers
 from optuna_ctpe.nn.layers import weight_of
-from optuna_ctpe.nn.quantize import _check_tied
 from optuna_ctpe.nn.quantize import quantize_model
 from optuna_ctpe.nn.quantize import quantize_weight
+from optuna_ctpe.nn.quantize import resolve_quantized_layers
 from optuna_ctpe.nn.width import prune_widths
 from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import QuantConfig
@@ -183,11 +181,7 @@ def quantized_in_place(
             different bit-widths, or bit-widths outside [2, 16].
         TypeError: If ``bits`` is not a mapping.
     """
-    if not isinstance(bits, Mapping):
-        raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
-    checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
-    resolved = resolve_layers(model, list(checked), "bits")
-    _check_tied(resolved, checked)
+    checked, resolved = resolve_quantized_layers(model, bits)
     # (parameter, its float storage, its version right after the swap, cache key)
     swapped: list[tuple[nn.Parameter, torch.Tensor, int, tuple[str, int]]] = []
     try:

@@ -31,6 +31,7 @@ from torch import nn
 
 from optuna_ctpe._validation import check_bits
 from optuna_ctpe._validation import check_integer
+from optuna_ctpe._validation import MAX_BITS
 from optuna_ctpe.nn.layers import eval_mode
 from optuna_ctpe.nn.layers import LayerWeight
 from optuna_ctpe.nn.layers import model_layers
@@ -145,10 +146,7 @@ def quantize_model(
             without ``calibration_batches`` (or with an empty one), or non-finite calibration
             activations.
     """
-    if not isinstance(bits, Mapping):
-        raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
-    checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
-    _check_tied(resolve_layers(model, list(checked), "bits"), checked)
+    checked, _ = resolve_quantized_layers(model, bits)
     act = _activation_bits(activation_bits, checked)
     act = _activation_modules(model, act)
     if act and calibration_batches is None:
@@ -275,12 +273,7 @@ def model_size(
         ValueError: On unknown layer names, modules without a weight, or bad bit-widths.
     """
     default_bits = check_integer(default_bits, "default_bits", minimum=1, maximum=64)
-    bits = {} if bits is None else bits
-    if not isinstance(bits, Mapping):
-        raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
-    checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
-    layers = resolve_layers(model, list(checked), "bits")
-    _check_tied(layers, checked)
+    checked, layers = resolve_quantized_layers(model, {} if bits is None else bits)
     modules = dict(model.named_modules())
     weight_bits = {id(layers[n].weight): b for n, b in checked.items()}
     seen: set[int] = set()
@@ -324,15 +317,10 @@ def bops(
     Raises:
         ValueError: On unknown layer names or bad bit-widths.
     """
-    if not isinstance(bits, Mapping):
-        raise TypeError(f"bits must be a mapping of layer names to bit-widths, got {bits!r}.")
-    checked = {name: check_bits(b, f"bits[{name!r}]") for name, b in bits.items()}
+    checked = check_layer_bits(bits, "bits")
     layers = {**model_layers(model), **resolve_layers(model, list(checked), "bits")}
     if isinstance(activation_bits, Mapping):
-        act = {
-            n: check_bits(b, f"activation_bits[{n!r}]", maximum=_MAX_ACTIVATION_BITS)
-            for n, b in activation_bits.items()
-        }
+        act = check_layer_bits(activation_bits, "activation_bits", maximum=_MAX_ACTIVATION_BITS)
         _activation_modules(model, act)
         default_act = _FP32_BITS
     else:
@@ -414,10 +402,7 @@ def _activation_bits(
     if activation_bits is None:
         return {}
     if isinstance(activation_bits, Mapping):
-        return {
-            name: check_bits(b, f"activation_bits[{name!r}]")
-            for name, b in activation_bits.items()
-        }
+        return check_layer_bits(activation_bits, "activation_bits")
     b = check_bits(activation_bits, "activation_bits")
     return dict.fromkeys(bits, b)
 
@@ -430,6 +415,38 @@ def _activation_modules(model: nn.Module, act: Mapping[str, int]) -> dict[str, i
     if unknown:
         raise ValueError(f"activation_bits names layers the model lacks: {unknown}.")
     return {(n if n in modules else known[n].module_name): b for n, b in act.items()}
+
+
+def check_layer_bits(bits: Any, what: str = "bits", *, maximum: int = MAX_BITS) -> dict[str, int]:
+    """``bits`` (layer name -> bit-width) with every bit-width checked, as plain ints.
+
+    Raises:
+        TypeError: If ``bits`` is not a mapping.
+        ValueError: ``"<what>[<name>] must be an integer bit-width in [2, maximum]"``.
+    """
+    if not isinstance(bits, Mapping):
+        raise TypeError(f"{what} must be a mapping of layer names to bit-widths, got {bits!r}.")
+    return {name: check_bits(b, f"{what}[{name!r}]", maximum=maximum) for name, b in bits.items()}
+
+
+def resolve_quantized_layers(
+    model: nn.Module, bits: Any
+) -> tuple[dict[str, int], dict[str, LayerWeight]]:
+    """The checked bit-widths of ``bits`` and the layers of ``model`` they name.
+
+    What every function that quantizes or counts ``bits``' layers checks first: a mapping of
+    valid bit-widths, names ``model`` has (:func:`~optuna_ctpe.nn.layers.resolve_layers`) and
+    one bit-width per tied tensor.
+
+    Raises:
+        TypeError: If ``bits`` is not a mapping.
+        ValueError: On bad bit-widths, unknown layer names, modules without a weight, or tied
+            layers given different bit-widths.
+    """
+    checked = check_layer_bits(bits)
+    layers = resolve_layers(model, list(checked), "bits")
+    _check_tied(layers, checked)
+    return checked, layers
 
 
 def _check_tied(layers: Mapping[str, LayerWeight], bits: Mapping[str, int]) -> None:
