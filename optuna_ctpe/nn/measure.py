@@ -91,8 +91,9 @@ def measure(
     width_groups: list[_width.WidthGroup] = []
     if example_inputs is not None and len(widths) > 1:
         width_groups = _width.width_groups(model, example_inputs)
-    group_layers = {n for g in width_groups for n in g.layers}
-    traced = [n for n in quantizable if n in set(names) | group_layers]
+    # The quantized layers and every layer a width group prunes need a trace.
+    needed = set(names) | {n for g in width_groups for n in g.layers}
+    traced = [n for n in quantizable if n in needed]
     traces = estimate(model, loss_fn, batches, layers=traced, **estimator_kwargs)
     by_name = model_layers(model, include_embeddings=include_embeddings)
     mean_trace = {name: _mean_trace(traces[name], estimator) for name in traced}
@@ -143,7 +144,8 @@ def quantized_layer_names(
                 f"{'' if include_embeddings else '; embeddings need include_embeddings=True'}); "
                 f"known: {quantizable}."
             )
-        names = [n for n in quantizable if n in set(layers)]
+        chosen = set(layers)
+        names = [n for n in quantizable if n in chosen]
     if not names:
         raise ValueError("the model has no Conv, Linear or attention layer to quantize.")
     return quantizable, names
