@@ -24,10 +24,10 @@ from optuna_ctpe._validation import MAX_BITS
 from optuna_ctpe._validation import MIN_BITS
 from optuna_ctpe.search_space import DEFAULT_BITS
 from optuna_ctpe.search_space import DEFAULT_WIDTHS
+from optuna_ctpe.tasks import CACHE_ENV
 
 
 __all__ = [
-    "CACHE_ENV",
     "DEFAULTS",
     "DEFAULT_N_TRIALS",
     "DEFAULT_SIZE_BUDGET",
@@ -64,8 +64,6 @@ DEFAULT_STUDY = "optuna-ctpe"
 #: Trials run when neither --n-trials nor --timeout is given.
 DEFAULT_N_TRIALS = 50
 DEFAULT_TASK = "optuna_ctpe.tasks.digits:digits_task"
-#: The environment variable naming the weight cache of tasks whose factory takes ``cache_dir``.
-CACHE_ENV = "OPTUNA_CTPE_CACHE_DIR"
 #: Defaults of the settings a user leaves out when creating a study (see ``settings.Settings``).
 DEFAULTS: dict[str, Any] = {
     "task": DEFAULT_TASK,
@@ -233,7 +231,8 @@ def add_task_options(
         metavar="DIR",
         help=(
             "weight cache folder for tasks whose factory takes cache_dir (default: "
-            f"${CACHE_ENV}, else the task's own default, ~/.cache/optuna-ctpe for digits)"
+            f"${CACHE_ENV}, else the task's own default: for digits the user cache folder, "
+            "~/.cache/optuna-ctpe on Linux)"
         ),
     )
 

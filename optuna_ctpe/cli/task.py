@@ -8,9 +8,9 @@ import inspect
 import os
 from typing import Any
 
-from optuna_ctpe.cli.options import CACHE_ENV
 from optuna_ctpe.cli.options import DEFAULT_TASK
 from optuna_ctpe.cli.options import UsageError
+from optuna_ctpe.tasks import CACHE_ENV
 from optuna_ctpe.tasks import Task
 
 
