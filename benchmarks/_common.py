@@ -434,14 +434,15 @@ def plot_convergence(
     save_figure(fig, ax, path, legend_outside=many)
 
 
-def new_axes(figsize: tuple[float, float]) -> tuple[Any, Any]:
-    """A figure and its axes on the non-interactive backend (benchmarks run headless)."""
+def new_axes(figsize: tuple[float, float], ncols: int = 1) -> tuple[Any, Any]:
+    """A figure and its axes (an array of ``ncols`` if above 1) on the non-interactive backend
+    (benchmarks run headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=figsize)
+    return plt.subplots(ncols=ncols, figsize=figsize)
 
 
 def save_figure(fig: Any, ax: Any, path: Path, *, legend_outside: bool = False) -> None:

@@ -18,27 +18,23 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-import hashlib
-import json
 import os
-from pathlib import Path
-import pickle
-import tempfile
 
 import numpy as np
-import platformdirs
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe.nn.layers import eval_mode
-from optuna_ctpe.tasks import CACHE_ENV
 from optuna_ctpe.tasks import Task
+from optuna_ctpe.tasks._cache import cached_state
+from optuna_ctpe.tasks._cache import default_cache_dir
+from optuna_ctpe.tasks._cache import single_threaded
+from optuna_ctpe.tasks._training import train_classifier
 
 
-__all__ = ["DigitsCNN", "digits_task", "default_cache_dir"]
+__all__ = ["DIGITS_SPLIT", "DigitsCNN", "default_cache_dir", "digits_task", "split_digits"]
 
 # Bump when the architecture, split or training recipe changes: it is part of the cache key, so
 # stale weights are never loaded into a changed model.
@@ -51,6 +47,8 @@ _RECIPE = {
     "lr": 5e-3,
     "weight_decay": 1e-4,
 }
+#: The sizes of the validation and calibration parts of :func:`split_digits` (the rest trains).
+DIGITS_SPLIT = {"n_validation": _RECIPE["n_validation"], "n_calibration": _RECIPE["n_calibration"]}
 _CALIBRATION_BATCH = 60
 
 
@@ -77,17 +75,7 @@ class DigitsCNN(nn.Module):
         return self.fc2(x)
 
 
-def default_cache_dir() -> Path:
-    """``$OPTUNA_CTPE_CACHE_DIR`` if set, else the platform's user cache folder for
-    ``optuna-ctpe`` (``platformdirs.user_cache_dir``: ``$XDG_CACHE_HOME/optuna-ctpe`` or
-    ``~/.cache/optuna-ctpe`` on Linux, ``~/Library/Caches/optuna-ctpe`` on macOS, under
-    ``%LOCALAPPDATA%`` on Windows)."""
-    if explicit := os.environ.get(CACHE_ENV):
-        return Path(explicit)
-    return Path(platformdirs.user_cache_dir("optuna-ctpe"))
-
-
-def _split(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def split_digits(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Deterministic, seeded train / calibration / validation split of ``load_digits``."""
     from sklearn.datasets import load_digits
 
@@ -96,7 +84,7 @@ def _split(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     x = torch.from_numpy((data.images / 16.0).astype(np.float32)).unsqueeze(1)
     y = torch.from_numpy(data.target.astype(np.int64))
     order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
-    n_val, n_cal = _RECIPE["n_validation"], _RECIPE["n_calibration"]
+    n_val, n_cal = DIGITS_SPLIT["n_validation"], DIGITS_SPLIT["n_calibration"]
     parts = {
         "validation": order[:n_val],
         "calibration": order[n_val : n_val + n_cal],
@@ -106,83 +94,9 @@ def _split(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _train(train: tuple[torch.Tensor, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Train a fresh :class:`DigitsCNN` with Adam; deterministic for a given seed on CPU."""
-    # One intra-op thread: on tensors this small, extra threads only add overhead, and a fixed
-    # thread count keeps the floating-point reduction order, hence the weights, reproducible.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train_single_thread(train, seed)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_single_thread(
-    train: tuple[torch.Tensor, torch.Tensor], seed: int
-) -> dict[str, torch.Tensor]:
+    """Train a fresh :class:`DigitsCNN`; deterministic for a given seed on CPU."""
     torch.manual_seed(seed)
-    model = DigitsCNN()
-    optimiser = torch.optim.Adam(
-        model.parameters(), lr=_RECIPE["lr"], weight_decay=_RECIPE["weight_decay"]
-    )
-    x, y = train
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(_RECIPE["epochs"]):
-        perm = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), _RECIPE["batch_size"]):
-            idx = perm[start : start + _RECIPE["batch_size"]]
-            optimiser.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            optimiser.step()
-    model.eval()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _load_cached(path: Path, checksum_path: Path) -> dict[str, torch.Tensor] | None:
-    """The cached state dict, or None if it is missing, does not match its checksum or is
-    unreadable (a corrupt or truncated file is rebuilt rather than reported)."""
-    try:
-        if checksum_path.read_text().strip() != _sha256(path):
-            return None
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
-        return None
-    return state if isinstance(state, dict) else None
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    # Write to a temporary file in the same folder, then rename: concurrent workers building the
-    # same cache entry never see a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _trained_state(seed: int, cache_dir: Path | None) -> dict[str, torch.Tensor]:
-    key = hashlib.sha256(
-        json.dumps({"seed": seed, **_RECIPE}, sort_keys=True).encode()
-    ).hexdigest()[:16]
-    folder = default_cache_dir() if cache_dir is None else Path(cache_dir)
-    path = folder / f"digits-{key}.pt"
-    checksum_path = folder / f"digits-{key}.pt.sha256"
-    state = _load_cached(path, checksum_path)
-    if state is not None:
-        return state
-    state = _train(_split(seed)["train"], seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: torch.save(state, p))
-    _atomic_write(checksum_path, lambda p: p.write_text(_sha256(path) + "\n"))
-    return state
+    return train_classifier(DigitsCNN(), *train, _RECIPE, seed)
 
 
 def _batches(
@@ -219,9 +133,18 @@ def digits_task(
         ValueError: If ``seed`` is not a non-negative integer.
     """
     seed = check_integer(seed, "seed", minimum=0)
-    splits = _split(seed)
+    splits = split_digits(seed)
     model = DigitsCNN()
-    model.load_state_dict(_trained_state(seed, None if cache_dir is None else Path(cache_dir)))
+    # One intra-op thread: on tensors this small, extra threads only add overhead.
+    model.load_state_dict(
+        cached_state(
+            "digits",
+            _RECIPE,
+            seed,
+            cache_dir,
+            lambda: single_threaded(lambda: _train(splits["train"], seed)),
+        )
+    )
     model.to(device).eval()
 
     def to_device(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
