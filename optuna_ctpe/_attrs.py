@@ -34,9 +34,14 @@ PREFIX = "ctpe:"
 SEARCH_SPACE = "ctpe:search_space"
 SETTINGS = "ctpe:settings"
 SENSITIVITIES = "ctpe:sensitivities"
+#: Where a study's traces came from when not measured by it: a sensitivity file's estimator
+#: and metadata (``optuna-ctpe search --sensitivities``).
+SENSITIVITY_SOURCE = "ctpe:sensitivity_source"
 BASELINES = "ctpe:baselines"
 SETUP = "ctpe:setup"
 SEARCH_SPACE_SIZE = "ctpe:search_space_size"
+#: The latency lookup table of a latency objective's study (chunked, see write_chunked).
+LATENCY_TABLE = "ctpe:latency_table"
 
 # -- trial attributes ---------------------------------------------------------------------------
 #: System attribute: the parameters a trial's relative sample chose, for other workers' duplicate
@@ -60,6 +65,9 @@ SIZE_KB = "size_kb"
 COMPRESSION_RATIO = "compression_ratio"
 SAMPLER = "sampler"
 FEASIBLE = "feasible"
+#: A trial's latency on the study's runtime, and where it came from (``table``/``measured``).
+LATENCY_MS = "latency_ms"
+LATENCY_SOURCE = "latency_source"
 
 # -- chunked values ------------------------------------------------------------------------------
 #: Longest JSON encoding of one chunk: below the 2,048 characters of old RDB attribute columns,

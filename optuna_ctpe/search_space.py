@@ -12,8 +12,9 @@ those records and applies a configuration to a model.
 
 The module imports no torch: a space can be rebuilt from JSON or from a study's user attributes
 on a machine without torch (a distributed worker, optuna-dashboard). Only the methods that take
-a model (:meth:`HessianSearchSpace.from_model`, :meth:`~HessianSearchSpace.apply` and
-:meth:`~HessianSearchSpace.prune`) import torch, through :mod:`optuna_ctpe.nn`.
+a model (:meth:`HessianSearchSpace.from_model`, :meth:`~HessianSearchSpace.apply`,
+:meth:`~HessianSearchSpace.prune` and :meth:`~HessianSearchSpace.save_packed`) import torch,
+through :mod:`optuna_ctpe.nn` (and :mod:`optuna_ctpe.deploy`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from optuna_ctpe.space.records import check_budget
 from optuna_ctpe.space.records import check_config
 from optuna_ctpe.space.records import DEFAULT_BITS
 from optuna_ctpe.space.records import DEFAULT_BUDGET
+from optuna_ctpe.space.records import DEFAULT_TRACE_Z
 from optuna_ctpe.space.records import DEFAULT_WIDTHS
 from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import make_spec
@@ -52,11 +54,14 @@ from optuna_ctpe.space.warm_start import warm_start_configs
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from contextlib import AbstractContextManager
+    import os
 
     import optuna
     import torch
 
+    from optuna_ctpe.deploy.artifact import PackedFile
     from optuna_ctpe.nn.apply import WeightCache
+    from optuna_ctpe.nn.traces import LayerTrace
 
 
 __all__ = [
@@ -122,6 +127,10 @@ class HessianSearchSpace:
             prunes more.
         fixed_bits: Layer name -> bit-width of layers that are quantized but not searched
             (by convention, the first and last layers).
+        trace_z: Standard errors added to each layer's mean trace where the pruning rule and the
+            priors read it (an upper confidence bound, >= 0; see
+            :mod:`optuna_ctpe.space.pruning`), so a layer whose trace is lost in its noise keeps
+            its safer choices. 0 uses the point estimates.
     """
 
     def __init__(
@@ -134,15 +143,20 @@ class HessianSearchSpace:
         widths: Sequence[float] = DEFAULT_WIDTHS,
         budget: float = DEFAULT_BUDGET,
         fixed_bits: Mapping[str, int] | None = None,
+        trace_z: float = DEFAULT_TRACE_Z,
     ) -> None:
-        self._set_spec(make_spec(layers, groups, tensors, bits, widths, budget, fixed_bits))
+        self._set_spec(
+            make_spec(layers, groups, tensors, bits, widths, budget, fixed_bits, trace_z)
+        )
 
     def _set_spec(self, spec: SpaceSpec) -> None:
         # The face keeps the validated records, their Ω table and the kept choices; every
         # method delegates to a function of optuna_ctpe.space over them.
         self._spec = spec
         self._omega = omega_table(spec)
-        self._choices = pruning.prune(spec, self._omega)
+        # The rule and the priors read Ω at the upper traces; sizes and warm starts the points.
+        self._risk = omega_table(spec, upper=True)
+        self._choices = pruning.prune(spec, self._risk)
 
     @classmethod
     def _from_spec(cls, spec: SpaceSpec) -> HessianSearchSpace:
@@ -175,6 +189,17 @@ class HessianSearchSpace:
     def budget(self) -> float:
         """The pruning threshold as a multiple of ``Ω_ref``."""
         return self._spec.budget
+
+    @property
+    def trace_z(self) -> float:
+        """Standard errors added to the mean traces where the rule and the priors read them."""
+        return self._spec.trace_z
+
+    @property
+    def uncertain_layers(self) -> list[str]:
+        """Layers whose trace cannot be told from zero (:func:`~optuna_ctpe.space.pruning.
+        uncertain_layers`); the rule keeps only their safer choices."""
+        return pruning.uncertain_layers(self._spec)
 
     @property
     def fixed_bits(self) -> Mapping[str, int]:
@@ -257,7 +282,7 @@ class HessianSearchSpace:
                 configuration exceeds it.
         """
         target = _size.size_target(self._spec, size_ratio, size_bits)
-        budget = pruning.relaxed_budget(self._spec, self._omega, target)
+        budget = pruning.relaxed_budget(self._spec, self._risk, target)
         return self if budget == self.budget else self.with_budget(budget)
 
     # -- configurations --------------------------------------------------------------------
@@ -303,7 +328,9 @@ class HessianSearchSpace:
 
         Each weight of a quantized layer takes its bit-width, every other parameter (biases,
         normalisation) 32 bits; a width ratio shrinks each tensor the group prunes by the
-        channels it removes, along the pruned dimension. Quantization scales are not counted.
+        channels it removes, along the pruned dimension. Each quantized tensor's per-channel
+        float32 scales count too, for spaces measured by :meth:`from_model`
+        (:mod:`optuna_ctpe.space.size`).
         """
         return _size.size_bits(self._spec, config)
 
@@ -325,7 +352,7 @@ class HessianSearchSpace:
             temperature: Softness of the preference, > 0; a large value tends to uniform.
             floor: Fraction of the mass spread uniformly over the choices, in [0, 1].
         """
-        return pruning.prior_weights(self._spec, self._choices, self._omega, temperature, floor)
+        return pruning.prior_weights(self._spec, self._choices, self._risk, temperature, floor)
 
     def warm_starts(
         self, size_ratio: float | None = None, *, size_bits: int | None = None, n: int = 3
@@ -412,13 +439,15 @@ class HessianSearchSpace:
         example_inputs: Any = None,
         keep_first_last_bits: int | None = 8,
         budget: float = DEFAULT_BUDGET,
-        estimator: Literal["hutchinson", "fisher"] = "hutchinson",
+        trace_z: float = DEFAULT_TRACE_Z,
+        estimator: Literal["hutchinson", "fisher", "ggn", "split"] = "hutchinson",
         include_embeddings: bool = False,
         seed: int = 0,
         max_probes: int = 200,
         min_probes: int = 10,
         rtol: float = 0.05,
         progress: bool = False,
+        traces: Mapping[str, LayerTrace] | None = None,
     ) -> HessianSearchSpace:
         """Measure ``model``'s sensitivities and build the pruned space (needs torch).
 
@@ -449,16 +478,28 @@ class HessianSearchSpace:
                 None to search them like the others.
             budget: Pruning threshold as a multiple of ``Ω_ref``; see
                 :mod:`optuna_ctpe.space.pruning`.
-            estimator: ``"hutchinson"`` (Hessian trace, HAWQ-V2) or ``"fisher"`` (empirical
+            trace_z: Standard errors added to each mean trace where the pruning rule and the
+                priors read it; see the class.
+            estimator: ``"hutchinson"`` (Hessian trace, HAWQ-V2), ``"fisher"`` (empirical
                 Fisher trace: cheaper, positive, a Gauss-Newton stand-in for the Hessian, and
-                needs first derivatives only). Hutchinson runs attention on PyTorch's math
-                kernel, which has second derivatives, and restores the user's kernel choice.
+                needs first derivatives only), ``"ggn"`` (generalised Gauss-Newton trace: never
+                negative, no cross-layer noise) or ``"split"`` (the Hessian trace as the GGN's
+                plus Hutchinson's estimate of the rest: unbiased and far less noisy near a
+                minimum); the last two need a ``loss_fn`` that calls the model once and is
+                convex in its outputs (:mod:`optuna_ctpe.nn.ggn`). Hutchinson runs attention on
+                PyTorch's math kernel, which has second derivatives, and restores the user's
+                kernel choice.
             include_embeddings: Also search ``nn.Embedding`` tables (quantized per row) and
                 layers tied to them (an LM head sharing the embedding: one layer, one
                 bit-width, counted once); off by default.
             seed, max_probes, min_probes, rtol, progress: The estimator's probe seed, most and
                 fewest probes, relative-error stop and progress bar (see
                 :func:`optuna_ctpe.nn.hutchinson.hutchinson_traces`).
+            traces: Per-layer traces measured before, name -> ``LayerTrace`` (e.g. the file
+                ``optuna-ctpe sensitivity --output`` writes, read with
+                :func:`optuna_ctpe.nn.trace_file.read_trace_file`): no Hessian-vector product is
+                computed, and the estimator arguments are ignored. They must cover every layer
+                that needs a trace, with the model's parameter counts (a ValueError otherwise).
 
         Raises:
             ValueError: On a bad grid, an unknown layer name, an unknown ``estimator`` or a NaN
@@ -485,8 +526,9 @@ class HessianSearchSpace:
             min_probes=min_probes,
             rtol=rtol,
             progress=progress,
+            traces=traces,
         )
-        return cls(**records, budget=budget)
+        return cls(**records, budget=budget, trace_z=trace_z)
 
     def apply(
         self, model: torch.nn.Module, config: QuantConfig, example_inputs: Any = None
@@ -565,6 +607,25 @@ class HessianSearchSpace:
 
         config = check_config(self._spec, config)
         return configured_copy(model, self._spec.layers, config, example_inputs, quantize=False)
+
+    def save_packed(
+        self,
+        model: torch.nn.Module,
+        config: QuantConfig,
+        path: str | os.PathLike[str],
+        *,
+        example_inputs: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        configured: torch.nn.Module | None = None,
+    ) -> PackedFile:
+        """Write :meth:`apply`'s model as a packed safetensors file whose size is
+        :meth:`size`'s (needs torch and safetensors): see
+        :func:`optuna_ctpe.deploy.artifact.save_packed`, and
+        :func:`~optuna_ctpe.deploy.artifact.load_packed` to load it."""
+        from optuna_ctpe.deploy.artifact import save_packed
+
+        kwargs = {"example_inputs": example_inputs, "metadata": metadata, "configured": configured}
+        return save_packed(self, model, config, path, **kwargs)
 
     def __repr__(self) -> str:
         return (

@@ -129,7 +129,8 @@ def test_search_end_to_end(pareto_study: tuple[Path, subprocess.CompletedProcess
     assert set(study.trials[-1].params) == set(space.distributions)
     baselines = study.user_attrs["ctpe:baselines"]
     assert baselines["fp32"]["accuracy"] > 0.95
-    assert baselines["uniform8"]["compression_ratio"] == pytest.approx(4, rel=0.02)
+    # Below 4: biases and the per-channel scales of each weight stay float32.
+    assert baselines["uniform8"]["compression_ratio"] == pytest.approx(4, rel=0.03)
     out = result.stdout
     for text in ("FP32", "uniform 8-bit", "Pareto front", "bits:conv2", "width:fc1", "size KB"):
         assert text in out, out

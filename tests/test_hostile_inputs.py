@@ -124,6 +124,7 @@ def test_a_wrong_value_in_any_field_never_escapes_as_another_exception() -> None
             "tensors",
             "choices",
             "version",
+            "trace_z",
         )
         if path[0] == "layers":
             assert path[2] in ("mean_trace", "trace_stderr", "n_params", "errors")

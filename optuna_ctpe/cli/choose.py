@@ -14,7 +14,8 @@ __all__ = ["chosen_trials", "recommended_trial"]
 
 
 def chosen_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The trials a study recommends: its Pareto front sorted by size (two objectives), or its
+    """The trials a study recommends: its Pareto front sorted by its second objective (size, or
+    latency for accuracy x latency x size), or its
     most accurate feasible trial, ties broken by size (one objective under a size budget)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:

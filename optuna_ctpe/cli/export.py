@@ -1,23 +1,37 @@
 """``optuna-ctpe export``: a study's chosen configuration as JSON, and its model's weights.
 
-The export is two files, ``<study>-trial<N>.json`` and ``<study>-trial<N>.pt``. The JSON holds
-the configuration (per-layer bits, per-group widths), the trial's recorded metrics, the task and
-the search space, which is what rebuilding the pruned architecture needs. The ``.pt`` file is a
-plain state dict of tensors written with :func:`torch.save`; it loads with
-``torch.load(path, weights_only=True)``, which unpickles tensors and containers only and so is
-safe on files of unknown origin. Its weights hold the quantized values (stored as floats) of the
-width-pruned model, so its shapes fit the pruned architecture, not the original one:
-:func:`load_exported` rebuilds that architecture and loads the weights into it.
+The export is four files:
+
+* ``<study>-trial<N>.json``: the configuration (per-layer bits, per-group widths), the trial's
+  recorded metrics, the task and the search space, which is what rebuilding the pruned
+  architecture needs;
+* ``<study>-trial<N>.safetensors``: the deployable model, packed
+  (:mod:`optuna_ctpe.deploy.artifact`): bit-packed integer weights, per-channel scales and the
+  float tensors, with the configuration, search space and metrics in its header. Its payload is
+  the trial's accounted size, so the compression the search reports is the file's;
+* ``<study>-trial<N>.onnx``: the model as an ONNX graph with integer weights
+  (:func:`optuna_ctpe.deploy.onnx.export_onnx`: ``MatMulNBits`` for Linear weights,
+  ``DequantizeLinear`` for convolutions) that onnxruntime runs on a CPU;
+* ``<study>-trial<N>.pt``: a plain state dict of the same weights as floats, written with
+  :func:`torch.save` (as large as the pruned FP32 model), for tools that want one. It loads with
+  ``torch.load(path, weights_only=True)``, which unpickles tensors and containers only and so is
+  safe on files of unknown origin.
+
+Both weight files hold the width-pruned model, so their shapes fit the pruned architecture, not
+the original one: :func:`load_exported` rebuilds that architecture from the JSON or the
+``.safetensors`` file and loads the weights into it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
 from typing import Any
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -40,6 +54,11 @@ from optuna_ctpe.search_space import QuantConfig
 from optuna_ctpe.tasks import Task
 
 
+if TYPE_CHECKING:
+    from optuna_ctpe.deploy.artifact import PackedFile
+    from optuna_ctpe.deploy.onnx import OnnxExport
+
+
 __all__ = ["EXPORT_SCHEMA", "ExportResult", "add_parser", "export", "load_exported"]
 
 EXPORT_SCHEMA = "optuna-ctpe/export"
@@ -49,12 +68,15 @@ def add_parser(commands: Any) -> None:
     """Add the ``export`` command to the subparsers ``commands``."""
     parser = commands.add_parser(
         "export",
-        help="write a trial's configuration (JSON) and quantized model (state dict)",
+        help="write a trial's configuration (JSON) and quantized model (packed, state dict)",
         description=(
             "Rebuild one trial's width-pruned, quantized model and write "
-            "<study>-trial<N>.json (configuration, metrics, search space) and "
-            "<study>-trial<N>.pt (its state dict, saved with torch.save; load it with "
-            "torch.load(path, weights_only=True), or with optuna_ctpe.cli.load_exported(json))."
+            "<study>-trial<N>.json (configuration, metrics, search space), "
+            "<study>-trial<N>.safetensors (the packed model: bit-packed integer weights and "
+            "per-channel scales, as large as the accounted size) and <study>-trial<N>.pt (its "
+            "state dict as floats, saved with torch.save; load it with "
+            "torch.load(path, weights_only=True)). optuna_ctpe.cli.load_exported(path) loads "
+            "the JSON or the .safetensors file."
         ),
     )
     add_storage_options(parser, study_required=False)
@@ -82,7 +104,36 @@ def run(args: argparse.Namespace) -> int:
     print(f"trial {result.trial.number}: accuracy {result.accuracy:.4f} (recorded {recorded:.4f})")
     print(f"configuration: {result.config_path}")
     print(f"state dict:    {result.model_path}  (torch.load(path, weights_only=True))")
+    packed = result.packed
+    if packed is None:
+        print("packed model:  not written: pip install 'optuna-ctpe[deploy]' (safetensors)")
+    else:
+        print(f"packed model:  {packed.path}  (optuna_ctpe.cli.load_exported(path))")
+        print(
+            f"  {_kb(packed.file_bytes)} on disk: {_kb(packed.payload_bytes)} of tensors "
+            f"(accounted {_kb(packed.accounted_bytes)}) and a {_kb(packed.header_bytes)} header; "
+            f"{packed.compression_ratio:.1f}x smaller than FP32 ({_kb(packed.fp32_bytes)})"
+        )
+    onnx = result.onnx
+    if onnx is None:
+        print("ONNX model:    not written: pip install 'optuna-ctpe[deploy]' (onnx, onnxruntime)")
+    else:
+        print(f"ONNX model:    {onnx.path}  ({_kb(onnx.file_bytes)}; {_operators(onnx)})")
+        print(
+            f"  onnxruntime matches the PyTorch model to {onnx.max_rel_diff:.1e} of its largest "
+            'output; run it with: python -c "import onnxruntime; '
+            f"s = onnxruntime.InferenceSession('{onnx.path}'); "
+            'print([i.name for i in s.get_inputs()])"'
+        )
     return 0
+
+
+def _operators(onnx: OnnxExport) -> str:
+    return ", ".join(f"{n} layers {op}" for op, n in sorted(onnx.operators.items()))
+
+
+def _kb(n_bytes: float) -> str:
+    return f"{n_bytes / 1024:.1f} KB"
 
 
 @dataclass(frozen=True)
@@ -93,6 +144,8 @@ class ExportResult:
     model_path: Path
     trial: FrozenTrial
     accuracy: float
+    packed: PackedFile | None = None
+    onnx: OnnxExport | None = None
 
 
 def _pick_study(storage: optuna.storages.BaseStorage, spec: StorageSpec, name: str | None) -> str:
@@ -159,14 +212,14 @@ def export(
     *,
     cache_dir: str | None = None,
 ) -> ExportResult:
-    """Write the configuration JSON and state dict of one trial of an ``optuna-ctpe`` study.
+    """Write the configuration JSON, packed model and state dict of one trial of a study.
 
     Args:
         spec: The storage.
         study_name: The study; may be None when the storage holds exactly one.
         trial_number: The trial; None picks the best feasible trial (budget objective) or the
             most accurate Pareto-optimal trial (Pareto objective).
-        output_dir: Folder of the two files (created if missing).
+        output_dir: Folder of the three files (created if missing).
         cache_dir: Weight cache folder of the task, as for ``search``.
 
     Raises:
@@ -191,8 +244,58 @@ def export(
     config_path = out / f"{stem}.json"
     torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, model_path)
     document = _document(study.study_name, trial, settings, space, config, accuracy, model_path)
+    packed = _save_packed(space, task, config, net, out / f"{stem}.safetensors", document)
+    if packed is not None:
+        document["packed"] = packed.path.name
+    onnx = _save_onnx(space, task, config, net, out / f"{stem}.onnx")
+    if onnx is not None:
+        document["onnx"] = onnx.path.name
     config_path.write_text(json.dumps(document, indent=2) + "\n")
-    return ExportResult(config_path, model_path, trial, accuracy)
+    return ExportResult(config_path, model_path, trial, accuracy, packed, onnx)
+
+
+def _save_onnx(
+    space: HessianSearchSpace, task: Task, config: QuantConfig, net: Any, path: Path
+) -> OnnxExport | None:
+    """The ONNX model with integer weights, or None without the ``deploy`` extra."""
+    from optuna_ctpe.deploy.onnx import export_onnx
+
+    try:
+        return export_onnx(
+            space, task.model, config, path, task.example_inputs, configured=copy.deepcopy(net)
+        )
+    except ImportError as e:
+        # Only a missing exporter package means "not installed"; anything else is a bug.
+        if getattr(e, "name", None) not in {"onnx", "onnxscript", "onnxruntime"}:
+            raise
+        return None
+
+
+def _save_packed(
+    space: HessianSearchSpace,
+    task: Task,
+    config: QuantConfig,
+    net: Any,
+    path: Path,
+    document: dict[str, Any],
+) -> PackedFile | None:
+    """The packed model, or None without the ``deploy`` extra (``safetensors``)."""
+    try:
+        from optuna_ctpe.deploy.artifact import save_packed
+    except ModuleNotFoundError as e:
+        if e.name != "safetensors":
+            raise
+        return None
+    return save_packed(
+        space,
+        task.model,
+        config,
+        path,
+        example_inputs=task.example_inputs,
+        # The JSON's fields but the search space, which the packed file holds anyway.
+        metadata={k: v for k, v in document.items() if k != "search_space"},
+        configured=net,  # the model export scored (fine-tuned, if the study fine-tunes)
+    )
 
 
 def _document(
@@ -234,21 +337,28 @@ def load_exported(
 ) -> Any:
     """Rebuild an exported model: the pruned architecture with the exported quantized weights.
 
-    The state dict is read with ``torch.load(..., weights_only=True)``.
+    From the ``.json`` file, the state dict beside it is read with
+    ``torch.load(..., weights_only=True)``; from the ``.safetensors`` file, the packed model is
+    read with :func:`optuna_ctpe.deploy.artifact.load_packed`. Both give the same model.
 
     Args:
         config_path: The ``.json`` file :func:`export` wrote (the ``.pt`` file must sit beside
-            it).
+            it), or the ``.safetensors`` file (on its own).
         task: The task, if already built; by default it is rebuilt from the recorded
             ``task`` and ``seed``.
         cache_dir: Weight cache folder for rebuilding the task.
 
     Returns:
         The ``torch.nn.Module``, in eval mode.
+
+    Raises:
+        ValueError: If the file is not an export of this package, or is damaged.
     """
     import torch
 
     config_path = Path(config_path)
+    if config_path.suffix == ".safetensors":
+        return _load_packed_export(config_path, task, cache_dir)
     document = json.loads(config_path.read_text())
     if document.get("schema") != EXPORT_SCHEMA:
         raise ValueError(f"{config_path} is not an optuna-ctpe export (schema {EXPORT_SCHEMA!r}).")
@@ -261,3 +371,16 @@ def load_exported(
     state = torch.load(config_path.with_name(document["state_dict"]), weights_only=True)
     net.load_state_dict(state)
     return net.eval()
+
+
+def _load_packed_export(path: Path, task: Task | None, cache_dir: str | None) -> Any:
+    """The model of an exported ``.safetensors`` file, on the task's architecture."""
+    from optuna_ctpe.deploy.artifact import load_packed
+    from optuna_ctpe.deploy.artifact import read_packed_metadata
+
+    recorded = read_packed_metadata(path)["metadata"]
+    if recorded.get("schema") != EXPORT_SCHEMA:
+        raise ValueError(f"{path} is a packed model but not an optuna-ctpe export.")
+    if task is None:
+        task = load_task(recorded["task"], seed=recorded["seed"], cache_dir=cache_dir)
+    return load_packed(path, task.model, example_inputs=task.example_inputs)

@@ -6,7 +6,10 @@ sortable columns:
 
 * ``accuracy``: the task metric of the configured model (after fine-tuning, if any);
 * ``size_bytes``, ``size_kb`` and ``compression_ratio`` (FP32 size / size);
-* ``feasible`` (budget objective): whether the size is within the budget.
+* ``feasible`` (budget objectives): whether the size (and latency) are within their budgets;
+* ``latency_ms`` and ``latency_source`` (latency objectives): the configuration's latency on
+  onnxruntime's CPU provider (one thread, the study's batch), from the study's lookup table
+  (``table``) or timed as a whole exported model (``measured``); see :class:`LatencyMeter`.
 
 With ``finetune_epochs > 0`` the copy is fine-tuned by quantization-aware training: the weights
 stay in float and every forward pass quantizes them, with straight-through gradients
@@ -25,6 +28,7 @@ made once; the task's model itself is never modified.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Mapping
 import copy
 import threading
 from typing import Any
@@ -33,6 +37,7 @@ import optuna
 
 from optuna_ctpe import _attrs
 from optuna_ctpe import _optuna_compat as compat
+from optuna_ctpe.cli.options import UsageError
 from optuna_ctpe.cli.settings import Settings
 from optuna_ctpe.cli.signals import check_interrupted
 from optuna_ctpe.cli.signals import interruptible
@@ -42,7 +47,16 @@ from optuna_ctpe.search_space import QuantConfig
 from optuna_ctpe.tasks import Task
 
 
-__all__ = ["FINETUNE_LR", "Objective", "build_model", "model_metrics"]
+__all__ = [
+    "FINETUNE_LR",
+    "LatencyMeter",
+    "Objective",
+    "build_model",
+    "check_latency_extra",
+    "log_chosen_latency",
+    "measure_table",
+    "model_metrics",
+]
 
 #: Adam learning rate of the fine-tuning: small, since it only repairs quantization damage.
 FINETUNE_LR = 1e-4
@@ -126,35 +140,187 @@ def build_model(
     return net.eval()
 
 
+def measure_table(settings: Settings, space: HessianSearchSpace, task: Task) -> Any:
+    """The study's :class:`~optuna_ctpe.deploy.latency_table.LatencyTable`, measured on the
+    task's model at the study's latency batch."""
+    from optuna_ctpe.deploy.latency_table import measure_latency_table
+
+    return measure_latency_table(
+        space, task.model, task.example_inputs, batch=settings.latency_batch or 1
+    )
+
+
+def set_up_latency(
+    study: optuna.Study,
+    settings: Settings,
+    space: HessianSearchSpace,
+    task: Task,
+    log: Callable[[str], None],
+) -> LatencyMeter | None:
+    """At a study's set-up: measure and store its latency table (``--latency-source table``),
+    and return the meter of its trials; None without a latency objective."""
+    if not settings.has_latency:
+        return None
+    table = None
+    if settings.latency_source == "table":
+        log(f"measuring the latency table (batch {settings.latency_batch}) ...")
+        table = measure_table(settings, space, task)
+        _attrs.write_chunked(study.set_user_attr, _attrs.LATENCY_TABLE, table.to_json())
+    return LatencyMeter(settings, space, task, table)
+
+
+def stored_latency(
+    attrs: Mapping[str, Any], settings: Settings, space: HessianSearchSpace, task: Task
+) -> LatencyMeter | None:
+    """The meter of a set-up study's trials, with the table its user attributes ``attrs``
+    hold; None without a latency objective."""
+    if not settings.has_latency:
+        return None
+    table = None
+    if settings.latency_source == "table":
+        from optuna_ctpe.deploy.latency_table import LatencyTable
+
+        text = _attrs.read_chunked(attrs, _attrs.LATENCY_TABLE)
+        if text is None:
+            raise RuntimeError(
+                f"the study's settings ask for a latency table but it has no "
+                f"{_attrs.LATENCY_TABLE!r} attribute."
+            )
+        table = LatencyTable.from_json(text)
+    return LatencyMeter(settings, space, task, table)
+
+
+def check_latency_extra(settings: Settings) -> None:
+    """Refuse a latency objective without the ``deploy`` extra, before a study is created.
+
+    Raises:
+        UsageError: Naming the missing packages.
+    """
+    if not settings.has_latency:
+        return
+    import importlib.util
+
+    missing = [
+        m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None
+    ]
+    if missing:
+        raise UsageError(
+            f"--objective {settings.objective} times ONNX models and needs {missing}: "
+            "pip install 'optuna-ctpe[deploy]'."
+        )
+
+
+def log_chosen_latency(
+    study: optuna.Study,
+    space: HessianSearchSpace,
+    task: Task,
+    settings: Settings,
+    log: Callable[[str], None],
+) -> None:
+    """Log the recommended trial's latency timed again as a whole exported model, against the
+    latency budget: with ``--latency-source table`` the trials' latencies are predictions."""
+    from optuna_ctpe.cli.choose import recommended_trial
+
+    trial = recommended_trial(study)
+    if trial is None or settings.latency_source != "table":
+        return
+    ms = LatencyMeter(settings, space, task)(space.config_from_params(trial.params))
+    verdict = "within" if ms <= settings.latency_budget_ms else "OVER"
+    log(
+        f"trial {trial.number} timed again as a whole exported model: {ms:.4g} ms, {verdict} "
+        f"the budget of {settings.latency_budget_ms:g} ms (the table predicted "
+        f"{trial.user_attrs[_attrs.LATENCY_MS]:.4g} ms)"
+    )
+
+
+class LatencyMeter:
+    """A configuration's latency in milliseconds on the study's runtime.
+
+    With a table, the table's prediction; without, the configuration exported by
+    :func:`~optuna_ctpe.deploy.onnx.export_onnx` and timed as a whole
+    (:class:`~optuna_ctpe.deploy.latency.ModelTimer`, cached by configuration), on the task's
+    example inputs repeated to the study's latency batch.
+
+    Args:
+        settings: The study's settings (the latency batch).
+        space: The study's search space.
+        task: The task.
+        table: The study's latency table, or None to time whole models.
+    """
+
+    def __init__(
+        self, settings: Settings, space: HessianSearchSpace, task: Task, table: Any = None
+    ) -> None:
+        self.table = table
+        self.source = "measured" if table is None else "table"
+        self._space = space
+        self._task = task
+        self._batch = settings.latency_batch or 1
+        self._timer: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self, config: QuantConfig) -> float:
+        """The latency of ``config``'s model."""
+        if self.table is not None:
+            return float(self.table.predict(config))
+        return float(self._model_timer()(config).median_ms)
+
+    def fp32(self) -> float:
+        """The latency of the float model on the same runtime."""
+        if self.table is not None:
+            return float(self.table.fp32_ms)
+        return float(self._model_timer().fp32().median_ms)
+
+    def _model_timer(self) -> Any:
+        # Made on first use: a table-based meter never exports.
+        with self._lock:
+            if self._timer is None:
+                from optuna_ctpe.deploy.latency import ModelTimer
+
+                self._timer = ModelTimer(
+                    self._space, self._task.model, self._task.example_inputs, batch=self._batch
+                )
+            return self._timer
+
+
 class Objective:
     """The objective function of ``optuna-ctpe search``.
 
     Args:
         space: The study's search space.
         task: The task.
-        settings: The study's settings (objective, size budget, fine-tuning).
+        settings: The study's settings (objective, budgets, fine-tuning).
         sampler_name: ``ctpe``, ``tpe`` or ``random``, recorded per trial since the storage
             does not record samplers.
+        latency: How trials get their latency, for the latency objectives (None otherwise).
     """
 
     def __init__(
-        self, space: HessianSearchSpace, task: Task, settings: Settings, sampler_name: str
+        self,
+        space: HessianSearchSpace,
+        task: Task,
+        settings: Settings,
+        sampler_name: str,
+        latency: LatencyMeter | None = None,
     ) -> None:
+        if settings.has_latency and latency is None:
+            raise ValueError(f"--objective {settings.objective} needs a LatencyMeter.")
         self._space = space
         self._task = task
         self._settings = settings
         self._sampler_name = sampler_name
+        self._latency = latency
         self._budget_bits = (
             None if settings.size_budget is None else settings.size_budget * space.fp32_bits
         )
         # Without fine-tuning, trials configure the model in place instead of copying it.
         self._models = _WorkingCopies(task.model) if settings.finetune_epochs == 0 else None
 
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         with interruptible():
             return self._evaluate(trial)
 
-    def _evaluate(self, trial: optuna.Trial) -> float | tuple[float, float]:
+    def _evaluate(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         # Tag the trial with this process first, so that if the process dies, the next worker
         # on this host can tell the trial is abandoned.
         compat.storage_of(trial.study).set_trial_system_attr(
@@ -166,14 +332,28 @@ class Objective:
         size_bits = self._space.size(config)
         for key, value in model_metrics(self._space, accuracy, size_bits).items():
             trial.set_user_attr(key, value)
-        trial.set_user_attr(_attrs.SIZE_KB, size_bits / 8 / 1024)
-        if self._budget_bits is None:
-            return accuracy, size_bits / 8 / 1024
-        # Relative excess over the budget: <= 0 is feasible, and the value is comparable across
+        size_kb = size_bits / 8 / 1024
+        trial.set_user_attr(_attrs.SIZE_KB, size_kb)
+        latency = None
+        if self._latency is not None:
+            latency = self._latency(config)
+            trial.set_user_attr(_attrs.LATENCY_MS, latency)
+            trial.set_user_attr(_attrs.LATENCY_SOURCE, self._latency.source)
+        objective = self._settings.objective
+        if objective == "pareto":
+            return accuracy, size_kb
+        if objective == "pareto-latency":
+            return accuracy, latency, size_kb
+        # Relative excess over a budget: <= 0 is feasible, and the value is comparable across
         # models, which is what TPE's ranking of infeasible trials by violation needs.
-        violation = size_bits / self._budget_bits - 1.0
-        compat.set_constraint(trial, "size", violation)
-        trial.set_user_attr(_attrs.FEASIBLE, violation <= 0)
+        violations = {}
+        if self._budget_bits is not None:
+            violations["size"] = size_bits / self._budget_bits - 1.0
+        if objective == "latency-budget":
+            violations["latency"] = latency / self._settings.latency_budget_ms - 1.0
+        for name, violation in violations.items():
+            compat.set_constraint(trial, name, violation)
+        trial.set_user_attr(_attrs.FEASIBLE, all(v <= 0 for v in violations.values()))
         return accuracy
 
     def _score(self, config: QuantConfig, trial: optuna.Trial) -> float:
@@ -194,7 +374,7 @@ class Objective:
     def _epoch_reporter(self, trial: optuna.Trial) -> Callable[[int, float], None]:
         """The ``on_epoch`` of :func:`build_model`: stop on a signal, report, maybe prune."""
         # Multi-objective studies cannot report intermediate values (Optuna raises).
-        single = self._settings.objective == "budget"
+        single = len(self._settings.directions) == 1
 
         def on_epoch(epoch: int, accuracy: float) -> None:
             check_interrupted()  # fine-tuning is the long part of a trial: stop between epochs

@@ -29,6 +29,8 @@ from optuna_ctpe.tasks import CACHE_ENV
 
 __all__ = [
     "DEFAULTS",
+    "DEFAULT_LATENCY_BATCH",
+    "DEFAULT_LATENCY_SOURCE",
     "DEFAULT_N_TRIALS",
     "DEFAULT_SIZE_BUDGET",
     "DEFAULT_STORAGE",
@@ -36,11 +38,14 @@ __all__ = [
     "DEFAULT_TASK",
     "EXIT_SIGINT",
     "EXIT_SIGTERM",
+    "LATENCY_OBJECTIVES",
+    "LATENCY_SOURCES",
     "EXIT_USAGE",
     "UsageError",
     "add_storage_options",
     "add_task_options",
     "bits_list",
+    "latency_ms",
     "log",
     "n_jobs",
     "nonnegative_int",
@@ -74,10 +79,20 @@ DEFAULTS: dict[str, Any] = {
     "widths": DEFAULT_WIDTHS,
     "hessian_pruning": True,
     "finetune_epochs": 0,
+    # Latency settings: None outside the latency objectives (see settings._new_settings).
+    "latency_budget_ms": None,
+    "latency_source": None,
+    "latency_batch": None,
 }
 #: ``--size-budget`` when ``--objective budget`` is given without one: 1/8 of FP32 (twice the
 #: compression of uniform 8-bit).
 DEFAULT_SIZE_BUDGET = 0.125
+#: The objectives that measure latency, and how: ``--latency-source`` and ``--latency-batch``
+#: when a latency objective is given without them.
+LATENCY_OBJECTIVES = ("latency-budget", "pareto-latency")
+LATENCY_SOURCES = ("table", "measured")
+DEFAULT_LATENCY_SOURCE = "table"
+DEFAULT_LATENCY_BATCH = 1
 
 
 class UsageError(Exception):
@@ -154,6 +169,13 @@ def positive_seconds(text: str) -> float:
     """A finite positive duration (``--timeout``)."""
     return _parsed(
         text, float, _positive_real, f"must be a positive number of seconds, got {text!r}"
+    )
+
+
+def latency_ms(text: str) -> float:
+    """A finite positive number of milliseconds (``--latency-budget``)."""
+    return _parsed(
+        text, float, _positive_real, f"must be a positive number of milliseconds, got {text!r}"
     )
 
 

@@ -59,24 +59,37 @@ def search_report(
     space: HessianSearchSpace,
     baselines: Mapping[str, Mapping[str, float]],
     dashboard_url: str,
+    *,
+    objective: str | None = None,
 ) -> str:
     """The final summary of ``optuna-ctpe search``: trial counts, baselines, the chosen
-    configurations with per-layer bits and widths, and how to open the dashboard."""
+    configurations with per-layer bits and widths, and how to open the dashboard.
+
+    When the baselines have a latency (the latency objectives), the table shows each row's
+    latency and its speed-up over FP32 and over uniform 8-bit on the same runtime.
+    ``objective`` (the study's ``--objective``) words the title of a single-objective study.
+    """
     layers = list(space.sensitivities)
     # Groups are named after their root layer: list them in model order, like the bit-widths.
     order = {name: i for i, name in enumerate(layers)}
     groups = sorted(space.groups, key=lambda g: (order.get(g, len(order)), g))
+    latency = _latency_baselines(baselines)
     headers = ["configuration", "accuracy", "size KB", "compression"]
+    if latency is not None:
+        headers += ["latency ms", "speedup vs FP32", "speedup vs 8-bit"]
     headers += [f"bits:{n}" for n in layers] + [f"width:{g}" for g in groups]
     chosen = chosen_trials(study)
-    rows = _baseline_rows(space, baselines, layers, len(groups))
-    configurations = _chosen_rows(space, chosen, layers, groups)
-    if len(study.directions) > 1:
+    rows = _baseline_rows(space, baselines, layers, len(groups), latency)
+    configurations = _chosen_rows(space, chosen, layers, groups, latency)
+    budget = "latency" if objective == "latency-budget" else "size"
+    if len(study.directions) > 2:
+        title = f"Pareto front ({len(configurations)} configurations), fastest first:"
+    elif len(study.directions) > 1:
         title = f"Pareto front ({len(configurations)} configurations), smallest first:"
     elif chosen:
-        title = "Most accurate configuration within the size budget:"
+        title = f"Most accurate configuration within the {budget} budget:"
     else:
-        title = "No completed trial meets the size budget yet."
+        title = f"No completed trial meets the {budget} budget yet."
     return "\n".join(
         [
             f"Study {study.study_name!r}: {_state_counts(study) or 'no trials'}.",
@@ -89,13 +102,28 @@ def search_report(
     )
 
 
-def _metric_cells(metrics: Mapping[str, Any]) -> list[Any]:
-    """Accuracy, size in KB and compression ratio: the report's first numeric columns."""
-    return [
+def _latency_baselines(baselines: Mapping[str, Mapping[str, float]]) -> tuple[float, float] | None:
+    """The FP32 and uniform 8-bit latencies, if the study measures latency."""
+    try:
+        return baselines["fp32"][_attrs.LATENCY_MS], baselines["uniform8"][_attrs.LATENCY_MS]
+    except KeyError:
+        return None
+
+
+def _metric_cells(
+    metrics: Mapping[str, Any], latency: tuple[float, float] | None = None
+) -> list[Any]:
+    """Accuracy, size in KB and compression ratio: the report's first numeric columns; then,
+    given the baselines' ``latency``, the latency and its speed-ups over them."""
+    cells = [
         metrics[_attrs.ACCURACY],
         metrics[_attrs.SIZE_BYTES] / 1024,
         metrics[_attrs.COMPRESSION_RATIO],
     ]
+    if latency is not None:
+        ms = metrics.get(_attrs.LATENCY_MS, math.nan)
+        cells += [ms] + [base / ms if ms > 0 else math.nan for base in latency]
+    return cells
 
 
 def _baseline_rows(
@@ -103,12 +131,14 @@ def _baseline_rows(
     baselines: Mapping[str, Mapping[str, float]],
     layers: Sequence[str],
     n_groups: int,
+    latency: tuple[float, float] | None = None,
 ) -> list[list[Any]]:
     """The FP32 and uniform 8-bit rows (layers with fixed bits keep them under uniform 8)."""
     rows: list[list[Any]] = []
     for key, label, bits in (("fp32", "FP32", 32), ("uniform8", "uniform 8-bit", 8)):
         per_layer = [space.fixed_bits.get(n, bits) if bits != 32 else 32 for n in layers]
-        rows.append([label, *_metric_cells(baselines[key]), *per_layer] + [1.0] * n_groups)
+        cells = _metric_cells(baselines[key], latency)
+        rows.append([label, *cells, *per_layer] + [1.0] * n_groups)
     return rows
 
 
@@ -117,6 +147,7 @@ def _chosen_rows(
     chosen: Sequence[FrozenTrial],
     layers: Sequence[str],
     groups: Sequence[str],
+    latency: tuple[float, float] | None = None,
 ) -> list[list[Any]]:
     """One row per chosen configuration: a converged sampler re-evaluates its favourites."""
     repeats: dict[tuple[Any, ...], list[FrozenTrial]] = {}
@@ -128,7 +159,7 @@ def _chosen_rows(
         config = space.config_from_params(trial.params)
         label = f"trial {trial.number}" + (f" (+{len(same) - 1} repeats)" if len(same) > 1 else "")
         rows.append(
-            [label, *_metric_cells(trial.user_attrs)]
+            [label, *_metric_cells(trial.user_attrs, latency)]
             + [config.bits[n] for n in layers]
             + [config.widths[g] for g in groups]
         )

@@ -24,14 +24,21 @@ import optuna
 from optuna_ctpe import _optuna_compat as compat
 from optuna_ctpe._validation import MAX_BITS
 from optuna_ctpe._validation import MIN_BITS
+from optuna_ctpe.cli.objective import check_latency_extra
+from optuna_ctpe.cli.objective import log_chosen_latency
 from optuna_ctpe.cli.objective import Objective
 from optuna_ctpe.cli.options import add_storage_options
 from optuna_ctpe.cli.options import add_task_options
 from optuna_ctpe.cli.options import bits_list
+from optuna_ctpe.cli.options import DEFAULT_LATENCY_BATCH
+from optuna_ctpe.cli.options import DEFAULT_LATENCY_SOURCE
 from optuna_ctpe.cli.options import DEFAULT_N_TRIALS
 from optuna_ctpe.cli.options import DEFAULTS
 from optuna_ctpe.cli.options import EXIT_SIGINT
 from optuna_ctpe.cli.options import EXIT_SIGTERM
+from optuna_ctpe.cli.options import LATENCY_OBJECTIVES
+from optuna_ctpe.cli.options import LATENCY_SOURCES
+from optuna_ctpe.cli.options import latency_ms
 from optuna_ctpe.cli.options import log
 from optuna_ctpe.cli.options import n_jobs
 from optuna_ctpe.cli.options import nonnegative_int
@@ -42,6 +49,7 @@ from optuna_ctpe.cli.options import size_budget
 from optuna_ctpe.cli.options import UsageError
 from optuna_ctpe.cli.options import widths_list
 from optuna_ctpe.cli.report import search_report
+from optuna_ctpe.cli.sensitivity import read_for_study
 from optuna_ctpe.cli.settings import resolve_settings
 from optuna_ctpe.cli.settings import Settings
 from optuna_ctpe.cli.signals import check_interrupted
@@ -143,14 +151,18 @@ def _add_grid_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_objective_options(parser: argparse.ArgumentParser) -> None:
-    """What a trial is scored on: ``--objective`` and ``--size-budget``."""
+    """What a trial is scored on: ``--objective``, ``--size-budget`` and the latency options."""
     parser.add_argument(
         "--objective",
-        choices=("pareto", "budget"),
+        choices=("pareto", "budget", *LATENCY_OBJECTIVES),
         help=(
             "pareto: a two-objective study, maximise accuracy and minimise size, reporting the "
             "Pareto front; budget: maximise accuracy subject to size <= --size-budget "
-            "(a constraint set with trial.set_constraint) (default: pareto)"
+            "(a constraint set with trial.set_constraint); latency-budget: maximise accuracy "
+            "subject to latency <= --latency-budget (and to --size-budget if given); "
+            "pareto-latency: a three-objective study, maximise accuracy, minimise latency and "
+            "size. Latency is onnxruntime's on the CPU, one thread, of the exported ONNX model "
+            "(default: pareto)"
         ),
     )
     parser.add_argument(
@@ -158,9 +170,35 @@ def _add_objective_options(parser: argparse.ArgumentParser) -> None:
         type=size_budget,
         metavar="X",
         help=(
-            "size budget of --objective budget: a compression ratio over FP32 if > 1 (8 means "
-            "1/8 of the FP32 size), else a fraction of the FP32 size (0.125, the same) "
-            "(default: 8)"
+            "size budget of --objective budget (optional with latency-budget): a compression "
+            "ratio over FP32 if > 1 (8 means 1/8 of the FP32 size), else a fraction of the FP32 "
+            "size (0.125, the same) (default: 8 with --objective budget)"
+        ),
+    )
+    parser.add_argument(
+        "--latency-budget",
+        type=latency_ms,
+        metavar="MS",
+        dest="latency_budget_ms",
+        help="latency budget of --objective latency-budget, in milliseconds (required with it)",
+    )
+    parser.add_argument(
+        "--latency-source",
+        choices=LATENCY_SOURCES,
+        help=(
+            "how a trial's latency is had: table: a per-layer, per-choice lookup table "
+            "measured once when the study is set up (seconds) and summed; measured: each "
+            "configuration exported to ONNX and timed (about a second or more per new "
+            f"configuration) (default: {DEFAULT_LATENCY_SOURCE})"
+        ),
+    )
+    parser.add_argument(
+        "--latency-batch",
+        type=positive_int,
+        metavar="N",
+        help=(
+            "rows of the input latency is timed on: the task's example inputs repeated "
+            f"(default: {DEFAULT_LATENCY_BATCH})"
         ),
     )
 
@@ -175,6 +213,15 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
             "ctpe: ClusterTPESampler with Hessian priors, recording its decisions as trial "
             "attributes; tpe: Optuna's TPESampler with its defaults; random: RandomSampler; "
             "for comparisons, run each in its own study (default: ctpe)"
+        ),
+    )
+    parser.add_argument(
+        "--sensitivities",
+        metavar="FILE",
+        help=(
+            "build a new study's search space from the traces in FILE (written by "
+            "`optuna-ctpe sensitivity --output FILE` for the same task and seed) instead of "
+            "measuring them; ignored when the study already has its space"
         ),
     )
     parser.add_argument(
@@ -223,7 +270,10 @@ def run(args: argparse.Namespace) -> int:
         ("created" if creator else "joined")
         + f" study {study.study_name!r} in {spec.location} ({len(study.trials)} trials so far)"
     )
-    prepared = prepare(study, settings, task, creator=creator, log=log)
+    traces = None
+    if args.sensitivities is not None:
+        traces = read_for_study(args.sensitivities, settings.task, settings.seed)
+    prepared = prepare(study, settings, task, creator=creator, log=log, traces=traces)
     space = prepared.space
     log(
         f"search space: 10^{space.log10_size_before:.1f} configurations, "
@@ -237,12 +287,27 @@ def run(args: argparse.Namespace) -> int:
         ),
         pruner=_make_pruner(args.pruner),
     )
-    interrupted = _optimize(study, Objective(space, task, settings, args.sampler), args)
-    print(search_report(study, space, prepared.baselines, spec.dashboard_url), flush=True)
+    objective = Objective(space, task, settings, args.sampler, latency=prepared.latency)
+    interrupted = _optimize(study, objective, args)
+    print(
+        search_report(
+            study, space, prepared.baselines, spec.dashboard_url, objective=settings.objective
+        ),
+        flush=True,
+    )
+    if settings.objective == "latency-budget" and interrupted is None:
+        log_chosen_latency(study, space, task, settings, log)
     if interrupted is not None:
         log("stopped; run the same command again to continue the study.")
         return EXIT_SIGTERM if isinstance(interrupted, Terminated) else EXIT_SIGINT
     return 0
+
+
+def _check_settings(pruner: str, settings: Settings) -> None:
+    """Refuse settings this command cannot run: a pruner without steps, latency without the
+    ``deploy`` extra. Runs before a new study is created, so a refused command leaves none."""
+    _check_pruner(pruner, settings)
+    check_latency_extra(settings)
 
 
 def _check_pruner(pruner: str, settings: Settings) -> None:
@@ -257,10 +322,10 @@ def _check_pruner(pruner: str, settings: Settings) -> None:
             f"--pruner {pruner} needs --finetune-epochs >= 1: the fine-tuning epochs "
             "are the steps at which trials are pruned."
         )
-    if settings.objective != "budget":
+    if len(settings.directions) > 1:
         raise UsageError(
             f"--pruner {pruner} needs --objective budget: Optuna cannot prune trials "
-            "of multi-objective studies."
+            "of multi-objective studies (--objective latency-budget takes it too)."
         )
 
 
@@ -276,7 +341,7 @@ def _open_study(
     """
     # Each setting's option stores its value under the setting's name (None: not given).
     requested = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
-    check = functools.partial(_check_pruner, args.pruner)
+    check = functools.partial(_check_settings, args.pruner)
     settings = resolve_settings(storage, args.study_name, requested, check)
     import torch
 

@@ -1,4 +1,9 @@
-"""``optuna-ctpe sensitivity``: the per-layer Hessian trace table of a task."""
+"""``optuna-ctpe sensitivity``: the per-layer Hessian trace table of a task, and the trace file.
+
+``--output FILE`` writes the traces as a file (:mod:`optuna_ctpe.nn.trace_file`) that
+``optuna-ctpe search --sensitivities FILE`` starts a study from, without measuring again;
+:func:`read_for_study` is that reading, checked against the study's task and seed.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from optuna_ctpe.cli.report import sensitivity_table
 from optuna_ctpe.cli.task import load_task
 
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "read_for_study", "run"]
 
 
 def add_parser(commands: Any) -> None:
@@ -35,9 +40,12 @@ def add_parser(commands: Any) -> None:
     add_task_options(parser)
     parser.add_argument(
         "--estimator",
-        choices=("hutchinson", "fisher"),
+        # The names of optuna_ctpe.nn.sensitivity.ESTIMATORS, spelled out: parsing needs no torch.
+        choices=("hutchinson", "fisher", "ggn", "split"),
         default="hutchinson",
-        help="hutchinson: Hessian trace; fisher: empirical Fisher trace (default: hutchinson)",
+        help="hutchinson: Hessian trace; fisher: empirical Fisher trace; ggn: Gauss-Newton "
+        "trace, never negative; split: Hessian trace as Gauss-Newton plus residual, less noisy "
+        "(default: hutchinson)",
     )
     parser.add_argument(
         "--max-probes",
@@ -57,6 +65,14 @@ def add_parser(commands: Any) -> None:
         "--plot", metavar="FILE", help="also write a bar chart of the mean traces (.png/.svg/.pdf)"
     )
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    parser.add_argument(
+        "--output",
+        metavar="FILE",
+        help=(
+            "also write the traces as a sensitivity file that `optuna-ctpe search "
+            "--sensitivities FILE` starts studies of the same task and seed from"
+        ),
+    )
     parser.set_defaults(handler=run)
 
 
@@ -69,17 +85,17 @@ def run(args: argparse.Namespace) -> int:
     if args.max_probes < 2:
         raise UsageError("--max-probes must be >= 2 (a standard error needs two), got 1.")
     seed = DEFAULTS["seed"] if args.seed is None else args.seed
-    task = load_task(args.task or DEFAULT_TASK, seed=seed, cache_dir=args.cache_dir)
-    traces = list(
-        estimator(args.estimator)(
-            task.model,
-            task.loss_fn,
-            task.calibration_batches,
-            max_probes=args.max_probes,
-            rtol=args.rtol,
-            seed=seed,
-        ).values()
+    task_spec = args.task or DEFAULT_TASK
+    task = load_task(task_spec, seed=seed, cache_dir=args.cache_dir)
+    by_name = estimator(args.estimator)(
+        task.model,
+        task.loss_fn,
+        task.calibration_batches,
+        max_probes=args.max_probes,
+        rtol=args.rtol,
+        seed=seed,
     )
+    traces = list(by_name.values())
     print(sensitivity_table(traces))
     if args.plot:
         plot_sensitivities(traces, args.plot, f"{task.name}: {args.estimator} mean traces")
@@ -88,4 +104,34 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump([t.to_dict() for t in traces], f, indent=2)
         log(f"wrote {args.json}")
+    if args.output:
+        from optuna_ctpe.nn.trace_file import write_trace_file
+
+        metadata = {"task": task_spec, "seed": seed, "task_name": task.name}
+        metadata |= {"max_probes": args.max_probes, "rtol": args.rtol}
+        write_trace_file(args.output, by_name, estimator=args.estimator, metadata=metadata)
+        log(f"wrote {args.output}: start a search from it with --sensitivities {args.output}")
     return 0
+
+
+def read_for_study(path: str, task: str, seed: int) -> Any:
+    """The traces of the sensitivity file ``path``, for a study of ``task`` with ``seed``.
+
+    Raises:
+        UsageError: If the file cannot be read, is not a sensitivity file, or was measured on
+            another task or seed (the traces would be of other weights).
+    """
+    from optuna_ctpe.nn.trace_file import read_trace_file
+
+    try:
+        content = read_trace_file(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--sensitivities {path}: {e}") from None
+    recorded = {k: content.metadata.get(k) for k in ("task", "seed")}
+    if recorded != {"task": None, "seed": None} and recorded != {"task": task, "seed": seed}:
+        raise UsageError(
+            f"--sensitivities {path} was measured on task {recorded['task']} with seed "
+            f"{recorded['seed']}, but the study's task is {task} with seed {seed}: the model's "
+            "weights differ, so its traces do not apply."
+        )
+    return content

@@ -1,8 +1,9 @@
 """A study's settings: what defines its problem, and how command-line options resolve against them.
 
-The settings (task, seed, objective, size budget, grids, pruning and fine-tuning) are what make
-two trials comparable. They are decided once, when the study is created, from the options given
-and :data:`~optuna_ctpe.cli.options.DEFAULTS`, and stored as the study's ``ctpe:settings`` user
+The settings (task, seed, objective, size budget, grids, pruning, fine-tuning and, for the
+latency objectives, the latency budget, source and batch) are what make two trials comparable.
+They are decided once, when the study is created, from the options given and
+:data:`~optuna_ctpe.cli.options.DEFAULTS`, and stored as the study's ``ctpe:settings`` user
 attribute. A later run adopts them; an explicit option that contradicts them is a usage error.
 """
 
@@ -13,13 +14,17 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import fields
+from dataclasses import MISSING
 from typing import Any
 
 import optuna
 
 from optuna_ctpe import _attrs
+from optuna_ctpe.cli.options import DEFAULT_LATENCY_BATCH
+from optuna_ctpe.cli.options import DEFAULT_LATENCY_SOURCE
 from optuna_ctpe.cli.options import DEFAULT_SIZE_BUDGET
 from optuna_ctpe.cli.options import DEFAULTS
+from optuna_ctpe.cli.options import LATENCY_OBJECTIVES
 from optuna_ctpe.cli.options import show_grid
 from optuna_ctpe.cli.options import UsageError
 
@@ -34,13 +39,26 @@ class Settings:
     Attributes:
         task: ``module:factory`` of the task.
         seed: Seed of the task (data split, training) and of the sensitivity probes.
-        objective: ``"pareto"`` (maximise accuracy, minimise size) or ``"budget"`` (maximise
-            accuracy subject to ``size <= size_budget``).
-        size_budget: Size budget as a fraction of the FP32 size, in (0, 1]; None for Pareto.
+        objective: ``"pareto"`` (maximise accuracy, minimise size), ``"budget"`` (maximise
+            accuracy subject to ``size <= size_budget``), ``"latency-budget"`` (maximise
+            accuracy subject to ``latency <= latency_budget_ms``, and to the size budget if
+            one is given) or ``"pareto-latency"`` (maximise accuracy, minimise latency and
+            size).
+        size_budget: Size budget as a fraction of the FP32 size, in (0, 1]; None for none.
         bits: Bit-width grid.
         widths: Width-ratio grid.
         hessian_pruning: Whether choices are pruned by Hessian sensitivity.
         finetune_epochs: Fine-tuning epochs per trial (0: none).
+        latency_budget_ms: The latency budget of ``"latency-budget"``, in milliseconds; None
+            otherwise.
+        latency_source: How a trial's latency is had, with a latency objective: ``"table"``
+            (the study's per-layer lookup table, measured once at set-up) or ``"measured"``
+            (each configuration exported and timed); None otherwise.
+        latency_batch: Rows of the input the latency is timed on, with a latency objective;
+            None otherwise.
+
+    The three latency fields came after 0.1.0: settings stored without them read as None, so
+    old studies resume unchanged.
     """
 
     task: str
@@ -51,11 +69,18 @@ class Settings:
     widths: tuple[float, ...]
     hessian_pruning: bool
     finetune_epochs: int
+    latency_budget_ms: float | None = None
+    latency_source: str | None = None
+    latency_batch: int | None = None
 
     @classmethod
     def from_attr(cls, data: Mapping[str, Any]) -> Settings:
-        """The settings stored as the ``ctpe:settings`` user attribute (JSON lists as tuples)."""
-        values = {f.name: data[f.name] for f in fields(cls)}
+        """The settings stored as the ``ctpe:settings`` user attribute (JSON lists as tuples);
+        a field added since the study was created takes its default."""
+        values = {
+            f.name: data[f.name] if f.name in data or f.default is MISSING else f.default
+            for f in fields(cls)
+        }
         values["bits"] = tuple(values["bits"])
         values["widths"] = tuple(values["widths"])
         return cls(**values)
@@ -67,11 +92,28 @@ class Settings:
         return data
 
     @property
+    def has_latency(self) -> bool:
+        """Whether trials measure latency (a latency objective)."""
+        return self.objective in LATENCY_OBJECTIVES
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The names of the study's objectives, as optuna-dashboard shows them."""
+        if self.objective == "pareto":
+            return [_attrs.ACCURACY, _attrs.SIZE_KB]
+        if self.objective == "pareto-latency":
+            return [_attrs.ACCURACY, _attrs.LATENCY_MS, _attrs.SIZE_KB]
+        return [_attrs.ACCURACY]
+
+    @property
     def directions(self) -> list[str]:
-        """The study's directions: accuracy up (and size down, for the Pareto objective)."""
-        return ["maximize", "minimize"] if self.objective == "pareto" else ["maximize"]
+        """The study's directions: accuracy up, and latency and size down for the Pareto
+        objectives."""
+        return ["maximize"] + ["minimize"] * (len(self.metric_names) - 1)
 
 
+#: The settings of the latency objectives only.
+_LATENCY_FIELDS = ("latency_budget_ms", "latency_source", "latency_batch")
 #: The option that sets each setting, as error messages name it.
 _OPTION = {
     "task": "--task",
@@ -82,6 +124,9 @@ _OPTION = {
     "widths": "--widths",
     "hessian_pruning": "--no-hessian-pruning",
     "finetune_epochs": "--finetune-epochs",
+    "latency_budget_ms": "--latency-budget",
+    "latency_source": "--latency-source",
+    "latency_batch": "--latency-batch",
 }
 
 
@@ -114,10 +159,27 @@ def resolve(
 
 def _new_settings(requested: Mapping[str, Any]) -> Settings:
     values = {k: (DEFAULTS[k] if v is None else v) for k, v in requested.items()}
-    if values["objective"] == "budget" and values["size_budget"] is None:
+    objective = values["objective"]
+    if objective == "budget" and values["size_budget"] is None:
         values["size_budget"] = DEFAULT_SIZE_BUDGET
-    if values["objective"] == "pareto" and values["size_budget"] is not None:
+    if objective in ("pareto", "pareto-latency") and values["size_budget"] is not None:
         raise UsageError("--size-budget applies to --objective budget only.")
+    if objective not in LATENCY_OBJECTIVES:
+        given = [_OPTION[k] for k in _LATENCY_FIELDS if values.get(k) is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UsageError(
+                f"{', '.join(given)} {verb} to --objective {' or '.join(LATENCY_OBJECTIVES)} only."
+            )
+        return Settings(**values)
+    if objective == "latency-budget" and values["latency_budget_ms"] is None:
+        raise UsageError("--objective latency-budget needs --latency-budget MS.")
+    if objective != "latency-budget" and values["latency_budget_ms"] is not None:
+        raise UsageError("--latency-budget applies to --objective latency-budget only.")
+    if values["latency_source"] is None:
+        values["latency_source"] = DEFAULT_LATENCY_SOURCE
+    if values["latency_batch"] is None:
+        values["latency_batch"] = DEFAULT_LATENCY_BATCH
     return Settings(**values)
 
 
@@ -130,7 +192,12 @@ def _adopted(requested: Mapping[str, Any], stored: Mapping[str, Any], study_name
         option = _OPTION[key]
         # --no-hessian-pruning is a flag: it has no value to show.
         given = option if key == "hessian_pruning" else f"{option} {show_grid(value)}"
-        created = "Hessian pruning" if key == "hessian_pruning" else f"{option} {show_grid(have)}"
+        if key == "hessian_pruning":
+            created = "Hessian pruning"
+        elif have is None:  # a latency setting of a study without a latency objective
+            created = f"no {option}"
+        else:
+            created = f"{option} {show_grid(have)}"
         raise UsageError(
             f"{given} conflicts with study {study_name!r}, which was created with {created}; "
             "leave the option out to continue the study, or use another --study-name."

@@ -13,6 +13,9 @@ optuna-dashboard read it:
 * ``ctpe:setup``: the worker that measures the sensitivities, so that others wait for it
   instead of measuring again, and take over if it died.
 * ``ctpe:search_space_size``: log10 of the number of configurations before and after pruning.
+* ``ctpe:latency_table`` (+ chunks; latency objectives with ``--latency-source table``): the
+  per-layer latency lookup table, measured once at set-up
+  (:class:`~optuna_ctpe.deploy.latency_table.LatencyTable`).
 
 Trials enqueued as warm starts carry the user attribute ``ctpe:warm_start``.
 """
@@ -25,12 +28,16 @@ from dataclasses import dataclass
 import math
 import time
 from typing import Any
+from typing import TYPE_CHECKING
 import warnings
 
 import optuna
 
 from optuna_ctpe import _attrs
+from optuna_ctpe.cli.objective import LatencyMeter
 from optuna_ctpe.cli.objective import model_metrics
+from optuna_ctpe.cli.objective import set_up_latency
+from optuna_ctpe.cli.objective import stored_latency
 from optuna_ctpe.cli.options import UsageError
 from optuna_ctpe.cli.settings import resolve
 from optuna_ctpe.cli.settings import Settings
@@ -39,6 +46,10 @@ from optuna_ctpe.cli.storage import owner_is_dead
 from optuna_ctpe.cli.storage import worker_id
 from optuna_ctpe.search_space import HessianSearchSpace
 from optuna_ctpe.tasks import Task
+
+
+if TYPE_CHECKING:
+    from optuna_ctpe.nn.trace_file import TraceFile
 
 
 __all__ = ["Prepared", "SETUP_TIMEOUT", "join_or_create", "prepare"]
@@ -104,11 +115,7 @@ def _create(
     with warnings.catch_warnings():
         # Experimental since Optuna 3.2, and what names the objectives in the dashboard.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(
-            [_attrs.ACCURACY, _attrs.SIZE_KB]
-            if settings.objective == "pareto"
-            else [_attrs.ACCURACY]
-        )
+        study.set_metric_names(settings.metric_names)
     return study
 
 
@@ -131,6 +138,7 @@ class Prepared:
 
     space: HessianSearchSpace
     baselines: dict[str, dict[str, float]]
+    latency: LatencyMeter | None = None
 
 
 def prepare(
@@ -140,27 +148,33 @@ def prepare(
     *,
     creator: bool,
     log: Callable[[str], None],
+    traces: TraceFile | None = None,
 ) -> Prepared:
     """Measure and store the search space and baselines once, or read another worker's.
 
-    The creator measures; a joining worker waits for the creator's attributes, and measures
-    itself only if the worker that claimed the set-up has died on this host.
+    The creator measures, or builds the space from ``traces`` (a sensitivity file) when given;
+    a joining worker waits for the creator's attributes, and measures itself only if the
+    worker that claimed the set-up has died on this host. A study that has its space already
+    keeps it: ``traces`` are then ignored, with a log line.
     """
     deadline = time.monotonic() + SETUP_TIMEOUT
     announced = False
     while True:
         attrs = study.user_attrs  # read afresh from the storage on every access
         if _attrs.SEARCH_SPACE in attrs and _attrs.BASELINES in attrs:
+            if traces is not None:
+                log("the study has its search space already; --sensitivities is ignored")
             space = HessianSearchSpace.load_from_study(study)
-            return Prepared(space, attrs[_attrs.BASELINES])
+            latency = stored_latency(attrs, settings, space, task)
+            return Prepared(space, attrs[_attrs.BASELINES], latency)
         claim = attrs.get(_attrs.SETUP)
         owner = claim.get("worker") if isinstance(claim, dict) else None
         if creator:
-            return _set_up(study, settings, task, log)
+            return _set_up(study, settings, task, log, traces)
         if owner is None or owner_is_dead(owner):
             log(f"taking over the set-up of study {study.study_name!r} from {owner} ...")
             study.set_user_attr(_attrs.SETUP, {"worker": worker_id(), "started": time.time()})
-            return _set_up(study, settings, task, log)
+            return _set_up(study, settings, task, log, traces)
         if not announced:
             log(f"waiting for worker {owner} to measure the sensitivities ...")
             announced = True
@@ -174,11 +188,22 @@ def prepare(
 
 
 def _set_up(
-    study: optuna.Study, settings: Settings, task: Task, log: Callable[[str], None]
+    study: optuna.Study,
+    settings: Settings,
+    task: Task,
+    log: Callable[[str], None],
+    traces: TraceFile | None = None,
 ) -> Prepared:
-    log("measuring Hessian sensitivities ...")
-    space = _measure_space(settings, task)
-    baselines = _baselines(space, task)
+    if traces is None:
+        log("measuring Hessian sensitivities ...")
+    else:
+        log(f"building the search space from {traces.estimator} traces of a sensitivity file")
+        study.set_user_attr(
+            _attrs.SENSITIVITY_SOURCE, {"estimator": traces.estimator, **traces.metadata}
+        )
+    space = _measure_space(settings, task, traces)
+    latency = set_up_latency(study, settings, space, task, log)
+    baselines = _baselines(space, task, latency)
     study.set_user_attr(_attrs.SENSITIVITIES, _sensitivity_records(space))
     study.set_user_attr(
         _attrs.SEARCH_SPACE_SIZE,
@@ -191,23 +216,31 @@ def _set_up(
     # Written last: joining workers start searching as soon as they see these two.
     study.set_user_attr(_attrs.BASELINES, baselines)
     space.save_to_study(study)
-    return Prepared(space, baselines)
+    return Prepared(space, baselines, latency)
 
 
-def _measure_space(settings: Settings, task: Task) -> HessianSearchSpace:
+def _measure_space(
+    settings: Settings, task: Task, traces: TraceFile | None = None
+) -> HessianSearchSpace:
     """The task's pruned search space, relaxed until the size budget (if any) can be met."""
     # The library's default pruning threshold, or none at all (math.inf keeps every choice).
     no_pruning: dict[str, float] = {} if settings.hessian_pruning else {"budget": math.inf}
-    space = HessianSearchSpace.from_model(
-        task.model,
-        task.loss_fn,
-        task.calibration_batches,
-        bits=settings.bits,
-        widths=settings.widths,
-        example_inputs=task.example_inputs,
-        seed=settings.seed,
-        **no_pruning,
-    )
+    try:
+        space = HessianSearchSpace.from_model(
+            task.model,
+            task.loss_fn,
+            task.calibration_batches,
+            bits=settings.bits,
+            widths=settings.widths,
+            example_inputs=task.example_inputs,
+            seed=settings.seed,
+            traces=None if traces is None else traces.traces,
+            **no_pruning,
+        )
+    except ValueError as e:
+        if traces is None:
+            raise
+        raise UsageError(f"--sensitivities: {e}") from None
     if settings.size_budget is None:
         return space
     try:
@@ -230,15 +263,18 @@ def _sensitivity_records(space: HessianSearchSpace) -> dict[str, dict[str, Any]]
     }
 
 
-def _baselines(space: HessianSearchSpace, task: Task) -> dict[str, dict[str, float]]:
-    """Accuracy and size of the FP32 model and of uniform 8-bit quantization."""
+def _baselines(
+    space: HessianSearchSpace, task: Task, latency: LatencyMeter | None = None
+) -> dict[str, dict[str, float]]:
+    """Accuracy and size (and latency) of the FP32 model and of uniform 8-bit quantization."""
     fp32 = model_metrics(space, float(task.evaluate(task.model)), space.fp32_bits)
     uniform = space.uniform(8)
     quantized = space.apply(task.model, uniform, task.example_inputs)
-    return {
-        "fp32": fp32,
-        "uniform8": model_metrics(space, float(task.evaluate(quantized)), space.size(uniform)),
-    }
+    uniform8 = model_metrics(space, float(task.evaluate(quantized)), space.size(uniform))
+    if latency is not None:
+        fp32[_attrs.LATENCY_MS] = latency.fp32()
+        uniform8[_attrs.LATENCY_MS] = latency(uniform)
+    return {"fp32": fp32, "uniform8": uniform8}
 
 
 def _warm_starts(space: HessianSearchSpace, settings: Settings) -> list[dict[str, Any]]:

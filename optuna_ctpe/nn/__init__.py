@@ -1,7 +1,8 @@
 """The torch wing: measuring a model into search-space records, and applying a configuration.
 
-* :mod:`~optuna_ctpe.nn.sensitivity`: per-layer Hessian (Hutchinson) and empirical-Fisher
-  traces (:mod:`~optuna_ctpe.nn.hutchinson`, :mod:`~optuna_ctpe.nn.fisher`);
+* :mod:`~optuna_ctpe.nn.sensitivity`: per-layer Hessian (Hutchinson), empirical-Fisher,
+  Gauss-Newton and split (Gauss-Newton plus residual) traces (:mod:`~optuna_ctpe.nn.hutchinson`,
+  :mod:`~optuna_ctpe.nn.fisher`, :mod:`~optuna_ctpe.nn.ggn`, :mod:`~optuna_ctpe.nn.split`);
 * :mod:`~optuna_ctpe.nn.quantize`: fake quantization, size and BOPs accounting;
 * :mod:`~optuna_ctpe.nn.width`: dependency-aware width groups and structured pruning, with
   attention heads as units (:mod:`~optuna_ctpe.nn.heads`);

@@ -100,9 +100,9 @@ def hutchinson_traces(
             if grads is None or n_batches > 1:
                 grads = None  # free the previous batch's graph before building the next
                 grads = _first_gradient(model, loss_fn, run.batches[b], b, weights, run.device)
-            probes = [_rademacher(w, generator) for w in weights]
+            probes = [rademacher(w, generator) for w in weights]
             with twice_differentiable():
-                stats.add(_block_quadratic_forms(grads, weights, probes).unsqueeze(0))
+                stats.add(block_quadratic_forms(grads, weights, probes).unsqueeze(0))
             worst = stats.worst_relative_stderr()
             update(worst, 1)
             if stats.n >= min_probes and (k + 1) % n_batches == 0 and worst < rtol:
@@ -167,7 +167,7 @@ def _first_gradient(
     return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
 
 
-def _block_quadratic_forms(
+def block_quadratic_forms(
     grads: list[torch.Tensor], weights: list[torch.Tensor], probes: list[torch.Tensor]
 ) -> torch.Tensor:
     """``v_l · (Hv)_l`` for every layer ``l`` from one Hessian-vector product."""
@@ -193,7 +193,7 @@ def _block_quadratic_forms(
     )
 
 
-def _rademacher(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def rademacher(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A ±1 probe shaped like ``weight``, drawn on the CPU generator and moved to its device."""
     v = torch.randint(0, 2, weight.shape, generator=generator, dtype=weight.dtype)
     return v.mul_(2).sub_(1).to(weight.device)

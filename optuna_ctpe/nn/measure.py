@@ -51,6 +51,7 @@ def measure(
     keep_first_last_bits: int | None,
     estimator: str,
     include_embeddings: bool = False,
+    traces: Mapping[str, LayerTrace] | None = None,
     **estimator_kwargs: Any,
 ) -> dict[str, Any]:
     """Measure ``model`` into the keyword arguments of :class:`~optuna_ctpe.HessianSearchSpace`.
@@ -66,10 +67,14 @@ def measure(
             supported layer.
         example_inputs: Inputs for tracing channel dependencies, or None (bits only).
         keep_first_last_bits: Bit-width the first and last layers are fixed to, or None.
-        estimator: ``"hutchinson"`` or ``"fisher"``
+        estimator: ``"hutchinson"``, ``"fisher"`` or ``"ggn"``
             (:data:`optuna_ctpe.nn.sensitivity.ESTIMATORS`).
         include_embeddings: Also quantize ``nn.Embedding`` tables (per row) and layers tied to
             them (an LM head); off by default.
+        traces: Per-layer traces measured before (e.g. read with
+            :func:`optuna_ctpe.nn.trace_file.read_trace_file`), used instead of running the
+            estimator; ``estimator`` then only names them in messages. They must cover every
+            layer that needs a trace, each with its weight's parameter count.
         **estimator_kwargs: ``seed``, ``max_probes``, ``min_probes``, ``rtol`` and ``progress``
             of the estimator.
 
@@ -78,7 +83,7 @@ def measure(
 
     Raises:
         ValueError: On a bad grid, an unknown layer name, an unknown ``estimator`` or a NaN
-            trace; a negative trace is clipped to 0 with a warning.
+            trace; a negative trace is clipped to 0 (its standard error kept) with a warning.
     """
     bits = check_bits_grid(bits)
     widths = check_widths_grid(widths)
@@ -94,8 +99,11 @@ def measure(
     # The quantized layers and every layer a width group prunes need a trace.
     needed = set(names) | {n for g in width_groups for n in g.layers}
     traced = [n for n in quantizable if n in needed]
-    traces = estimate(model, loss_fn, batches, layers=traced, **estimator_kwargs)
     by_name = model_layers(model, include_embeddings=include_embeddings)
+    if traces is None:
+        traces = estimate(model, loss_fn, batches, layers=traced, **estimator_kwargs)
+    else:
+        check_traces_fit(traces, {n: by_name[n] for n in traced})
     mean_trace = {name: _mean_trace(traces[name], estimator) for name in traced}
     groups, tensors = measure_groups(
         model, example_inputs, width_groups, widths, mean_trace, [by_name[n] for n in names]
@@ -151,6 +159,28 @@ def quantized_layer_names(
     return quantizable, names
 
 
+def check_traces_fit(traces: Mapping[str, LayerTrace], layers: Mapping[str, LayerWeight]) -> None:
+    """Raise a ValueError unless ``traces`` has a trace of each of ``layers``' weights.
+
+    Traces measured on another model, or on another selection of its layers, do not fit; the
+    message names the missing layers or the first layer whose parameter count differs.
+    """
+    missing = [name for name in layers if name not in traces]
+    if missing:
+        raise ValueError(
+            f"the given traces lack {len(missing)} of the {len(layers)} layers that need one "
+            f"(first: {missing[:3]}); were they measured on this model, with the same layers "
+            "and include_embeddings?"
+        )
+    for name, layer in layers.items():
+        n_params = int(layer.weight.numel())
+        if traces[name].n_params != n_params:
+            raise ValueError(
+                f"the given trace of layer {name!r} is of {traces[name].n_params} parameters, "
+                f"but the model's layer has {n_params}: the traces are of another model."
+            )
+
+
 def _mean_trace(trace: LayerTrace, estimator: str) -> float:
     """The layer's mean trace; a negative estimate (noise on an indefinite Hessian) clipped."""
     value = float(trace.mean_trace)
@@ -159,8 +189,10 @@ def _mean_trace(trace: LayerTrace, estimator: str) -> float:
     if value < 0:
         warnings.warn(
             f"the {estimator} trace of layer {trace.name!r} is negative ({value:.3g}, standard "
-            f"error {trace.stderr / trace.n_params:.3g}); clipped to 0. Use more probes or "
-            "estimator='fisher' if this layer matters.",
+            f"error {trace.stderr / trace.n_params:.3g}); clipped to 0, keeping its standard "
+            "error, so the pruning rule reads it at its upper bound and lists it among "
+            "uncertain_layers. Use more probes or estimator='ggn' (never negative) if this "
+            "layer matters.",
             # Point at the user's call: from_model -> measure -> here.
             stacklevel=4,
         )
@@ -201,7 +233,8 @@ def measure_groups(
 
     Pruning each group alone at each ratio and diffing parameter shapes gives, exactly as the
     pruner behaves, which tensors each group shrinks (and along which dimension) and how many
-    channels each ratio keeps, so :meth:`HessianSearchSpace.size` needs no model. Diffing the
+    channels each ratio keeps, so :meth:`HessianSearchSpace.size` needs no model; each quantized
+    tensor records its per-channel scales (the channels of its quantization axis) too. Diffing the
     squared norms of the layer weights gives ``‖ΔW‖²`` of each ratio (the removed weights; the
     kept ones are unchanged) for any coupling the pruner handles: grouped convolutions, group
     norms, attention; norm scales and biases are not weights and are left out, as in
@@ -241,11 +274,24 @@ def measure_groups(
                 kept_channels=kept if len(kept) == len(widths) else None,
             )
         )
-    layer_of = {layer.param_name: layer.name for layer in quantized}
-    tensors = [
-        ParamTensor(n, math.prod(s), layer_of.get(n), out_group.get(n), in_group.get(n))
-        for n, s in shapes.items()
-    ]
+    layer_of = {layer.param_name: layer for layer in quantized}
+    tensors = []
+    for n, s in shapes.items():
+        layer = layer_of.get(n)
+        # A quantized tensor stores one float32 scale per channel of its quantization axis,
+        # pruned by whichever group prunes that axis (dimension 0 or 1 of the weight).
+        axis = None if layer is None else layer.out_axis
+        tensors.append(
+            ParamTensor(
+                n,
+                math.prod(s),
+                None if layer is None else layer.name,
+                out_group.get(n),
+                in_group.get(n),
+                scales=0 if axis is None else s[axis],
+                scale_group=None if axis is None else (out_group, in_group)[axis].get(n),
+            )
+        )
     return groups, tensors
 
 

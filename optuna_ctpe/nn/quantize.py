@@ -45,6 +45,7 @@ __all__ = [
     "quantization_error",
     "quantize_model",
     "quantize_weight",
+    "weight_scales",
 ]
 
 _MIN_SCALE = 1e-8
@@ -74,20 +75,49 @@ def quantize_weight(weight: torch.Tensor, bits: int, axis: int = 0) -> torch.Ten
             ``weight``.
         TypeError: If ``weight`` is not a floating-point tensor.
     """
+    w32, bits, axis = _checked_weight(weight, bits, axis)
+    scale = _scales(w32, bits, axis)
+    zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.fake_quantize_per_channel_affine(w32, scale, zero_point, axis, -qmax, qmax)
+    return q.to(weight.dtype).reshape(weight.shape)
+
+
+def weight_scales(weight: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
+    """The float32 per-channel scales :func:`quantize_weight` uses: ``max|W_c| / q_max``,
+    clamped to at least ``1e-8``; one per index of ``axis`` (one for a 0-d tensor).
+
+    A packed artifact (:mod:`optuna_ctpe.deploy.artifact`) stores these scales beside the
+    integers, so they are computed in one place.
+
+    Args:
+        weight: Floating-point tensor.
+        bits: Integer bit-width in [2, 16].
+        axis: The output-channel axis of ``weight`` (see :func:`quantize_weight`).
+
+    Raises:
+        ValueError: If ``bits`` is not an integer in [2, 16], or ``axis`` is not an axis of
+            ``weight``.
+        TypeError: If ``weight`` is not a floating-point tensor.
+    """
+    return _scales(*_checked_weight(weight, bits, axis))
+
+
+def _checked_weight(weight: Any, bits: Any, axis: Any) -> tuple[torch.Tensor, int, int]:
+    """``weight`` in float32 (a 0-d tensor as one channel), and the checked bits and axis."""
     bits = check_bits(bits, "bits")
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {_describe(weight)}.")
-    w = weight.reshape(1) if weight.dim() == 0 else weight
-    axis = check_integer(axis, "axis", minimum=0, maximum=w.dim() - 1)
-    qmax = 2 ** (bits - 1) - 1
     # The op requires float32 scales; half/bfloat16/float64 weights are quantized in float32.
-    w32 = w.float()
+    w32 = (weight.reshape(1) if weight.dim() == 0 else weight).float()
+    return w32, bits, check_integer(axis, "axis", minimum=0, maximum=w32.dim() - 1)
+
+
+def _scales(w32: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
+    qmax = 2 ** (bits - 1) - 1
     with torch.no_grad():
         amax = w32.abs().transpose(0, axis).flatten(1).amax(1) if w32.dim() > 1 else w32.abs()
-        scale = (amax / qmax).clamp_min(_MIN_SCALE)
-    zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    q = torch.fake_quantize_per_channel_affine(w32, scale, zero_point, axis, -qmax, qmax)
-    return q.to(weight.dtype).reshape(weight.shape)
+        return (amax / qmax).clamp_min(_MIN_SCALE)
 
 
 def quantization_error(weight: torch.Tensor, bits: int, axis: int = 0) -> float:
@@ -253,21 +283,28 @@ class ModelSize:
 
 
 def model_size(
-    model: nn.Module, bits: Mapping[str, int] | None = None, *, default_bits: int = 32
+    model: nn.Module,
+    bits: Mapping[str, int] | None = None,
+    *,
+    default_bits: int = 32,
+    scales: bool = False,
 ) -> ModelSize:
     """Storage size of ``model`` with the weights of ``bits``' layers at their bit-widths.
 
     Every parameter is counted once: the ``weight`` of each layer in ``bits`` at its
     bit-width, every other parameter (biases, norm scales, unquantized layers) at
     ``default_bits``. Buffers (batch-norm running statistics) are not counted: at inference they
-    fold into the preceding layer. Per-channel scales are not counted either (one float per
-    output channel, negligible next to the weights).
+    fold into the preceding layer. Per-channel scales are counted only with ``scales``, as
+    :meth:`HessianSearchSpace.size <optuna_ctpe.HessianSearchSpace.size>` counts them for
+    spaces measured by ``from_model``: they are a few percent of a small model at low bits.
 
     Args:
         model: The network (its actual, possibly pruned, parameter shapes are counted).
         bits: Layer name -> weight bit-width in [2, 16]; None or empty counts everything at
             ``default_bits``.
         default_bits: Bit-width of every other parameter, an integer in [1, 64].
+        scales: Also count each quantized weight's float32 scales, one per index of its
+            output-channel axis (what a packed artifact stores beside the integers).
 
     Raises:
         ValueError: On unknown layer names, modules without a weight, or bad bit-widths.
@@ -276,6 +313,10 @@ def model_size(
     checked, layers = resolve_quantized_layers(model, {} if bits is None else bits)
     modules = dict(model.named_modules())
     weight_bits = {id(layers[n].weight): b for n, b in checked.items()}
+    scale_bits = {
+        id(layer.weight): _FP32_BITS * layer.weight.shape[layer.out_axis] if scales else 0
+        for layer in layers.values()
+    }
     seen: set[int] = set()
     total = n_params = 0
     layer_bits: dict[str, int] = {}
@@ -285,7 +326,7 @@ def model_size(
             if id(p) in seen:  # shared parameters are stored once
                 continue
             seen.add(id(p))
-            own += p.numel() * weight_bits.get(id(p), default_bits)
+            own += p.numel() * weight_bits.get(id(p), default_bits) + scale_bits.get(id(p), 0)
             n_params += p.numel()
         if own:
             layer_bits[name] = own

@@ -3,6 +3,9 @@
 The JSON holds the space's inputs (grids, budget, fixed layers, sensitivities, tensors) and, for
 readers such as optuna-dashboard, the choices they give; on reading, the choices are recomputed
 and must match, so a hand-edited or foreign file is refused rather than silently re-pruned.
+A tensor's ``scales`` and ``scale_group`` (the per-channel scales a quantized tensor stores,
+counted in sizes) are absent from files written before they were counted; such a space keeps
+counting no scales, so an old study's sizes do not change under it.
 
 In a study the JSON is stored with :func:`optuna_ctpe._attrs.write_chunked` under
 :data:`optuna_ctpe._attrs.SEARCH_SPACE` (chunks ``ctpe:search_space:<i>`` that fit the
@@ -44,6 +47,7 @@ def to_json(spec: SpaceSpec, choices: Choices) -> str:
         "widths": list(spec.widths),
         "budget": spec.budget if math.isfinite(spec.budget) else "inf",
         "fixed_bits": dict(spec.fixed_bits),
+        "trace_z": spec.trace_z,
         "layers": [
             {
                 "name": layer.name,
@@ -66,7 +70,10 @@ def to_json(spec: SpaceSpec, choices: Choices) -> str:
             }
             for g in spec.groups.values()
         ],
-        "tensors": [{k: v for k, v in vars(t).items() if v is not None} for t in spec.tensors],
+        # Fields at their defaults (None, no scales) are left out, as files before them had.
+        "tensors": [
+            {k: v for k, v in vars(t).items() if v not in (None, 0)} for t in spec.tensors
+        ],
         # Informative for readers (dashboard); checked against the recomputation on load.
         "choices": {name: list(c) for name, c in choices.items()},
     }
@@ -92,11 +99,14 @@ def from_json(text: str | bytes | Mapping[str, Any]) -> SpaceSpec:
             data["widths"],
             math.inf if budget == "inf" else budget,
             data["fixed_bits"],
+            # Files written before the rule read upper traces have no trace_z: 0 re-prunes
+            # them exactly as they were.
+            data.get("trace_z", 0.0),
         )
         stored = {name: tuple(c) for name, c in data["choices"].items()}
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"malformed search-space JSON: missing or mistyped field {e}.") from None
-    if stored != prune(spec, omega_table(spec)):
+    if stored != prune(spec, omega_table(spec, upper=True)):
         raise ValueError(
             "search-space JSON is inconsistent: its stored choices differ from those its "
             "sensitivities give (edited by hand, or written by another pruning rule)."

@@ -4,6 +4,11 @@
 (``mean_trace``), ``‖ΔW‖²`` the squared norm of the weight change a choice makes: ``‖Q_b(W) −
 W‖²`` for a bit-width ``b``, the squared norm of the removed weights for a width ratio. Pure
 Python: the torch wing measures the two factors, the space wing multiplies them here.
+
+A measured trace is noisy, so the table comes in two readings: the point estimate
+(``upper=False``: summed perturbations, warm starts) and the upper confidence bound
+``mean_trace + z × trace_stderr`` (``upper=True``: the pruning rule and the priors), so that a
+layer whose trace cannot be told from zero is not taken for an insensitive one.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 from optuna_ctpe._validation import check_real
 from optuna_ctpe.space.params import bits_param
 from optuna_ctpe.space.params import width_param
+from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import SpaceSpec
 
 
@@ -37,13 +43,40 @@ def choice_sensitivity(mean_trace: float, delta_w_sq_norm: float) -> float:
     return trace * check_real(delta_w_sq_norm, "delta_w_sq_norm", minimum=0.0)
 
 
-def omega_table(spec: SpaceSpec) -> dict[str, dict[Any, float]]:
-    """Parameter name -> {choice: Ω} over the full grids (before pruning), every parameter."""
+def upper_trace(layer: LayerSensitivity, z: float) -> float:
+    """``mean_trace + z × trace_stderr``: the layer's trace as the pruning rule reads it.
+
+    Args:
+        layer: The layer's sensitivity record.
+        z: Standard errors added, >= 0 (:attr:`~optuna_ctpe.space.records.SpaceSpec.trace_z`).
+
+    Example:
+        .. code-block:: python
+
+            from optuna_ctpe.space.omega import upper_trace
+            from optuna_ctpe.space.records import LayerSensitivity
+
+            layer = LayerSensitivity("fc", 0.0, 10, {8: 1e-4}, trace_stderr=0.3)
+            upper_trace(layer, 1.0)  # 0.3: a clipped (negative) estimate is not read as zero
+
+    Raises:
+        ValueError: If ``z`` is negative or not finite.
+    """
+    return layer.mean_trace + check_real(z, "z", minimum=0.0) * layer.trace_stderr
+
+
+def omega_table(spec: SpaceSpec, *, upper: bool = False) -> dict[str, dict[Any, float]]:
+    """Parameter name -> {choice: Ω} over the full grids (before pruning), every parameter.
+
+    Args:
+        spec: The space's validated inputs.
+        upper: Use each layer's :func:`upper_trace` at ``spec.trace_z`` instead of its mean
+            trace. Width groups carry no standard error and always use their mean trace.
+    """
     out: dict[str, dict[Any, float]] = {}
     for name, layer in spec.layers.items():
-        out[bits_param(name)] = {
-            b: choice_sensitivity(layer.mean_trace, layer.errors[b]) for b in spec.bits
-        }
+        trace = upper_trace(layer, spec.trace_z) if upper else layer.mean_trace
+        out[bits_param(name)] = {b: choice_sensitivity(trace, layer.errors[b]) for b in spec.bits}
     for name, group in spec.groups.items():
         out[width_param(name)] = {
             w: choice_sensitivity(group.mean_trace, group.perturbations[w]) for w in spec.widths
@@ -52,7 +85,11 @@ def omega_table(spec: SpaceSpec) -> dict[str, dict[Any, float]]:
 
 
 def omega_reference(spec: SpaceSpec) -> float:
-    """``Ω_ref``: the largest Ω over the searched layers at the median bit-width of the grid."""
+    """``Ω_ref``: the largest Ω over the searched layers at the median bit-width of the grid.
+
+    From the point estimates: a noisy layer's upper bound makes that layer's own choices
+    riskier, it does not raise the threshold every other layer is held to.
+    """
     median_bits = spec.bits[(len(spec.bits) - 1) // 2]
     return max(
         (

@@ -22,6 +22,12 @@ rule. This module implements OUR interpretation, built from HAWQ-V2 and NNCF's H
    trace never has a smaller minimum bit-width than a less sensitive layer.
 5. The first and last weight layers are fixed to ``keep_first_last_bits`` (8 by default, as in
    HAQ and HAWQ) or searched like the others when it is None.
+6. Uncertainty: steps 1 and 4 (and the priors) read a layer's trace as its upper confidence
+   bound ``mean_trace + z × trace_stderr`` (``z = spec.trace_z``, 1 by default;
+   :func:`optuna_ctpe.space.omega.upper_trace`), so a layer whose trace is lost in its noise
+   keeps only its safer choices instead of passing for insensitive; ``Ω_ref`` stays the point
+   estimate. :func:`uncertain_layers` names the layers whose trace cannot be told from zero
+   (including negative estimates clipped to 0), for reports.
 
 The rule knows nothing of a size target; :func:`relaxed_budget` raises the threshold just
 enough for the pruned space to hold a configuration of a given size.
@@ -38,6 +44,7 @@ import numpy as np
 
 from optuna_ctpe._validation import check_real
 from optuna_ctpe.space.omega import omega_reference
+from optuna_ctpe.space.omega import upper_trace
 from optuna_ctpe.space.params import bits_param
 from optuna_ctpe.space.params import Choices
 from optuna_ctpe.space.params import searched
@@ -45,7 +52,8 @@ from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.size import smallest_size
 
-#: Parameter name -> {choice: Ω}, as :func:`optuna_ctpe.space.omega.omega_table` gives it.
+#: Parameter name -> {choice: Ω}: what the rule reads is
+#: ``optuna_ctpe.space.omega.omega_table(spec, upper=True)``, Ω at each layer's upper trace.
 OmegaTable = Mapping[str, Mapping[Any, float]]
 
 
@@ -61,7 +69,7 @@ def prune(spec: SpaceSpec, omega: OmegaTable) -> dict[str, tuple[Any, ...]]:
 
     Args:
         spec: The space's validated inputs.
-        omega: Its :func:`~optuna_ctpe.space.omega.omega_table`.
+        omega: Its :func:`~optuna_ctpe.space.omega.omega_table` with ``upper=True``.
     """
     limit = threshold(spec)
     layers = spec.searched_layers()
@@ -72,7 +80,8 @@ def prune(spec: SpaceSpec, omega: OmegaTable) -> dict[str, tuple[Any, ...]]:
     # Monotonicity: walking from the least to the most sensitive layer, the minimum bit-width
     # never decreases. Ties in the trace are ordered by name so the rule is deterministic.
     floor = spec.bits[0]
-    for name in sorted(layers, key=lambda n: (spec.layers[n].mean_trace, n)):
+    # An uncertain layer is ordered by its upper trace too, so it does not pass for insensitive.
+    for name in sorted(layers, key=lambda n: (upper_trace(spec.layers[n], spec.trace_z), n)):
         floor = max(floor, kept_bits[name][0])
         kept_bits[name] = [b for b in kept_bits[name] if b >= floor]
     choices: dict[str, tuple[Any, ...]] = {
@@ -84,6 +93,37 @@ def prune(spec: SpaceSpec, omega: OmegaTable) -> dict[str, tuple[Any, ...]]:
             w for w in spec.widths if w == spec.widths[-1] or omega[width_param(name)][w] <= limit
         )
     return choices
+
+
+def uncertain_layers(spec: SpaceSpec) -> list[str]:
+    """The layers whose trace cannot be told from zero, in model order.
+
+    A layer is uncertain when ``mean_trace <= spec.trace_z × trace_stderr``: its lower
+    confidence bound does not exceed zero. A negative estimate clipped to 0 is always among
+    them. The rule reads such a layer at its upper bound (it keeps only its safer choices), so
+    this list is for reports: a longer Hessian measurement would sharpen these layers' choices.
+
+    Args:
+        spec: The space's validated inputs.
+
+    Example:
+        .. code-block:: python
+
+            from optuna_ctpe.space.pruning import uncertain_layers
+            from optuna_ctpe.space.records import LayerSensitivity, make_spec
+
+            layers = [
+                LayerSensitivity("a", 2.0, 10, {4: 1e-3, 8: 1e-5}, trace_stderr=0.1),
+                LayerSensitivity("b", 0.0, 10, {4: 1e-3, 8: 1e-5}, trace_stderr=0.5),
+            ]
+            spec = make_spec(layers, [], None, (4, 8), (1.0,), 16.0, None)
+            uncertain_layers(spec)  # ["b"]
+    """
+    return [
+        name
+        for name, layer in spec.layers.items()
+        if layer.mean_trace <= spec.trace_z * layer.trace_stderr
+    ]
 
 
 def relaxed_budget(spec: SpaceSpec, omega: OmegaTable, target: float) -> float:
@@ -135,7 +175,7 @@ def prior_weights(
     Args:
         spec: The space's validated inputs.
         choices: The kept choices (:func:`prune`).
-        omega: The space's Ω table.
+        omega: The space's Ω table at the upper traces, as :func:`prune` reads it.
         temperature: Softness of the preference, > 0; a large value tends to uniform.
         floor: Fraction of the mass spread uniformly over the choices, in [0, 1].
     """

@@ -23,6 +23,7 @@ from optuna_ctpe._validation import check_bits
 from optuna_ctpe._validation import check_grid
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe._validation import check_ratio
+from optuna_ctpe._validation import check_real
 from optuna_ctpe._validation import is_real
 from optuna_ctpe._validation import MAX_BITS
 from optuna_ctpe._validation import MIN_BITS
@@ -36,6 +37,11 @@ DEFAULT_WIDTHS = (0.5, 0.75, 1.0)
 # below the most sensitive layer's median-bit damage. Budget 1 (no slack) pruned the best
 # configurations away on the digits CNN (benchmarks/results/hessian_search.md).
 DEFAULT_BUDGET = 16.0
+# Pruning and priors read a layer's trace as ``mean_trace + z * trace_stderr``: z = 1 is a
+# one-sided 84% upper bound, enough that a trace lost in its noise (20 Hutchinson probes on
+# resnet18 gave standard errors as large as the values) is not read as "insensitive", without
+# pruning a well-measured space much harder than its point estimates would.
+DEFAULT_TRACE_Z = 1.0
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -97,7 +103,10 @@ class LayerSensitivity:
         n_params: Number of weight parameters (biases excluded).
         errors: Bit-width -> ``‖Q_b(W) − W‖²`` of the layer's weight; must cover the space's
             bit-widths.
-        trace_stderr: Standard error of ``mean_trace`` (0 when it is exact or unknown).
+        trace_stderr: Standard error of ``mean_trace`` (0 when it is exact or unknown). The
+            pruning rule and the priors use ``mean_trace + z × trace_stderr``
+            (:func:`optuna_ctpe.space.omega.upper_trace`); a negative estimate clipped to 0 keeps
+            its standard error, so it is never read as an exact zero.
     """
 
     name: str
@@ -146,6 +155,11 @@ class ParamTensor:
             tensor kept in float32 (biases, normalisation parameters, unsearched layers).
         out_group: Width group that prunes the tensor's first dimension, or None.
         in_group: Width group that prunes the tensor's second dimension, or None.
+        scales: Per-channel float32 scales stored with a quantized tensor at full width (the
+            channels along its quantization axis). 0, the default, counts none: records of
+            spaces saved before scales were counted keep their old size accounting.
+        scale_group: Width group that prunes the quantization axis (and so the scales), or
+            None.
     """
 
     name: str
@@ -153,6 +167,8 @@ class ParamTensor:
     layer: str | None = None
     out_group: str | None = None
     in_group: str | None = None
+    scales: int = 0
+    scale_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +186,8 @@ class SpaceSpec:
         widths: The width-ratio grid, ascending.
         budget: The pruning threshold as a multiple of ``Ω_ref`` (> 0, ``math.inf`` allowed).
         fixed_bits: Layer name -> bit-width of the quantized but unsearched layers.
+        trace_z: How many standard errors the pruning rule and the priors add to each layer's
+            mean trace (>= 0; 0 uses the point estimates, as spaces saved before it did).
     """
 
     layers: Mapping[str, LayerSensitivity]
@@ -179,6 +197,7 @@ class SpaceSpec:
     widths: tuple[float, ...]
     budget: float
     fixed_bits: Mapping[str, int]
+    trace_z: float = 0.0
 
     def searched_layers(self) -> list[str]:
         """The layers whose bit-width is searched (not fixed), in model order."""
@@ -247,6 +266,7 @@ def make_spec(
     widths: Sequence[float],
     budget: float,
     fixed_bits: Mapping[str, int] | None,
+    trace_z: float = DEFAULT_TRACE_Z,
 ) -> SpaceSpec:
     """Check every field and build the :class:`SpaceSpec`.
 
@@ -259,6 +279,7 @@ def make_spec(
     bits_grid = check_bits_grid(bits)
     widths_grid = check_widths_grid(widths)
     checked_budget = check_budget(budget)
+    checked_z = check_real(trace_z, "trace_z", minimum=0.0)
     layer_map = check_layers(layers, bits_grid)
     group_map = check_groups(groups, widths_grid)
     fixed = dict(fixed_bits or {})
@@ -276,6 +297,7 @@ def make_spec(
         widths=widths_grid,
         budget=checked_budget,
         fixed_bits=fixed,
+        trace_z=checked_z,
     )
 
 
@@ -380,17 +402,28 @@ def check_tensors(
         numel = check_integer(t.numel, f"the numel of tensor {t.name!r}", minimum=1)
         if t.layer is not None and t.layer not in layers:
             raise ValueError(f"tensor {t.name!r} names unknown layer {t.layer!r}.")
-        for role, g in (("out_group", t.out_group), ("in_group", t.in_group)):
+        scales = check_integer(t.scales, f"the scales of tensor {t.name!r}", minimum=0)
+        if scales and t.layer is None:
+            raise ValueError(f"tensor {t.name!r} has {scales} scales but is not quantized.")
+        if t.scale_group is not None and not scales:
+            raise ValueError(f"tensor {t.name!r} has a scale_group but no scales.")
+        for role, g, what, count in (
+            ("out_group", t.out_group, "numel", numel),
+            ("in_group", t.in_group, "numel", numel),
+            ("scale_group", t.scale_group, "scales", scales),
+        ):
             if g is None:
                 continue
             if g not in groups:
                 raise ValueError(f"tensor {t.name!r} names unknown {role} {g!r}.")
-            if numel % groups[g].n_channels:
+            if count % groups[g].n_channels:
                 raise ValueError(
-                    f"the numel {numel} of tensor {t.name!r} is not a multiple of the "
+                    f"the {what} {count} of tensor {t.name!r} is not a multiple of the "
                     f"{groups[g].n_channels} channels of its {role} {g!r}."
                 )
-        out[t.name] = ParamTensor(t.name, numel, t.layer, t.out_group, t.in_group)
+        out[t.name] = ParamTensor(
+            t.name, numel, t.layer, t.out_group, t.in_group, scales, t.scale_group
+        )
     unused = set(groups) - {t.out_group for t in out.values()}
     if unused:
         raise ValueError(f"no tensor has the width groups {sorted(unused)} as out_group.")
@@ -470,4 +503,7 @@ def as_tensor(item: ParamTensor | Mapping[str, Any]) -> ParamTensor:
         layer=item.get("layer"),
         out_group=item.get("out_group"),
         in_group=item.get("in_group"),
+        # Absent from spaces saved before scales were counted: they keep counting none.
+        scales=item.get("scales", 0),
+        scale_group=item.get("scale_group"),
     )

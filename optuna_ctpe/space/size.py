@@ -2,8 +2,14 @@
 
 A configuration's storage is exact: each weight of a quantized layer takes its bit-width, every
 other parameter (biases, normalisation) 32 bits, and a width ratio shrinks each tensor its group
-prunes by the channels it removes, along the pruned dimension. Quantization scales are not
-counted.
+prunes by the channels it removes, along the pruned dimension. Each quantized tensor also stores
+one float32 scale per channel of its quantization axis (what a packed artifact,
+:mod:`optuna_ctpe.deploy.artifact`, writes beside the integers: several percent of a small model
+at low bits), shrunk likewise when a group prunes that axis. The scale count comes from the
+tensor records (:attr:`~optuna_ctpe.space.records.ParamTensor.scales`), which
+``HessianSearchSpace.from_model`` fills in; records without it (spaces built from sensitivities
+alone, or saved before scales were counted) count no scales, so old studies keep their sizes.
+Buffers (batch-norm running statistics) are not counted.
 """
 
 from __future__ import annotations
@@ -42,12 +48,24 @@ def numel_after(spec: SpaceSpec, tensor: ParamTensor, widths: Mapping[str, float
     return numel
 
 
+def scales_after(spec: SpaceSpec, tensor: ParamTensor, widths: Mapping[str, float]) -> int:
+    """Per-channel scales of ``tensor`` left after pruning to ``widths`` (0 for a float tensor).
+
+    Exact, as :func:`numel_after`: the scale count is a multiple of its group's channels.
+    """
+    if tensor.scale_group is None:
+        return tensor.scales
+    group = spec.groups[tensor.scale_group]
+    return tensor.scales // group.n_channels * group.kept(widths[tensor.scale_group])
+
+
 def size_bits(spec: SpaceSpec, config: QuantConfig) -> int:
     """Exact storage of the model under ``config``, in bits (see the module docstring)."""
     check_config(spec, config)
     return sum(
         numel_after(spec, t, config.widths)
         * (config.bits[t.layer] if t.layer is not None else FLOAT_BITS)
+        + scales_after(spec, t, config.widths) * FLOAT_BITS
         for t in spec.tensors
     )
 

@@ -30,6 +30,7 @@ from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.size import FLOAT_BITS
 from optuna_ctpe.space.size import numel_after
 from optuna_ctpe.space.size import perturbation
+from optuna_ctpe.space.size import scales_after
 from optuna_ctpe.space.size import size_bits
 
 
@@ -154,12 +155,13 @@ def _linear_problem(
     groups: Sequence[str],
 ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
     """The knapsack of the size linearised around ``point``: Ω and cost arrays, and the cost
-    left out of them (float tensors, and the smallest size change of each group)."""
+    left out of them (float tensors and scales, and the smallest size change of each group)."""
     # Per-layer weight elements at the point's widths: the size of 1 bit for that layer.
     per_bit = dict.fromkeys(spec.layers, 0)
     constant = 0.0
     for t in spec.tensors:
         numel = numel_after(spec, t, point.widths)
+        constant += scales_after(spec, t, point.widths) * FLOAT_BITS  # independent of bits
         if t.layer is None:
             constant += numel * FLOAT_BITS
         else:

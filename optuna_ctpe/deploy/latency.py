@@ -1,0 +1,354 @@
+"""Latency on a target runtime: robust timing of onnxruntime sessions, and of a trial's model.
+
+The runtime is onnxruntime's CPU provider (:class:`OrtRuntime`), with its intra- and inter-op
+thread counts fixed (1 each by default, so that a number does not depend on how busy the other
+cores are) and recorded with every measurement. A measurement (:class:`Timing`) is the median
+of many runs after a warm-up, with the interquartile range over the median as its noise.
+
+Two ways to get a configuration's latency, both built here and in
+:mod:`optuna_ctpe.deploy.latency_table`:
+
+* :class:`ModelTimer` (whole-model timing): :func:`~optuna_ctpe.deploy.onnx.export_onnx` the
+  configuration to a temporary file and time it, cached by :meth:`QuantConfig.key`. Exact, but
+  each new configuration costs an export (seconds).
+* :class:`~optuna_ctpe.deploy.latency_table.LatencyTable` (HAWQ-V3's lookup table): one
+  one-layer graph per layer and choice, measured once, summed per configuration.
+
+Nothing here was measured on a GPU: the runtime is onnxruntime's CPU provider only.
+Requires the ``torch`` and ``deploy`` extras.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+import copy
+import os
+from pathlib import Path
+import statistics
+import tempfile
+import threading
+import time
+from typing import Any
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from optuna_ctpe._validation import check_integer
+from optuna_ctpe.space.records import QuantConfig
+
+
+if TYPE_CHECKING:
+    import torch
+
+    from optuna_ctpe.search_space import HessianSearchSpace
+
+
+__all__ = [
+    "DEFAULT_REPEATS",
+    "DEFAULT_WARMUP",
+    "ModelTimer",
+    "OrtRuntime",
+    "Timing",
+    "batched_inputs",
+    "float_model_bytes",
+    "session_feed",
+    "time_calls",
+]
+
+#: Timed runs per measurement: enough for a stable median of sub-millisecond runs.
+DEFAULT_REPEATS = 200
+#: Untimed runs first: onnxruntime allocates its buffers and caches on the first runs.
+DEFAULT_WARMUP = 20
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One latency measurement.
+
+    Attributes:
+        median_ms: The median time of one run, in milliseconds.
+        q1_ms: The 25th percentile, in milliseconds.
+        q3_ms: The 75th percentile, in milliseconds.
+        n_runs: The timed runs.
+    """
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    n_runs: int
+
+    @property
+    def noise(self) -> float:
+        """The interquartile range over the median: how much the machine moved the runs."""
+        return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class OrtRuntime:
+    """onnxruntime's CPU provider with fixed threads: where latencies are measured.
+
+    Attributes:
+        intra_op_threads: Threads inside an operator (``SessionOptions.intra_op_num_threads``),
+            >= 1.
+        inter_op_threads: Threads across operators (``inter_op_num_threads``), >= 1.
+        fold_dequantize: Set the session option ``session.disable_quant_qdq``, which folds
+            ``DequantizeLinear`` of constant weights into float32 weights when the session
+            loads. onnxruntime's default (False) keeps them, which is what
+            ``InferenceSession(path)`` runs; folded, low-bit convolutions run at FP32 speed
+            (``benchmarks/results/onnx_runtime.md``).
+    """
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    fold_dequantize: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("intra_op_threads", "inter_op_threads"):
+            check_integer(getattr(self, name), name, minimum=1)
+        if not isinstance(self.fold_dequantize, bool):
+            raise ValueError(f"fold_dequantize must be a bool, got {self.fold_dequantize!r}.")
+
+    @property
+    def name(self) -> str:
+        """How tables and reports name the runtime."""
+        return "onnxruntime-cpu" + ("-folded" if self.fold_dequantize else "")
+
+    def session(self, model: str | os.PathLike[str] | bytes) -> Any:
+        """An ``onnxruntime.InferenceSession`` of a file or serialized model, on the CPU."""
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = self.inter_op_threads
+        if self.fold_dequantize:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        source = model if isinstance(model, bytes) else str(model)
+        return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+    def describe(self) -> dict[str, Any]:
+        """The runtime as recorded beside a measurement (JSON-ready)."""
+        import onnxruntime
+
+        return {
+            "runtime": self.name,
+            "onnxruntime": onnxruntime.__version__,
+            "intra_op_threads": self.intra_op_threads,
+            "inter_op_threads": self.inter_op_threads,
+            "fold_dequantize": self.fold_dequantize,
+        }
+
+
+def time_calls(
+    calls: Sequence[Callable[[], Any]],
+    *,
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    rounds: int = 10,
+) -> list[Timing]:
+    """Time each of ``calls``, interleaved: the median of ``repeats`` runs after ``warmup``.
+
+    The runs go in ``rounds`` rounds, each running every call ``repeats / rounds`` times in
+    turn, so that a burst of load from other processes falls on all of them rather than on one:
+    on a shared machine the differences between the calls are then steadier than their levels.
+
+    Example:
+        .. code-block:: python
+
+            from optuna_ctpe.deploy.latency import time_calls
+
+            (timing,) = time_calls([lambda: sum(range(1000))], repeats=50)
+            print(timing.median_ms, timing.noise)
+
+    Args:
+        calls: Functions of no argument (e.g. ``lambda: session.run(None, feed)``).
+        repeats: Timed runs of each call, an integer >= 1.
+        warmup: Untimed runs of each call first, an integer >= 0.
+        rounds: Rounds the timed runs are split into, an integer in [1, ``repeats``].
+
+    Returns:
+        One :class:`Timing` per call, in order.
+    """
+    repeats = check_integer(repeats, "repeats", minimum=1)
+    warmup = check_integer(warmup, "warmup", minimum=0)
+    rounds = check_integer(rounds, "rounds", minimum=1, maximum=repeats)
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    samples: list[list[float]] = [[] for _ in calls]
+    for r in range(rounds):
+        # The first rounds take one run more when repeats is not a multiple of rounds.
+        runs = repeats // rounds + (r < repeats % rounds)
+        for call, times in zip(calls, samples):
+            for _ in range(runs):
+                start = time.perf_counter_ns()
+                call()
+                times.append((time.perf_counter_ns() - start) / 1e6)
+    return [_timing(times) for times in samples]
+
+
+def _timing(times: list[float]) -> Timing:
+    if len(times) == 1:
+        return Timing(times[0], times[0], times[0], 1)
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Timing(median, q1, q3, len(times))
+
+
+def batched_inputs(example_inputs: Any, batch: int) -> Any:
+    """``example_inputs`` with ``batch`` rows: its rows repeated (or cut) along dimension 0.
+
+    Every tensor of one dimension or more is taken to be batched along its first dimension (as
+    :func:`~optuna_ctpe.deploy.onnx.export_onnx`'s ``dynamic_batch`` takes it).
+
+    Args:
+        example_inputs: A tensor, a tuple of positional inputs or a mapping of keyword inputs.
+        batch: The rows wanted, an integer >= 1.
+    """
+    import torch
+    from torch.utils import _pytree as pytree
+
+    batch = check_integer(batch, "batch", minimum=1)
+
+    def rows(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return value
+        if value.shape[0] == 0:
+            raise ValueError("example_inputs hold a tensor with no rows to repeat.")
+        return value[torch.arange(batch) % value.shape[0]].contiguous()
+
+    return pytree.tree_map(rows, example_inputs)
+
+
+def session_feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
+    """The feed of ``session``: its inputs in order, from the tensors of ``inputs``.
+
+    Raises:
+        RuntimeError: If the session takes another number of inputs than ``inputs`` holds
+            (the exporter drops inputs a graph does not use).
+    """
+    import torch
+    from torch.utils import _pytree as pytree
+
+    leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(leaves):
+        raise RuntimeError(
+            f"the graph takes inputs {names} but the example inputs hold {len(leaves)} tensors; "
+            "pass only the inputs the model uses."
+        )
+    return {name: t.detach().cpu().numpy() for name, t in zip(names, leaves)}
+
+
+class ModelTimer:
+    """Whole-model latency of configurations: export each to ONNX once, time it, cache it.
+
+    A configuration's model is written by :func:`~optuna_ctpe.deploy.onnx.export_onnx` (the
+    file a user deploys) to a temporary file, loaded in ``runtime`` and timed by
+    :func:`time_calls` on ``example_inputs`` repeated to ``batch`` rows. The result is cached
+    by :meth:`QuantConfig.key`; measurements run one at a time (a lock), since two at once
+    would slow each other down.
+
+    Example:
+        .. code-block:: python
+
+            from optuna_ctpe import HessianSearchSpace
+            from optuna_ctpe.deploy.latency import ModelTimer
+            from optuna_ctpe.tasks.digits import digits_task
+
+            task = digits_task(seed=0)
+            space = HessianSearchSpace.from_model(
+                task.model, task.loss_fn, task.calibration_batches,
+                example_inputs=task.example_inputs,
+            )
+            timer = ModelTimer(space, task.model, task.example_inputs, batch=1)
+            print(timer(space.uniform(4)).median_ms, timer.fp32().median_ms)
+
+    Args:
+        space: The search space the configurations belong to.
+        model: The float model the space was measured on.
+        example_inputs: The model's inputs (see :func:`export_onnx`).
+        batch: Rows of the timed input, an integer >= 1.
+        runtime: Where to time (default: :class:`OrtRuntime` with one thread each).
+        repeats: Timed runs per configuration (see :func:`time_calls`).
+        warmup: Untimed runs per configuration first.
+    """
+
+    def __init__(
+        self,
+        space: HessianSearchSpace,
+        model: torch.nn.Module,
+        example_inputs: Any,
+        *,
+        batch: int = 1,
+        runtime: OrtRuntime | None = None,
+        repeats: int = DEFAULT_REPEATS,
+        warmup: int = DEFAULT_WARMUP,
+    ) -> None:
+        if example_inputs is None:
+            raise ValueError("example_inputs is required: the exporter traces the model on them.")
+        self._space = space
+        self._model = model
+        self._example = example_inputs
+        self.batch = check_integer(batch, "batch", minimum=1)
+        self.runtime = OrtRuntime() if runtime is None else runtime
+        self._repeats = check_integer(repeats, "repeats", minimum=1)
+        self._warmup = check_integer(warmup, "warmup", minimum=0)
+        self._inputs = batched_inputs(example_inputs, self.batch)
+        self._cache: dict[Any, Timing] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, config: QuantConfig) -> Timing:
+        """The latency of ``config``'s exported model (measured once per configuration)."""
+        if not isinstance(config, QuantConfig):
+            raise ValueError(f"config must be a QuantConfig, got {config!r}.")
+        with self._lock:
+            key = config.key()
+            if key not in self._cache:
+                self._cache[key] = self._measure(self._export_quantized(config))
+            return self._cache[key]
+
+    def fp32(self) -> Timing:
+        """The latency of the float model itself, exported as it is."""
+        with self._lock:
+            if "fp32" not in self._cache:
+                self._cache["fp32"] = self._measure(float_model_bytes(self._model, self._example))
+            return self._cache["fp32"]
+
+    def _export_quantized(self, config: QuantConfig) -> bytes:
+        from optuna_ctpe.deploy.onnx import export_onnx
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            export_onnx(self._space, self._model, config, path, self._example, verify=False)
+            return path.read_bytes()
+
+    def _measure(self, model: bytes) -> Timing:
+        session = self.runtime.session(model)
+        feed = session_feed(session, self._inputs)
+        rounds = min(10, self._repeats)
+        (timing,) = time_calls(
+            [lambda: session.run(None, feed)],
+            repeats=self._repeats,
+            warmup=self._warmup,
+            rounds=rounds,
+        )
+        return timing
+
+
+def float_model_bytes(
+    model: torch.nn.Module, example_inputs: Any, opset: int | None = None
+) -> bytes:
+    """The float model as a serialized ONNX graph, exported as :func:`export_onnx` exports
+    (dynamo, a dynamic batch, no per-node metadata) but with every weight float32."""
+    from optuna_ctpe.deploy._onnx_graph import strip_node_metadata
+    from optuna_ctpe.deploy.onnx import _arguments
+    from optuna_ctpe.deploy.onnx import _export
+    from optuna_ctpe.deploy.onnx import DEFAULT_OPSET
+
+    # A copy on the CPU in eval mode: the model itself is left as it is.
+    net = copy.deepcopy(model).cpu().eval()
+    args, kwargs = _arguments(example_inputs)
+    proto = _export(net, args, kwargs, DEFAULT_OPSET if opset is None else opset, True)
+    strip_node_metadata(proto.graph)
+    return proto.SerializeToString()

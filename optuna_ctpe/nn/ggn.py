@@ -1,0 +1,274 @@
+"""Per-layer traces of the generalised Gauss-Newton matrix, never negative, one VJP per probe.
+
+The loss Hessian splits, through the model's outputs ``z``, into ``Jᵀ H_z J`` (the generalised
+Gauss-Newton matrix ``G``, positive semi-definite when the loss is convex in ``z``) plus the
+model's own curvature weighted by the loss gradient, which is small near a minimum and is what
+makes Hutchinson estimates of ``H`` negative. The estimator factors the small output-space
+Hessian once per batch, ``H_z = S Sᵀ``, and draws ``u`` in its range: ``g = Jᵀ S u`` is one
+vector-Jacobian product (a backward pass, no double backward), and
+
+    E_u ‖g_l‖² = Tr(J_lᵀ S Sᵀ J_l) = Tr(G_ll)
+
+for every layer ``l`` at once. Each estimate is a squared norm, so no trace is ever negative, and
+unlike joint Hutchinson probes there are no cross-layer terms: layer ``l``'s estimate depends on
+no other layer's weights.
+
+In a piecewise-linear network (ReLU or ReLU6, max-pooling, eval-mode batch norm: the usual CNN)
+the outputs are piecewise linear in each layer's weight alone, so the model's own curvature has
+no diagonal block and ``Tr(G_ll) = Tr(H_ll)`` exactly: there the GGN estimates HAWQ-V2's
+Hessian traces without bias and with far less noise. With smooth activations (GELU, softmax
+attention, layer norm) the two differ; :mod:`optuna_ctpe.nn.split` estimates the Hessian then.
+
+What a user must provide: a ``loss_fn(model, batch)`` that calls ``model(...)`` exactly once and
+depends on the weights only through that call's output (``criterion(model(x), y)``: cross-entropy,
+mean squared error and other losses convex in the outputs). A weight penalty inside ``loss_fn``
+is not part of the GGN, and a loss linear in the outputs (the model normalises its own output)
+has a zero GGN; use ``estimator="hutchinson"`` then. The output-space Hessian is formed densely,
+so the outputs the loss reads may hold at most ``MAX_OUTPUTS`` numbers per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from collections.abc import Iterator
+import contextlib
+from typing import Any
+import warnings
+
+import torch
+from torch import nn
+
+from optuna_ctpe.nn._batches import map_tensors
+from optuna_ctpe.nn._batches import to_device
+from optuna_ctpe.nn.traces import checked_loss
+from optuna_ctpe.nn.traces import LayerTrace
+from optuna_ctpe.nn.traces import Layers
+from optuna_ctpe.nn.traces import LossFn
+from optuna_ctpe.nn.traces import progress_bar
+from optuna_ctpe.nn.traces import RunningStats
+from optuna_ctpe.nn.traces import setup
+from optuna_ctpe.nn.traces import traced
+
+
+__all__ = ["MAX_OUTPUTS", "ggn_traces"]
+
+#: Most output numbers per batch whose (dense) loss Hessian the estimator forms: 4,096 is
+#: 128 MiB in float64, and e.g. a batch of 256 samples of 16 classes.
+MAX_OUTPUTS = 4096
+
+
+def ggn_traces(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    *,
+    layers: Layers = None,
+    max_probes: int = 200,
+    min_probes: int = 10,
+    rtol: float = 0.05,
+    seed: int = 0,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> dict[str, LayerTrace]:
+    """Per-layer traces of the generalised Gauss-Newton matrix, all layers per probe.
+
+    The arguments and the batch schedule (probe ``k`` on batch ``k mod len(batches)``, the stop
+    after complete rounds) are those of :func:`~optuna_ctpe.nn.hutchinson.hutchinson_traces`;
+    a probe is one vector-Jacobian product instead of one Hessian-vector product. The module
+    docstring says what ``loss_fn`` must be.
+
+    Args:
+        model: The network; it is left unchanged.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor`` that calls ``model`` once and
+            depends on the weights only through its output (a tensor, or tuples, lists and
+            dicts of tensors), twice differentiable in that output.
+        batches: Batches passed to ``loss_fn``.
+        layers: As in :func:`~optuna_ctpe.nn.hutchinson.hutchinson_traces`.
+        max_probes: Most probes; at least 2.
+        min_probes: Fewest probes before the relative-error stop may trigger; at least 2.
+        rtol: Stop when every layer's ``stderr / trace`` is below it; 0 runs ``max_probes``.
+        seed: Seed of the CPU generator drawing the probes.
+        progress: Show a tqdm progress bar on stderr.
+        device: As in :func:`~optuna_ctpe.nn.hutchinson.hutchinson_traces`.
+
+    Returns:
+        Layer name -> :class:`~optuna_ctpe.nn.traces.LayerTrace`, in module order; every
+        trace is >= 0.
+
+    Raises:
+        ValueError: As :func:`~optuna_ctpe.nn.hutchinson.hutchinson_traces`; if ``loss_fn``
+            does not call ``model`` exactly once, its outputs exceed :data:`MAX_OUTPUTS`
+            numbers, or the loss has no curvature in them on any batch (a zero GGN).
+
+    Example:
+        .. code-block:: python
+
+            import torch
+            from torch import nn
+            from optuna_ctpe.nn.ggn import ggn_traces
+
+            model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+            batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+
+            def loss_fn(net, b):
+                return nn.functional.cross_entropy(net(b[0]), b[1])
+
+            traces = ggn_traces(model, loss_fn, [batch], max_probes=50, rtol=0)
+            {name: t.trace for name, t in traces.items()}  # {"0": ..., "2": ...}, all >= 0
+    """
+    run = setup(model, batches, layers, max_probes, min_probes, rtol, seed, device)
+    generator = torch.Generator().manual_seed(seed)
+    stats = RunningStats(len(run.names))
+    n_batches = len(run.batches)
+    factors: dict[int, torch.Tensor] = {}  # batch -> S, deterministic, so computed once
+    curved = False
+    with traced(model, run.weights), progress_bar("GGN", max_probes, progress) as update:
+        outputs: list[torch.Tensor] | None = None
+        for k in range(max_probes):
+            b = k % n_batches
+            if outputs is None or n_batches > 1:
+                outputs = None  # free the previous batch's graph before building the next
+                batch = to_device(run.batches[b], run.device)
+                outputs, leaves, loss = split_at_outputs(model, loss_fn, batch, b)
+                if b not in factors:
+                    factors[b] = output_hessian_factor(loss, leaves, b)
+            factor = factors[b]
+            curved = curved or factor.shape[1] > 0
+            stats.add(squared_vjp_norms(outputs, run.weights, factor, generator).unsqueeze(0))
+            worst = stats.worst_relative_stderr()
+            update(worst, 1)
+            if stats.n >= min_probes and (k + 1) % n_batches == 0 and worst < rtol:
+                break
+    if not curved:
+        raise ValueError(
+            "the loss has no curvature in the model's outputs on any batch, so its "
+            "Gauss-Newton matrix is zero (a loss linear in the outputs, e.g. of a model that "
+            "normalises its own output); use estimator='hutchinson'."
+        )
+    return stats.result(run.names, run.weights)
+
+
+@contextlib.contextmanager
+def _captured_outputs(model: nn.Module) -> Iterator[list[Any]]:
+    """Replace the output of every call of ``model`` by leaves; yield ``[(outputs, leaves)]``."""
+    calls: list[Any] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        originals: list[torch.Tensor] = []
+        leaves: list[torch.Tensor] = []
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point() or not t.requires_grad:
+                return t
+            leaf = t.detach().requires_grad_(True)
+            originals.append(t)
+            leaves.append(leaf)
+            return leaf
+
+        replaced = map_tensors(cut, output)
+        calls.append((originals, leaves))
+        return replaced
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def split_at_outputs(
+    model: nn.Module, loss_fn: LossFn, batch: Any, index: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """The model's outputs (graph to the weights), their leaf copies and the loss of the leaves."""
+    with _captured_outputs(model) as calls:
+        loss = loss_fn(model, batch)
+    if len(calls) != 1:
+        raise ValueError(
+            f"the GGN estimator needs loss_fn to call the model exactly once, but it called it "
+            f"{len(calls)} times on batch {index}."
+        )
+    outputs, leaves = calls[0]
+    if not leaves:
+        raise ValueError(f"the model's output on batch {index} does not depend on the weights.")
+    return outputs, leaves, checked_loss(loss, index)
+
+
+def output_hessian_factor(
+    loss: torch.Tensor, leaves: list[torch.Tensor], index: int
+) -> torch.Tensor:
+    """``S`` (m × r, float64), ``S Sᵀ`` the positive part of the loss Hessian in the outputs."""
+    m = sum(leaf.numel() for leaf in leaves)
+    if m > MAX_OUTPUTS:
+        raise ValueError(
+            f"the GGN estimator forms the loss Hessian in the model's outputs densely, but batch "
+            f"{index} has {m} output numbers (at most {MAX_OUTPUTS}); use smaller batches or "
+            "estimator='hutchinson'."
+        )
+    grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    flat = torch.cat(
+        [
+            leaf.new_zeros(leaf.numel()) if g is None else g.reshape(-1)
+            for g, leaf in zip(grads, leaves)
+        ]
+    )
+    if not flat.requires_grad:  # the loss is linear in the outputs
+        return torch.zeros(m, 0, dtype=torch.float64)
+    eye = torch.eye(m, dtype=flat.dtype, device=flat.device)
+    try:
+        rows = torch.autograd.grad(
+            flat, leaves, grad_outputs=eye, is_grads_batched=True, allow_unused=True
+        )
+    except RuntimeError:  # a criterion op without a batching rule: one row at a time
+        rows = tuple(
+            torch.stack(col)
+            for col in zip(
+                *(
+                    torch.autograd.grad(flat, leaves, e, retain_graph=True, allow_unused=True)
+                    for e in eye
+                )
+            )
+        )
+    hessian = torch.cat(
+        [
+            leaf.new_zeros(m, leaf.numel()) if r is None else r.reshape(m, -1)
+            for r, leaf in zip(rows, leaves)
+        ],
+        dim=1,
+    ).double()
+    values, vectors = torch.linalg.eigh((hessian + hessian.T).cpu() / 2)
+    top = float(values.abs().max()) if m else 0.0
+    if float(values.min()) < -1e-6 * top:
+        warnings.warn(
+            f"the loss is not convex in the model's outputs on batch {index} (Hessian eigenvalue "
+            f"{float(values.min()):.3g}); the GGN keeps only its positive curvature.",
+            stacklevel=4,
+        )
+    keep = values > 1e-10 * top
+    return vectors[:, keep] * values[keep].sqrt()
+
+
+def squared_vjp_norms(
+    outputs: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    factor: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``‖(Jᵀ S u)_l‖²`` for every layer ``l`` and one Rademacher ``u`` in the range of ``S``."""
+    if factor.shape[1] == 0:
+        return torch.zeros(len(weights), dtype=torch.float64)
+    u = torch.randint(0, 2, (factor.shape[1],), generator=generator, dtype=torch.float64)
+    direction = factor @ (2 * u - 1)
+    parts = []
+    start = 0
+    for out in outputs:
+        parts.append(direction[start : start + out.numel()].reshape(out.shape).to(out))
+        start += out.numel()
+    grads = torch.autograd.grad(
+        outputs, weights, grad_outputs=parts, retain_graph=True, allow_unused=True
+    )
+    return torch.stack(
+        [
+            torch.zeros((), dtype=torch.float64) if g is None else g.double().pow(2).sum().cpu()
+            for g in grads
+        ]
+    )
