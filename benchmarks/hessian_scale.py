@@ -145,7 +145,7 @@ def phase_timers(device: torch.device) -> Iterator[dict[str, list[float]]]:
     times: dict[str, list[float]] = {"gradient": [], "hvp": []}
     originals = {
         "gradient": hutchinson_module._first_gradient,
-        "hvp": hutchinson_module._block_quadratic_forms,
+        "hvp": hutchinson_module.block_quadratic_forms,
     }
 
     def timed(key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -160,12 +160,12 @@ def phase_timers(device: torch.device) -> Iterator[dict[str, list[float]]]:
         return wrapper
 
     hutchinson_module._first_gradient = timed("gradient", originals["gradient"])
-    hutchinson_module._block_quadratic_forms = timed("hvp", originals["hvp"])
+    hutchinson_module.block_quadratic_forms = timed("hvp", originals["hvp"])
     try:
         yield times
     finally:
         hutchinson_module._first_gradient = originals["gradient"]
-        hutchinson_module._block_quadratic_forms = originals["hvp"]
+        hutchinson_module.block_quadratic_forms = originals["hvp"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,6 +51,9 @@ RELATIVE_PARAMS = "ctpe:relative_params"
 WORKER = "ctpe:worker"
 #: User attribute on trials enqueued as ILP warm starts.
 WARM_START = "ctpe:warm_start"
+#: User attribute on a warm start: its summed Ω at enqueue time (HAWQ-V2's twice the predicted
+#: loss increase), which the final report shows beside the measured accuracy.
+PREDICTED_OMEGA = "ctpe:predicted_omega"
 
 
 def decision_key(name: str) -> str:

@@ -448,6 +448,7 @@ class HessianSearchSpace:
         rtol: float = 0.05,
         progress: bool = False,
         traces: Mapping[str, LayerTrace] | None = None,
+        calibrate_widths: bool = False,
     ) -> HessianSearchSpace:
         """Measure ``model``'s sensitivities and build the pruned space (needs torch).
 
@@ -500,6 +501,9 @@ class HessianSearchSpace:
                 :func:`optuna_ctpe.nn.trace_file.read_trace_file`): no Hessian-vector product is
                 computed, and the estimator arguments are ignored. They must cover every layer
                 that needs a trace, with the model's parameter counts (a ValueError otherwise).
+            calibrate_widths: Price each width ratio at its measured calibration-loss increase
+                where that exceeds the second-order Ω (one pruned forward pass over ``batches``
+                per group and ratio; :mod:`optuna_ctpe.nn.width_calibration`).
 
         Raises:
             ValueError: On a bad grid, an unknown layer name, an unknown ``estimator`` or a NaN
@@ -527,6 +531,7 @@ class HessianSearchSpace:
             rtol=rtol,
             progress=progress,
             traces=traces,
+            calibrate_widths=calibrate_widths,
         )
         return cls(**records, budget=budget, trace_z=trace_z)
 

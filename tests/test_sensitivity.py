@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
-from optuna_ctpe.nn.hutchinson import _rademacher  # noqa: E402
+from optuna_ctpe.nn.hutchinson import rademacher  # noqa: E402
 from optuna_ctpe.nn.sensitivity import choice_sensitivity  # noqa: E402
 from optuna_ctpe.nn.sensitivity import empirical_fisher_traces  # noqa: E402
 from optuna_ctpe.nn.sensitivity import hutchinson_traces  # noqa: E402
@@ -97,7 +97,7 @@ def test_one_hvp_gives_every_layer_on_the_same_probes() -> None:
     weights = [model[0].weight, model[2].weight]
     joint, own = [], []
     for _ in range(3):
-        v = torch.cat([_rademacher(w, gen).flatten() for w in weights])
+        v = torch.cat([rademacher(w, gen).flatten() for w in weights])
         hv = h @ v
         joint.append([float(a @ b) for a, b in zip(v.split(sizes), hv.split(sizes))])
         blocks = [h[: sizes[0], : sizes[0]], h[sizes[0] :, sizes[0] :]]
@@ -114,7 +114,7 @@ def test_one_hvp_gives_every_layer_on_the_same_probes() -> None:
     )["2"]
     block = h[sizes[0] :, sizes[0] :]
     expected = sum(
-        float(v @ block @ v) for v in (_rademacher(weights[1], gen).flatten() for _ in range(2))
+        float(v @ block @ v) for v in (rademacher(weights[1], gen).flatten() for _ in range(2))
     )
     assert single.trace == pytest.approx(expected / 2, rel=1e-5, abs=1e-6)
 
@@ -128,7 +128,7 @@ def test_batches_are_visited_round_robin() -> None:
     est = [
         float(v @ hs[k % 2] @ v)
         for k in range(4)
-        for v in [_rademacher(model[0].weight, gen).flatten()]
+        for v in [rademacher(model[0].weight, gen).flatten()]
     ]
     assert traces["0"].trace == pytest.approx(sum(est) / 4, rel=1e-5)
     assert traces["0"].n_probes == 4

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 import warnings
 
 import pytest
@@ -475,3 +476,43 @@ def test_gpt2_widths_are_refused_clearly() -> None:
         ValueError, match=r"cannot prune the transformers Conv1D layers.*widths=\(1\.0,\)"
     ):
         _widths_space(model, _lm_loss, ids, {"input_ids": ids})
+
+
+class _OnceDifferentiableSquare(torch.autograd.Function):
+    """``x²`` with a backward marked ``@once_differentiable``, as fused extension kernels are."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _OnceDifferentiableNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_OnceDifferentiableSquare.apply(self.a(x)))
+
+
+def test_a_once_differentiable_function_is_explained_not_silently_dropped() -> None:
+    # Without the check, layer a's Hessian-vector products silently miss the curvature behind
+    # the function (autograd only raises when a product reaches it, and a's never does).
+    torch.manual_seed(0)
+    net = _OnceDifferentiableNet()
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    with pytest.raises(RuntimeError, match="not twice differentiable.*@once_differentiable"):
+        HessianSearchSpace.from_model(
+            net, _ce, [batch], widths=(1.0,), keep_first_last_bits=None, max_probes=2
+        )
+    space = HessianSearchSpace.from_model(
+        net, _ce, [batch], widths=(1.0,), keep_first_last_bits=None, estimator="fisher"
+    )
+    assert set(space.sensitivities) == {"a", "b"}

@@ -17,7 +17,8 @@ optuna-dashboard read it:
   per-layer latency lookup table, measured once at set-up
   (:class:`~optuna_ctpe.deploy.latency_table.LatencyTable`).
 
-Trials enqueued as warm starts carry the user attribute ``ctpe:warm_start``.
+Trials enqueued as warm starts carry the user attributes ``ctpe:warm_start`` and
+``ctpe:predicted_omega`` (their summed Ω, so the report can set prediction beside measurement).
 """
 
 from __future__ import annotations
@@ -212,7 +213,9 @@ def _set_up(
     # A worker taking over from a dead one does not enqueue the warm starts a second time.
     if not any(t.user_attrs.get(_attrs.WARM_START) for t in study.get_trials(deepcopy=False)):
         for params in _warm_starts(space, settings):
-            study.enqueue_trial(params, user_attrs={_attrs.WARM_START: True})
+            omega = space.perturbation(space.config_from_params(params))
+            attrs = {_attrs.WARM_START: True, _attrs.PREDICTED_OMEGA: omega}
+            study.enqueue_trial(params, user_attrs=attrs)
     # Written last: joining workers start searching as soon as they see these two.
     study.set_user_attr(_attrs.BASELINES, baselines)
     space.save_to_study(study)

@@ -20,6 +20,7 @@ from torch import nn
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe.nn._batches import to_device
+from optuna_ctpe.nn.traces import check_second_order
 from optuna_ctpe.nn.traces import checked_loss
 from optuna_ctpe.nn.traces import LayerTrace
 from optuna_ctpe.nn.traces import Layers
@@ -163,6 +164,7 @@ def _first_gradient(
     """``∇_W loss`` with its graph kept (``create_graph``) for Hessian-vector products."""
     loss = checked_loss(loss_fn(model, to_device(batch, device)), index)
     grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
+    check_second_order([g for g in grads if g is not None])
     # A weight the loss does not use has a zero gradient and a zero Hessian block.
     return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
 

@@ -28,6 +28,7 @@ from optuna_ctpe.nn.layers import weight_of
 from optuna_ctpe.nn.quantize import quantization_error
 from optuna_ctpe.nn.sensitivity import estimator as _estimator
 from optuna_ctpe.nn.traces import LayerTrace
+from optuna_ctpe.nn.width_calibration import calibrate_groups
 from optuna_ctpe.space.records import check_bit
 from optuna_ctpe.space.records import check_bits_grid
 from optuna_ctpe.space.records import check_widths_grid
@@ -52,6 +53,7 @@ def measure(
     estimator: str,
     include_embeddings: bool = False,
     traces: Mapping[str, LayerTrace] | None = None,
+    calibrate_widths: bool = False,
     **estimator_kwargs: Any,
 ) -> dict[str, Any]:
     """Measure ``model`` into the keyword arguments of :class:`~optuna_ctpe.HessianSearchSpace`.
@@ -75,6 +77,8 @@ def measure(
             :func:`optuna_ctpe.nn.trace_file.read_trace_file`), used instead of running the
             estimator; ``estimator`` then only names them in messages. They must cover every
             layer that needs a trace, each with its weight's parameter count.
+        calibrate_widths: Also measure each width group's calibration-loss increase at each
+            ratio (:func:`optuna_ctpe.nn.width_calibration.calibrate_groups`).
         **estimator_kwargs: ``seed``, ``max_probes``, ``min_probes``, ``rtol`` and ``progress``
             of the estimator.
 
@@ -108,6 +112,8 @@ def measure(
     groups, tensors = measure_groups(
         model, example_inputs, width_groups, widths, mean_trace, [by_name[n] for n in names]
     )
+    if calibrate_widths:
+        groups = calibrate_groups(model, loss_fn, batches, example_inputs, groups)
     fixed = None
     if keep_first_last_bits is not None:
         fixed = {names[0]: keep_first_last_bits, names[-1]: keep_first_last_bits}

@@ -32,6 +32,7 @@ from optuna_ctpe.nn.ggn import split_at_outputs
 from optuna_ctpe.nn.ggn import squared_vjp_norms
 from optuna_ctpe.nn.hutchinson import block_quadratic_forms
 from optuna_ctpe.nn.hutchinson import rademacher
+from optuna_ctpe.nn.traces import check_second_order
 from optuna_ctpe.nn.traces import LayerTrace
 from optuna_ctpe.nn.traces import Layers
 from optuna_ctpe.nn.traces import LossFn
@@ -149,4 +150,5 @@ def _residual_gradient(
         create_graph=True,
         allow_unused=True,
     )
+    check_second_order([g for g in grads if g is not None])
     return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]

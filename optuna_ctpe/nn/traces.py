@@ -265,6 +265,37 @@ def twice_differentiable() -> Iterator[None]:
         ) from err
 
 
+# What autograd records where a custom ``torch.autograd.Function`` whose backward is marked
+# ``@once_differentiable`` ran with ``create_graph``: differentiating through it raises, but a
+# Hessian-vector product whose weights lie upstream of it never reaches it and silently drops
+# the curvature behind it.
+_ONCE_DIFFERENTIABLE_NODE = "torch::autograd::Error"
+
+
+def check_second_order(grads: Sequence[torch.Tensor]) -> None:
+    """Raise if the graph of the gradients ``grads`` holds a once-differentiable backward.
+
+    Raises:
+        RuntimeError: Saying that the loss is not twice differentiable, and what to use instead.
+    """
+    stack = [g.grad_fn for g in grads if g.grad_fn is not None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.name() == _ONCE_DIFFERENTIABLE_NODE:
+            raise RuntimeError(
+                "the loss is not twice differentiable: its gradient passes through a custom "
+                "torch.autograd.Function whose backward is marked @once_differentiable (a fused "
+                "kernel of an extension, typically), so Hessian-vector products would silently "
+                "miss the curvature behind it. Use a twice-differentiable implementation of "
+                "that op during measurement, or estimator='fisher' (first derivatives only)."
+            )
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+
+
 @contextlib.contextmanager
 def progress_bar(label: str, total: int, enabled: bool) -> Iterator[Callable[[float, int], None]]:
     """A tqdm bar on stderr (a no-op when not ``enabled``), as ``update(worst_rel_stderr, n)``."""

@@ -67,6 +67,12 @@ def to_json(spec: SpaceSpec, choices: Choices) -> str:
                 "kept_channels": None
                 if g.kept_channels is None
                 else {repr(w): k for w, k in g.kept_channels.items()},
+                # Only calibrated groups carry it, so uncalibrated spaces write what they did.
+                **(
+                    {}
+                    if g.loss_increase is None
+                    else {"loss_increase": {repr(w): v for w, v in g.loss_increase.items()}}
+                ),
             }
             for g in spec.groups.values()
         ],

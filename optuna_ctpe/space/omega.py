@@ -72,15 +72,23 @@ def omega_table(spec: SpaceSpec, *, upper: bool = False) -> dict[str, dict[Any, 
         spec: The space's validated inputs.
         upper: Use each layer's :func:`upper_trace` at ``spec.trace_z`` instead of its mean
             trace. Width groups carry no standard error and always use their mean trace.
+
+    A width group with a measured ``loss_increase`` (:mod:`optuna_ctpe.nn.width_calibration`)
+    is priced at ``max(2 × loss_increase, Ω)``: Ω is twice the predicted loss increase, and the
+    second-order estimate under-predicts removing channels, but a measured decrease on a small
+    calibration set must not make a width change free.
     """
     out: dict[str, dict[Any, float]] = {}
     for name, layer in spec.layers.items():
         trace = upper_trace(layer, spec.trace_z) if upper else layer.mean_trace
         out[bits_param(name)] = {b: choice_sensitivity(trace, layer.errors[b]) for b in spec.bits}
     for name, group in spec.groups.items():
-        out[width_param(name)] = {
+        table = {
             w: choice_sensitivity(group.mean_trace, group.perturbations[w]) for w in spec.widths
         }
+        if group.loss_increase is not None:
+            table = {w: max(2.0 * group.loss_increase[w], o) for w, o in table.items()}
+        out[width_param(name)] = table
     return out
 
 

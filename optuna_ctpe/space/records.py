@@ -129,6 +129,10 @@ class WidthGroupSensitivity:
         kept_channels: Width ratio -> channels left after pruning. Defaults to
             :func:`kept_channels` (``max(1, round(n_channels * ratio))``);
             :meth:`HessianSearchSpace.from_model` records the counts the pruner actually produces.
+        loss_increase: Width ratio -> measured calibration-loss increase of pruning this group
+            alone to that ratio, without fine-tuning (may be negative: noise, or a real gain);
+            None when not measured. When present, Ω of a ratio is ``max(2 × loss_increase, Ω)``
+            (:mod:`optuna_ctpe.nn.width_calibration`).
     """
 
     name: str
@@ -136,6 +140,7 @@ class WidthGroupSensitivity:
     mean_trace: float
     perturbations: Mapping[float, float]
     kept_channels: Mapping[float, int] | None = None
+    loss_increase: Mapping[float, float] | None = None
 
     def kept(self, ratio: float) -> int:
         """Channels left at ``ratio``."""
@@ -376,7 +381,15 @@ def check_groups(
                 )
                 for w in widths
             }
-        return WidthGroupSensitivity(group.name, n_channels, trace, perturbations, kept)
+        increase = None
+        if group.loss_increase is not None:
+            missing = [w for w in widths if w not in group.loss_increase]
+            if missing:
+                raise ValueError(f"the loss_increase {what} lack the widths {missing}.")
+            increase = {
+                w: check_real(group.loss_increase[w], f"loss_increase[{w}] {what}") for w in widths
+            }
+        return WidthGroupSensitivity(group.name, n_channels, trace, perturbations, kept, increase)
 
     return _checked_by_name(groups, "groups", "group", as_group, check_one, allow_empty=True)
 
@@ -479,12 +492,15 @@ def as_group(item: WidthGroupSensitivity | Mapping[str, Any]) -> WidthGroupSensi
             f"a width group must be a WidthGroupSensitivity or a mapping, got {item!r}."
         )
     kept = item.get("kept_channels")
+    # Absent from spaces saved before widths were calibrated: their Ω stays second-order.
+    increase = item.get("loss_increase")
     return WidthGroupSensitivity(
         name=item["name"],
         n_channels=item["n_channels"],
         mean_trace=item["mean_trace"],
         perturbations={float(k): v for k, v in item["perturbations"].items()},
         kept_channels=None if kept is None else {float(k): int(v) for k, v in kept.items()},
+        loss_increase=None if increase is None else {float(k): v for k, v in increase.items()},
     )
 
 
