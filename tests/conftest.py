@@ -22,6 +22,22 @@ POSTGRES_ENV = "OPTUNA_CTPE_POSTGRES_URL"
 STORAGE_KINDS = ("journal", "sqlite", "postgres")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one intra-op thread for a module's tests, the caller's count restored after.
+
+    Small models run fastest on one thread, and the CI machine has two cores. Modules ask for
+    it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``; torch is imported
+    here, not at the top, so that the sampler's tests run without it.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def postgres_url() -> str | None:
     return os.environ.get(POSTGRES_ENV) or None
 

@@ -3,7 +3,6 @@ measured accuracy, from the Ω stored with the enqueued trial."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import contextlib
 import io
 import re
@@ -22,15 +21,7 @@ from optuna_ctpe.cli.report import search_report  # noqa: E402
 from optuna_ctpe.search_space import HessianSearchSpace  # noqa: E402
 
 
-pytestmark = pytest.mark.torch
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ container, the file is smaller than the float export, and bad arguments fail cle
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 import warnings
 
@@ -31,7 +30,7 @@ from optuna_ctpe.tasks import Task  # noqa: E402
 from optuna_ctpe.tasks.digits import digits_task  # noqa: E402
 
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
 #: onnxruntime vs the fake-quantized PyTorch model, relative to the largest output: the weights
 #: dequantize to the fake-quantized values to a float32 rounding step; sums run in another order.
@@ -41,14 +40,6 @@ BITS = (2, 3, 4, 5, 6, 8, 12)
 NBITS_CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 8: 8}
 DQ_TYPE = {2: TensorProto.INT4, 3: TensorProto.INT4, 4: TensorProto.INT4, 5: TensorProto.INT8}
 DQ_TYPE.update({6: TensorProto.INT8, 8: TensorProto.INT8, 12: TensorProto.INT16})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _quiet(fn, *args, **kwargs):  # type: ignore[no-untyped-def]

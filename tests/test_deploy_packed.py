@@ -4,7 +4,6 @@ wrong models."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import json
 import math
 from pathlib import Path
@@ -42,6 +41,9 @@ from optuna_ctpe.search_space import WidthGroupSensitivity  # noqa: E402
 from optuna_ctpe.tasks import Task  # noqa: E402
 from optuna_ctpe.tasks.digits import DigitsCNN  # noqa: E402
 from optuna_ctpe.tasks.digits import digits_task  # noqa: E402
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- bit packing (pure numpy) ------------------------------------------------------------------
@@ -189,14 +191,6 @@ def test_scale_records_are_validated(tensor: ParamTensor, match: str) -> None:
 
 
 # -- the digits CNN ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ outputs close to the fake-quantized model at 8 bits, and clear errors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import warnings
 
 import pytest
@@ -26,20 +25,12 @@ from optuna_ctpe.tasks import Task  # noqa: E402
 from optuna_ctpe.tasks.digits import digits_task  # noqa: E402
 
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
 #: torchao's int8 weights vs ours at 8 bits, relative to the largest output: both are
 #: symmetric per output channel, with a different grid (torchao: [-128, 127]).
 RTOL_8BIT = 1e-2
 CONVS = ("conv1", "conv2", "conv3")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _quiet(fn, *args, **kwargs):  # type: ignore[no-untyped-def]

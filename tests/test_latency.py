@@ -5,7 +5,6 @@ timing with its cache, and the CLI settings of old studies."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import json
 import math
 import warnings
@@ -41,18 +40,10 @@ from optuna_ctpe.tasks import Task  # noqa: E402
 from optuna_ctpe.tasks.digits import digits_task  # noqa: E402
 
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
 #: Few runs: the tests check structure and sanity, never speed.
 REPEATS = 20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _quiet(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
