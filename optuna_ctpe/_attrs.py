@@ -68,9 +68,11 @@ SIZE_KB = "size_kb"
 COMPRESSION_RATIO = "compression_ratio"
 SAMPLER = "sampler"
 FEASIBLE = "feasible"
-#: A trial's latency on the study's runtime, and where it came from (``table``/``measured``).
+#: A trial's latency on the study's runtime, where it came from (``table``/``measured``) and
+#: the runtime that timed it (``onnxruntime-cpu``, ``torch-cuda``, ...).
 LATENCY_MS = "latency_ms"
 LATENCY_SOURCE = "latency_source"
+LATENCY_RUNTIME = "latency_runtime"
 
 # -- chunked values ------------------------------------------------------------------------------
 #: Longest JSON encoding of one chunk: below the 2,048 characters of old RDB attribute columns,

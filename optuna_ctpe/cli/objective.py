@@ -7,9 +7,11 @@ sortable columns:
 * ``accuracy``: the task metric of the configured model (after fine-tuning, if any);
 * ``size_bytes``, ``size_kb`` and ``compression_ratio`` (FP32 size / size);
 * ``feasible`` (budget objectives): whether the size (and latency) are within their budgets;
-* ``latency_ms`` and ``latency_source`` (latency objectives): the configuration's latency on
-  onnxruntime's CPU provider (one thread, the study's batch), from the study's lookup table
-  (``table``) or timed as a whole exported model (``measured``); see :class:`LatencyMeter`.
+* ``latency_ms``, ``latency_source`` and ``latency_runtime`` (latency objectives): the
+  configuration's latency at the study's batch on its runtime (onnxruntime's CPU provider, one
+  thread; or torch with torchao's kernels, ``torch-cuda`` or ``torch-cpu`` as the worker has a
+  GPU or not), from the study's lookup table (``table``) or timed as a whole model
+  (``measured``); see :class:`LatencyMeter`.
 
 With ``finetune_epochs > 0`` the copy is fine-tuned by quantization-aware training: the weights
 stay in float and every forward pass quantizes them, with straight-through gradients
@@ -191,7 +193,8 @@ def stored_latency(
 
 
 def check_latency_extra(settings: Settings) -> None:
-    """Refuse a latency objective without the ``deploy`` extra, before a study is created.
+    """Refuse a latency objective without the ``deploy`` extra's packages its runtime needs,
+    before a study is created.
 
     Raises:
         UsageError: Naming the missing packages.
@@ -200,12 +203,14 @@ def check_latency_extra(settings: Settings) -> None:
         return
     import importlib.util
 
-    missing = [
-        m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None
-    ]
+    if settings.latency_runtime == "torch":
+        what, needed = "torchao models", ("torchao",)
+    else:
+        what, needed = "ONNX models", ("onnx", "onnxscript", "onnxruntime")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         raise UsageError(
-            f"--objective {settings.objective} times ONNX models and needs {missing}: "
+            f"--objective {settings.objective} times {what} and needs {missing}: "
             "pip install 'optuna-ctpe[deploy]'."
         )
 
@@ -236,13 +241,14 @@ def log_chosen_latency(
 class LatencyMeter:
     """A configuration's latency in milliseconds on the study's runtime.
 
-    With a table, the table's prediction; without, the configuration exported by
-    :func:`~optuna_ctpe.deploy.onnx.export_onnx` and timed as a whole
+    With a table, the table's prediction; without, the configuration's model on the study's
+    ``latency_runtime`` (exported by :func:`~optuna_ctpe.deploy.onnx.export_onnx` for
+    onnxruntime, quantized by torchao for torch) timed as a whole
     (:class:`~optuna_ctpe.deploy.latency.ModelTimer`, cached by configuration), on the task's
     example inputs repeated to the study's latency batch.
 
     Args:
-        settings: The study's settings (the latency batch).
+        settings: The study's settings (the latency batch and runtime).
         space: The study's search space.
         task: The task.
         table: The study's latency table, or None to time whole models.
@@ -253,6 +259,9 @@ class LatencyMeter:
     ) -> None:
         self.table = table
         self.source = "measured" if table is None else "table"
+        self.runtime = _runtime(settings)
+        #: The runtime's name, recorded per trial: a table's own, else the runtime timing here.
+        self.runtime_name = self.runtime.name if table is None else table.runtime["runtime"]
         self._space = space
         self._task = task
         self._batch = settings.latency_batch or 1
@@ -278,9 +287,25 @@ class LatencyMeter:
                 from optuna_ctpe.deploy.latency import ModelTimer
 
                 self._timer = ModelTimer(
-                    self._space, self._task.model, self._task.example_inputs, batch=self._batch
+                    self._space,
+                    self._task.model,
+                    self._task.example_inputs,
+                    batch=self._batch,
+                    runtime=self.runtime,
                 )
             return self._timer
+
+
+def _runtime(settings: Settings) -> Any:
+    """The study's latency runtime in this process: onnxruntime's CPU provider, or torch on
+    CUDA when this process has a GPU, else on the CPU."""
+    if settings.latency_runtime == "torch":
+        from optuna_ctpe.deploy.torch_runtime import TorchRuntime
+
+        return TorchRuntime.auto()
+    from optuna_ctpe.deploy.latency import OrtRuntime
+
+    return OrtRuntime()
 
 
 class Objective:
@@ -339,6 +364,7 @@ class Objective:
             latency = self._latency(config)
             trial.set_user_attr(_attrs.LATENCY_MS, latency)
             trial.set_user_attr(_attrs.LATENCY_SOURCE, self._latency.source)
+            trial.set_user_attr(_attrs.LATENCY_RUNTIME, self._latency.runtime_name)
         objective = self._settings.objective
         if objective == "pareto":
             return accuracy, size_kb

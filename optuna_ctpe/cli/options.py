@@ -30,6 +30,7 @@ from optuna_ctpe.tasks import CACHE_ENV
 __all__ = [
     "DEFAULTS",
     "DEFAULT_LATENCY_BATCH",
+    "DEFAULT_LATENCY_RUNTIME",
     "DEFAULT_LATENCY_SOURCE",
     "DEFAULT_N_TRIALS",
     "DEFAULT_SIZE_BUDGET",
@@ -39,6 +40,7 @@ __all__ = [
     "EXIT_SIGINT",
     "EXIT_SIGTERM",
     "LATENCY_OBJECTIVES",
+    "LATENCY_RUNTIMES",
     "LATENCY_SOURCES",
     "EXIT_USAGE",
     "UsageError",
@@ -83,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
     "latency_budget_ms": None,
     "latency_source": None,
     "latency_batch": None,
+    "latency_runtime": None,
 }
 #: ``--size-budget`` when ``--objective budget`` is given without one: 1/8 of FP32 (twice the
 #: compression of uniform 8-bit).
@@ -93,6 +96,10 @@ LATENCY_OBJECTIVES = ("latency-budget", "pareto-latency")
 LATENCY_SOURCES = ("table", "measured")
 DEFAULT_LATENCY_SOURCE = "table"
 DEFAULT_LATENCY_BATCH = 1
+#: Where latency is timed (``--latency-runtime``): onnxruntime's CPU provider, or PyTorch with
+#: torchao's kernels (CUDA when there is a GPU, else the CPU; measured latencies only).
+LATENCY_RUNTIMES = ("onnxruntime", "torch")
+DEFAULT_LATENCY_RUNTIME = "onnxruntime"
 
 
 class UsageError(Exception):

@@ -31,12 +31,14 @@ from optuna_ctpe.cli.options import add_storage_options
 from optuna_ctpe.cli.options import add_task_options
 from optuna_ctpe.cli.options import bits_list
 from optuna_ctpe.cli.options import DEFAULT_LATENCY_BATCH
+from optuna_ctpe.cli.options import DEFAULT_LATENCY_RUNTIME
 from optuna_ctpe.cli.options import DEFAULT_LATENCY_SOURCE
 from optuna_ctpe.cli.options import DEFAULT_N_TRIALS
 from optuna_ctpe.cli.options import DEFAULTS
 from optuna_ctpe.cli.options import EXIT_SIGINT
 from optuna_ctpe.cli.options import EXIT_SIGTERM
 from optuna_ctpe.cli.options import LATENCY_OBJECTIVES
+from optuna_ctpe.cli.options import LATENCY_RUNTIMES
 from optuna_ctpe.cli.options import LATENCY_SOURCES
 from optuna_ctpe.cli.options import latency_ms
 from optuna_ctpe.cli.options import log
@@ -161,8 +163,7 @@ def _add_objective_options(parser: argparse.ArgumentParser) -> None:
             "(a constraint set with trial.set_constraint); latency-budget: maximise accuracy "
             "subject to latency <= --latency-budget (and to --size-budget if given); "
             "pareto-latency: a three-objective study, maximise accuracy, minimise latency and "
-            "size. Latency is onnxruntime's on the CPU, one thread, of the exported ONNX model "
-            "(default: pareto)"
+            "size. Latency is timed on --latency-runtime (default: pareto)"
         ),
     )
     parser.add_argument(
@@ -189,7 +190,8 @@ def _add_objective_options(parser: argparse.ArgumentParser) -> None:
             "how a trial's latency is had: table: a per-layer, per-choice lookup table "
             "measured once when the study is set up (seconds) and summed; measured: each "
             "configuration exported to ONNX and timed (about a second or more per new "
-            f"configuration) (default: {DEFAULT_LATENCY_SOURCE})"
+            f"configuration) (default: {DEFAULT_LATENCY_SOURCE}; measured with "
+            "--latency-runtime torch)"
         ),
     )
     parser.add_argument(
@@ -199,6 +201,17 @@ def _add_objective_options(parser: argparse.ArgumentParser) -> None:
         help=(
             "rows of the input latency is timed on: the task's example inputs repeated "
             f"(default: {DEFAULT_LATENCY_BATCH})"
+        ),
+    )
+    parser.add_argument(
+        "--latency-runtime",
+        choices=LATENCY_RUNTIMES,
+        help=(
+            "where latency is timed: onnxruntime: its CPU provider, one thread, on the exported "
+            "ONNX model; torch: PyTorch with torchao's weight-only kernels on CUDA when a GPU "
+            "is available (bfloat16), else on the CPU (float32, one thread); convolutions run "
+            "float there, so their bit-widths do not change its latency; --latency-source "
+            f"measured only (default: {DEFAULT_LATENCY_RUNTIME})"
         ),
     )
 

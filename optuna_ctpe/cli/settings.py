@@ -1,8 +1,8 @@
 """A study's settings: what defines its problem, and how command-line options resolve against them.
 
 The settings (task, seed, objective, size budget, grids, pruning, fine-tuning and, for the
-latency objectives, the latency budget, source and batch) are what make two trials comparable.
-They are decided once, when the study is created, from the options given and
+latency objectives, the latency budget, source, batch and runtime) are what make two trials
+comparable. They are decided once, when the study is created, from the options given and
 :data:`~optuna_ctpe.cli.options.DEFAULTS`, and stored as the study's ``ctpe:settings`` user
 attribute. A later run adopts them; an explicit option that contradicts them is a usage error.
 """
@@ -21,6 +21,7 @@ import optuna
 
 from optuna_ctpe import _attrs
 from optuna_ctpe.cli.options import DEFAULT_LATENCY_BATCH
+from optuna_ctpe.cli.options import DEFAULT_LATENCY_RUNTIME
 from optuna_ctpe.cli.options import DEFAULT_LATENCY_SOURCE
 from optuna_ctpe.cli.options import DEFAULT_SIZE_BUDGET
 from optuna_ctpe.cli.options import DEFAULTS
@@ -56,9 +57,14 @@ class Settings:
             (each configuration exported and timed); None otherwise.
         latency_batch: Rows of the input the latency is timed on, with a latency objective;
             None otherwise.
+        latency_runtime: Where the latency is timed, with a latency objective:
+            ``"onnxruntime"`` (its CPU provider) or ``"torch"`` (torchao's kernels, on CUDA
+            when the worker has a GPU, else the CPU; ``"measured"`` source only); None
+            otherwise.
 
-    The three latency fields came after 0.1.0: settings stored without them read as None, so
-    old studies resume unchanged.
+    The four latency fields came after 0.1.0: settings stored without them read as None, so
+    old studies resume unchanged; a latency study stored before ``latency_runtime`` reads as
+    ``"onnxruntime"``, where it was timed.
     """
 
     task: str
@@ -72,6 +78,7 @@ class Settings:
     latency_budget_ms: float | None = None
     latency_source: str | None = None
     latency_batch: int | None = None
+    latency_runtime: str | None = None
 
     @classmethod
     def from_attr(cls, data: Mapping[str, Any]) -> Settings:
@@ -83,6 +90,9 @@ class Settings:
         }
         values["bits"] = tuple(values["bits"])
         values["widths"] = tuple(values["widths"])
+        if values["objective"] in LATENCY_OBJECTIVES and values["latency_runtime"] is None:
+            # Latency studies stored before --latency-runtime were all timed on onnxruntime.
+            values["latency_runtime"] = DEFAULT_LATENCY_RUNTIME
         return cls(**values)
 
     def to_attr(self) -> dict[str, Any]:
@@ -113,7 +123,7 @@ class Settings:
 
 
 #: The settings of the latency objectives only.
-_LATENCY_FIELDS = ("latency_budget_ms", "latency_source", "latency_batch")
+_LATENCY_FIELDS = ("latency_budget_ms", "latency_source", "latency_batch", "latency_runtime")
 #: The option that sets each setting, as error messages name it.
 _OPTION = {
     "task": "--task",
@@ -127,6 +137,7 @@ _OPTION = {
     "latency_budget_ms": "--latency-budget",
     "latency_source": "--latency-source",
     "latency_batch": "--latency-batch",
+    "latency_runtime": "--latency-runtime",
 }
 
 
@@ -176,6 +187,16 @@ def _new_settings(requested: Mapping[str, Any]) -> Settings:
         raise UsageError("--objective latency-budget needs --latency-budget MS.")
     if objective != "latency-budget" and values["latency_budget_ms"] is not None:
         raise UsageError("--latency-budget applies to --objective latency-budget only.")
+    if values["latency_runtime"] is None:
+        values["latency_runtime"] = DEFAULT_LATENCY_RUNTIME
+    if values["latency_runtime"] == "torch":
+        # The lookup table's one-layer graphs are onnxruntime's: torch times whole models.
+        if values["latency_source"] == "table":
+            raise UsageError(
+                "--latency-runtime torch supports --latency-source measured only: the latency "
+                "table is measured on onnxruntime."
+            )
+        values["latency_source"] = "measured"
     if values["latency_source"] is None:
         values["latency_source"] = DEFAULT_LATENCY_SOURCE
     if values["latency_batch"] is None:

@@ -11,7 +11,9 @@
   a configuration as torchao's per-layer ``FqnToConfig``, for GPU users;
 * :mod:`~optuna_ctpe.deploy.latency` and :mod:`~optuna_ctpe.deploy.latency_table`: latency on
   onnxruntime's CPU provider, of whole exported models (:class:`ModelTimer`) or predicted by a
-  per-layer lookup table (:func:`measure_latency_table`, :class:`LatencyTable`).
+  per-layer lookup table (:func:`measure_latency_table`, :class:`LatencyTable`);
+  :mod:`~optuna_ctpe.deploy.torch_runtime`: :class:`TorchRuntime`, whole torchao models timed
+  in PyTorch (CUDA when there is a GPU, else the CPU).
 
 Names are imported lazily (PEP 562): ``import optuna_ctpe.deploy`` imports neither torch nor
 any exporter's dependencies until a name is used. Requires the ``torch`` and ``deploy`` extras.
@@ -30,6 +32,7 @@ _LAZY = {
     "OnnxExport": "optuna_ctpe.deploy.onnx",
     "OrtRuntime": "optuna_ctpe.deploy.latency",
     "PackedFile": "optuna_ctpe.deploy.artifact",
+    "TorchRuntime": "optuna_ctpe.deploy.torch_runtime",
     "export_onnx": "optuna_ctpe.deploy.onnx",
     "load_packed": "optuna_ctpe.deploy.artifact",
     "measure_latency_table": "optuna_ctpe.deploy.latency_table",

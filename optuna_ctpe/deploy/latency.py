@@ -1,20 +1,23 @@
 """Latency on a target runtime: robust timing of onnxruntime sessions, and of a trial's model.
 
-The runtime is onnxruntime's CPU provider (:class:`OrtRuntime`), with its intra- and inter-op
-thread counts fixed (1 each by default, so that a number does not depend on how busy the other
-cores are) and recorded with every measurement. A measurement (:class:`Timing`) is the median
-of many runs after a warm-up, with the interquartile range over the median as its noise.
+The default runtime is onnxruntime's CPU provider (:class:`OrtRuntime`), with its intra- and
+inter-op thread counts fixed (1 each by default, so that a number does not depend on how busy
+the other cores are) and recorded with every measurement; PyTorch with torchao's kernels
+(:class:`~optuna_ctpe.deploy.torch_runtime.TorchRuntime`, CUDA or CPU) is the other. A
+measurement (:class:`Timing`) is the median of many runs after a warm-up, with the
+interquartile range over the median as its noise.
 
 Two ways to get a configuration's latency, both built here and in
 :mod:`optuna_ctpe.deploy.latency_table`:
 
-* :class:`ModelTimer` (whole-model timing): :func:`~optuna_ctpe.deploy.onnx.export_onnx` the
-  configuration to a temporary file and time it, cached by :meth:`QuantConfig.key`. Exact, but
-  each new configuration costs an export (seconds).
+* :class:`ModelTimer` (whole-model timing): build the configuration's model for the runtime
+  (on onnxruntime, :func:`~optuna_ctpe.deploy.onnx.export_onnx` to a temporary file) and time
+  it, cached by :meth:`QuantConfig.key`. Exact, but each new configuration costs an export
+  (seconds).
 * :class:`~optuna_ctpe.deploy.latency_table.LatencyTable` (HAWQ-V3's lookup table): one
   one-layer graph per layer and choice, measured once, summed per configuration.
 
-Nothing here was measured on a GPU: the runtime is onnxruntime's CPU provider only.
+Nothing here was measured on a GPU: only the CPU code paths ran on this project's machines.
 Requires the ``torch`` and ``deploy`` extras.
 """
 
@@ -31,6 +34,7 @@ import tempfile
 import threading
 import time
 from typing import Any
+from typing import Protocol
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,12 +52,14 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_REPEATS",
     "DEFAULT_WARMUP",
+    "ModelRuntime",
     "ModelTimer",
     "OrtRuntime",
     "Timing",
     "batched_inputs",
     "float_model_bytes",
     "session_feed",
+    "time_call",
     "time_calls",
 ]
 
@@ -83,6 +89,32 @@ class Timing:
     def noise(self) -> float:
         """The interquartile range over the median: how much the machine moved the runs."""
         return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+
+class ModelRuntime(Protocol):
+    """What :class:`ModelTimer` times on: :class:`OrtRuntime` or
+    :class:`~optuna_ctpe.deploy.torch_runtime.TorchRuntime`."""
+
+    @property
+    def name(self) -> str:
+        """How tables, reports and trial attributes name the runtime."""
+
+    def describe(self) -> dict[str, Any]:
+        """The runtime as recorded beside a measurement (JSON-ready)."""
+
+    def time_model(
+        self,
+        space: HessianSearchSpace,
+        model: torch.nn.Module,
+        config: QuantConfig | None,
+        example_inputs: Any,
+        inputs: Any,
+        *,
+        repeats: int,
+        warmup: int,
+    ) -> Timing:
+        """Build ``config``'s model (None: the float model) on the runtime and time it on
+        ``inputs`` (``example_inputs`` are what the model is traced or pruned on)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +171,37 @@ class OrtRuntime:
             "fold_dequantize": self.fold_dequantize,
         }
 
+    def time_model(
+        self,
+        space: HessianSearchSpace,
+        model: torch.nn.Module,
+        config: QuantConfig | None,
+        example_inputs: Any,
+        inputs: Any,
+        *,
+        repeats: int = DEFAULT_REPEATS,
+        warmup: int = DEFAULT_WARMUP,
+    ) -> Timing:
+        """The latency of ``config``'s model as :func:`~optuna_ctpe.deploy.onnx.export_onnx`
+        writes it (None: the float model exported as it is), on ``inputs``.
+
+        Args:
+            space: The search space ``config`` belongs to.
+            model: The float model the space was measured on.
+            config: The configuration, or None for the float model.
+            example_inputs: What the exporter traces the model on.
+            inputs: What the session runs on (e.g. :func:`batched_inputs`).
+            repeats: Timed runs (see :func:`time_calls`).
+            warmup: Untimed runs first.
+        """
+        if config is None:
+            data = float_model_bytes(model, example_inputs)
+        else:
+            data = _exported(space, model, config, example_inputs)
+        session = self.session(data)
+        feed = session_feed(session, inputs)
+        return time_call(lambda: session.run(None, feed), repeats=repeats, warmup=warmup)
+
 
 def time_calls(
     calls: Sequence[Callable[[], Any]],
@@ -186,6 +249,28 @@ def time_calls(
                 call()
                 times.append((time.perf_counter_ns() - start) / 1e6)
     return [_timing(times) for times in samples]
+
+
+def time_call(
+    call: Callable[[], Any], *, repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP
+) -> Timing:
+    """:func:`time_calls` of one call, in up to 10 rounds: how a whole model is timed.
+
+    Example:
+        .. code-block:: python
+
+            from optuna_ctpe.deploy.latency import time_call
+
+            print(time_call(lambda: sum(range(1000)), repeats=50).median_ms)
+
+    Args:
+        call: A function of no argument.
+        repeats: Timed runs, an integer >= 1.
+        warmup: Untimed runs first, an integer >= 0.
+    """
+    repeats = check_integer(repeats, "repeats", minimum=1)
+    (timing,) = time_calls([call], repeats=repeats, warmup=warmup, rounds=min(10, repeats))
+    return timing
 
 
 def _timing(times: list[float]) -> Timing:
@@ -241,10 +326,13 @@ def session_feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
 
 
 class ModelTimer:
-    """Whole-model latency of configurations: export each to ONNX once, time it, cache it.
+    """Whole-model latency of configurations: build each once for the runtime, time it, cache it.
 
-    A configuration's model is written by :func:`~optuna_ctpe.deploy.onnx.export_onnx` (the
-    file a user deploys) to a temporary file, loaded in ``runtime`` and timed by
+    A configuration's model is built and timed by ``runtime``'s ``time_model``
+    (:class:`ModelRuntime`): on :class:`OrtRuntime`, the file
+    :func:`~optuna_ctpe.deploy.onnx.export_onnx` writes (the file a user deploys), loaded in a
+    session; on :class:`~optuna_ctpe.deploy.torch_runtime.TorchRuntime`, the model
+    :func:`~optuna_ctpe.deploy.torchao.quantize_with_torchao` returns. It is timed by
     :func:`time_calls` on ``example_inputs`` repeated to ``batch`` rows. The result is cached
     by :meth:`QuantConfig.key`; measurements run one at a time (a lock), since two at once
     would slow each other down.
@@ -269,7 +357,8 @@ class ModelTimer:
         model: The float model the space was measured on.
         example_inputs: The model's inputs (see :func:`export_onnx`).
         batch: Rows of the timed input, an integer >= 1.
-        runtime: Where to time (default: :class:`OrtRuntime` with one thread each).
+        runtime: Where to time, a :class:`ModelRuntime` (default: :class:`OrtRuntime` with one
+            thread each).
         repeats: Timed runs per configuration (see :func:`time_calls`).
         warmup: Untimed runs per configuration first.
     """
@@ -281,7 +370,7 @@ class ModelTimer:
         example_inputs: Any,
         *,
         batch: int = 1,
-        runtime: OrtRuntime | None = None,
+        runtime: ModelRuntime | None = None,
         repeats: int = DEFAULT_REPEATS,
         warmup: int = DEFAULT_WARMUP,
     ) -> None:
@@ -291,7 +380,7 @@ class ModelTimer:
         self._model = model
         self._example = example_inputs
         self.batch = check_integer(batch, "batch", minimum=1)
-        self.runtime = OrtRuntime() if runtime is None else runtime
+        self.runtime: ModelRuntime = OrtRuntime() if runtime is None else runtime
         self._repeats = check_integer(repeats, "repeats", minimum=1)
         self._warmup = check_integer(warmup, "warmup", minimum=0)
         self._inputs = batched_inputs(example_inputs, self.batch)
@@ -299,41 +388,45 @@ class ModelTimer:
         self._lock = threading.Lock()
 
     def __call__(self, config: QuantConfig) -> Timing:
-        """The latency of ``config``'s exported model (measured once per configuration)."""
+        """The latency of ``config``'s model on the runtime (measured once per configuration)."""
         if not isinstance(config, QuantConfig):
             raise ValueError(f"config must be a QuantConfig, got {config!r}.")
         with self._lock:
             key = config.key()
             if key not in self._cache:
-                self._cache[key] = self._measure(self._export_quantized(config))
+                self._cache[key] = self._measure(config)
             return self._cache[key]
 
     def fp32(self) -> Timing:
-        """The latency of the float model itself, exported as it is."""
+        """The latency of the float model itself on the runtime (on onnxruntime, exported as it
+        is)."""
         with self._lock:
             if "fp32" not in self._cache:
-                self._cache["fp32"] = self._measure(float_model_bytes(self._model, self._example))
+                self._cache["fp32"] = self._measure(None)
             return self._cache["fp32"]
 
-    def _export_quantized(self, config: QuantConfig) -> bytes:
-        from optuna_ctpe.deploy.onnx import export_onnx
-
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            export_onnx(self._space, self._model, config, path, self._example, verify=False)
-            return path.read_bytes()
-
-    def _measure(self, model: bytes) -> Timing:
-        session = self.runtime.session(model)
-        feed = session_feed(session, self._inputs)
-        rounds = min(10, self._repeats)
-        (timing,) = time_calls(
-            [lambda: session.run(None, feed)],
+    def _measure(self, config: QuantConfig | None) -> Timing:
+        return self.runtime.time_model(
+            self._space,
+            self._model,
+            config,
+            self._example,
+            self._inputs,
             repeats=self._repeats,
             warmup=self._warmup,
-            rounds=rounds,
         )
-        return timing
+
+
+def _exported(
+    space: HessianSearchSpace, model: torch.nn.Module, config: QuantConfig, example_inputs: Any
+) -> bytes:
+    """``config``'s model as :func:`~optuna_ctpe.deploy.onnx.export_onnx` writes it."""
+    from optuna_ctpe.deploy.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx(space, model, config, path, example_inputs, verify=False)
+        return path.read_bytes()
 
 
 def float_model_bytes(
