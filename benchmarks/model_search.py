@@ -166,6 +166,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--budget-bits", type=int, nargs="+", default=[4, 3], help="B = uniform b-bit size"
     )
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--estimator",
+        default="hutchinson",
+        help="the trace estimator of the method's space (from_model's estimator=)",
+    )
+    parser.add_argument(
+        "--tpe-from",
+        metavar="JSON",
+        help="reuse the TPE curves of an earlier run's raw results (same task, seeds, trials "
+        "and budgets: TPE does not depend on the sensitivities) instead of running TPE again",
+    )
     parser.add_argument("--tag", default="", help="suffix of the result files")
     return parser.parse_args(argv)
 
@@ -193,6 +204,24 @@ def _plot(
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, axes[0], path)
+
+
+def _reuse_tpe(
+    args: argparse.Namespace,
+    budgets: dict[int, int],
+    raw: dict[int, dict[str, dict[int, list[float]]]],
+    seconds: dict[int, dict[str, list[float]]],
+) -> None:
+    """Fill ``raw`` with the TPE curves of ``args.tpe_from``, checking that they are comparable."""
+    earlier = json.loads(open(args.tpe_from).read())
+    for b, budget_bits in budgets.items():
+        if earlier["task"] != args.task or earlier["budgets"].get(str(b)) != budget_bits:
+            raise SystemExit(f"{args.tpe_from} is not a run of {args.task} with budget {b}-bit.")
+        curves = earlier["curves"][str(b)]["tpe"]
+        if len(curves) < args.seeds or len(curves[0]) != args.trials:
+            raise SystemExit(f"{args.tpe_from} has too few seeds or other trial counts.")
+        raw[b]["tpe"] = {seed: curves[seed] for seed in range(args.seeds)}
+        seconds[b]["tpe"] = earlier["seconds"][str(b)]["tpe"]
 
 
 def _budget_rows(
@@ -247,6 +276,7 @@ def main(argv: list[str]) -> None:
         widths=(1.0,),
         example_inputs=task.example_inputs,
         seed=0,
+        estimator=args.estimator,
         **from_model_kwargs,
     )
     sens_seconds = time.perf_counter() - t0
@@ -288,16 +318,19 @@ def main(argv: list[str]) -> None:
         )
         print(f"B={b}-bit: uniform {refs[b]['uniform']:.4f}, ilp {refs[b]['ilp']:.4f}", flush=True)
 
-    specs = [
-        (label, budget_bits, seed, args.trials)
-        for budget_bits in budgets.values()
-        for label in SAMPLERS
-        for seed in range(args.seeds)
-    ]
     raw: dict[int, dict[str, dict[int, list[float]]]] = {
         b: {label: {} for label in SAMPLERS} for b in budgets
     }
     seconds: dict[int, dict[str, list[float]]] = {b: {s: [] for s in SAMPLERS} for b in budgets}
+    if args.tpe_from:
+        _reuse_tpe(args, budgets, raw, seconds)
+    specs = [
+        (label, budget_bits, seed, args.trials)
+        for b, budget_bits in budgets.items()
+        for label in SAMPLERS
+        for seed in range(args.seeds)
+        if seed not in raw[b][label]
+    ]
     bits_of = {v: k for k, v in budgets.items()}
     start = time.perf_counter()
     ctx = multiprocessing.get_context("fork")
@@ -362,8 +395,9 @@ def main(argv: list[str]) -> None:
         f"{metric_name} {fp32:.4f}; {len(space.sensitivities)} quantized layers, "
         f"{n_weights / 1e6:.2f}M weights; fixed layers: "
         f"{dict(space.fixed_bits) or 'none'}.",
-        f"- Sensitivities (`from_model` defaults: Hutchinson, adaptive stop, seed 0): "
-        f"{sens_seconds:.0f} s.",
+        f"- Sensitivities (`from_model` defaults, `estimator={args.estimator!r}`, adaptive "
+        f"stop, seed 0): {sens_seconds:.0f} s."
+        + (f" TPE curves reused from `{args.tpe_from}`." if args.tpe_from else ""),
         "- Scoring: in place with a `WeightCache`, equal to `space.apply` (checked on 3 random "
         "configurations).",
         "",
