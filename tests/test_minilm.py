@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 import importlib.util
 import os
+from pathlib import Path
 import socket
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the MiniLM task needs the torch extra")
 
+import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from optuna_ctpe import HessianSearchSpace  # noqa: E402
@@ -169,3 +171,26 @@ def test_a_sentence_transformer_object_itself(offline: None) -> None:
         fidelity = torch.nn.functional.cosine_similarity(quantized, reference).mean()
         assert st(dict(features))["sentence_embedding"].equal(reference)  # st is untouched
     assert float(fidelity) > 0.999
+
+
+def test_the_command_line_end_to_end(offline: None, tmp_path: Path) -> None:
+    """``optuna-ctpe sensitivity --output`` then ``search --sensitivities`` and ``export`` on the
+    MiniLM task: the transformer through the whole command line, Hessian products paid once."""
+    from optuna_ctpe.cli import main
+
+    traces = tmp_path / "minilm.json"
+    task_option = ["--task", "optuna_ctpe.tasks.minilm:minilm_task"]
+    assert main(["sensitivity", *task_option, "--max-probes", "2", "--output", str(traces)]) == 0
+    db = f"sqlite:///{tmp_path / 'minilm.db'}"
+    search = ["search", "--storage", db, "--study-name", "m", *task_option, "--widths", "1.0"]
+    search += ["--n-trials", "3", "--sensitivities", str(traces), "--no-progress"]
+    assert main(search) == 0
+    study = optuna.load_study(study_name="m", storage=db)
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) >= 3
+    assert all(0 < t.values[0] <= 1.0 + 1e-6 for t in finished)  # fidelity
+    space = HessianSearchSpace.load_from_study(study)
+    assert len(space.sensitivities) == 36
+    out = tmp_path / "out"
+    assert main(["export", "--storage", db, "--study-name", "m", "--output-dir", str(out)]) == 0
+    assert list(out.glob("m-trial*.safetensors"))
