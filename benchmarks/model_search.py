@@ -172,6 +172,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="the trace estimator of the method's space (from_model's estimator=)",
     )
     parser.add_argument(
+        "--resume",
+        metavar="JSON",
+        help="continue an earlier run's raw results (same task, trials and budgets): its "
+        "search space is reused instead of measured, its seeds' curves are kept, and only the "
+        "seeds it lacks up to --seeds run",
+    )
+    parser.add_argument(
         "--tpe-from",
         metavar="JSON",
         help="reuse the TPE curves of an earlier run's raw results (same task, seeds, trials "
@@ -204,6 +211,25 @@ def _plot(
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, axes[0], path)
+
+
+def _resume(
+    args: argparse.Namespace,
+    earlier: dict[str, Any],
+    budgets: dict[int, int],
+    raw: dict[int, dict[str, dict[int, list[float]]]],
+    seconds: dict[int, dict[str, list[float]]],
+) -> None:
+    """Fill ``raw`` with every curve of an earlier run of the same problem."""
+    for b, budget_bits in budgets.items():
+        if earlier["task"] != args.task or earlier["budgets"].get(str(b)) != budget_bits:
+            raise SystemExit(f"{args.resume} is not a run of {args.task} with budget {b}-bit.")
+        for label in SAMPLERS:
+            curves = earlier["curves"][str(b)][label]
+            if len(curves[0]) != args.trials:
+                raise SystemExit(f"{args.resume} ran {len(curves[0])} trials, not {args.trials}.")
+            raw[b][label] = dict(enumerate(curves[: args.seeds]))
+            seconds[b][label] = earlier["seconds"][str(b)][label][: args.seeds]
 
 
 def _reuse_tpe(
@@ -269,16 +295,20 @@ def main(argv: list[str]) -> None:
     task_seconds = time.perf_counter() - t0
     fp32 = task.evaluate(task.model)
     t0 = time.perf_counter()
-    space = HessianSearchSpace.from_model(
-        task.model,
-        task.loss_fn,
-        task.calibration_batches,
-        widths=(1.0,),
-        example_inputs=task.example_inputs,
-        seed=0,
-        estimator=args.estimator,
-        **from_model_kwargs,
-    )
+    earlier = json.loads(open(args.resume).read()) if args.resume else None
+    if earlier is not None:
+        space = HessianSearchSpace.from_json(earlier["space"])
+    else:
+        space = HessianSearchSpace.from_model(
+            task.model,
+            task.loss_fn,
+            task.calibration_batches,
+            widths=(1.0,),
+            example_inputs=task.example_inputs,
+            seed=0,
+            estimator=args.estimator,
+            **from_model_kwargs,
+        )
     sens_seconds = time.perf_counter() - t0
     torch.set_num_threads(1)
     full = space.with_budget(math.inf)
@@ -324,6 +354,9 @@ def main(argv: list[str]) -> None:
     seconds: dict[int, dict[str, list[float]]] = {b: {s: [] for s in SAMPLERS} for b in budgets}
     if args.tpe_from:
         _reuse_tpe(args, budgets, raw, seconds)
+    if earlier is not None:
+        _resume(args, earlier, budgets, raw, seconds)
+        sens_seconds = earlier.get("sensitivity_seconds", math.nan)
     specs = [
         (label, budget_bits, seed, args.trials)
         for b, budget_bits in budgets.items()
@@ -363,6 +396,7 @@ def main(argv: list[str]) -> None:
                 "budgets": budgets,
                 "refs": refs,
                 "space": json.loads(space.to_json()),
+                "sensitivity_seconds": sens_seconds,
                 "curves": {b: {k: v.tolist() for k, v in c.items()} for b, c in curves.items()},
                 "seconds": seconds,
             }
@@ -397,7 +431,8 @@ def main(argv: list[str]) -> None:
         f"{dict(space.fixed_bits) or 'none'}.",
         f"- Sensitivities (`from_model` defaults, `estimator={args.estimator!r}`, adaptive "
         f"stop, seed 0): {sens_seconds:.0f} s."
-        + (f" TPE curves reused from `{args.tpe_from}`." if args.tpe_from else ""),
+        + (f" TPE curves reused from `{args.tpe_from}`." if args.tpe_from else "")
+        + (f" Continued from `{args.resume}` (its space and seeds)." if args.resume else ""),
         "- Scoring: in place with a `WeightCache`, equal to `space.apply` (checked on 3 random "
         "configurations).",
         "",
