@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-import warnings
 
 import pytest
 
@@ -28,6 +27,7 @@ from optuna_ctpe.space.records import LayerSensitivity  # noqa: E402
 from optuna_ctpe.space.records import QuantConfig  # noqa: E402
 from optuna_ctpe.tasks import Task  # noqa: E402
 from optuna_ctpe.tasks.digits import digits_task  # noqa: E402
+from _quiet import quiet  # noqa: E402
 
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
@@ -42,13 +42,6 @@ DQ_TYPE = {2: TensorProto.INT4, 3: TensorProto.INT4, 4: TensorProto.INT4, 5: Ten
 DQ_TYPE.update({6: TensorProto.INT8, 8: TensorProto.INT8, 12: TensorProto.INT16})
 
 
-def _quiet(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    """``fn(...)`` with Hutchinson's negative-trace warnings (random init) hidden."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*trace of layer.*is negative")
-        return fn(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def task() -> Task:
     return digits_task(seed=0)
@@ -56,7 +49,7 @@ def task() -> Task:
 
 @pytest.fixture(scope="module")
 def digits_space(task: Task) -> HessianSearchSpace:
-    return _quiet(
+    return quiet(
         HessianSearchSpace.from_model,
         task.model,
         task.loss_fn,
@@ -164,7 +157,7 @@ def test_tiny_bert_with_pruned_heads_runs_every_linear_as_matmulnbits(tmp_path: 
     def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return net(input_ids=batch[0], labels=batch[1]).loss
 
-    space = _quiet(
+    space = quiet(
         HessianSearchSpace.from_model,
         model,
         loss_fn,

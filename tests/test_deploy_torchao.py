@@ -23,6 +23,7 @@ from optuna_ctpe.deploy.torchao import torchao_config  # noqa: E402
 from optuna_ctpe.space.records import QuantConfig  # noqa: E402
 from optuna_ctpe.tasks import Task  # noqa: E402
 from optuna_ctpe.tasks.digits import digits_task  # noqa: E402
+from _quiet import quiet  # noqa: E402
 
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
@@ -33,12 +34,6 @@ RTOL_8BIT = 1e-2
 CONVS = ("conv1", "conv2", "conv3")
 
 
-def _quiet(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*trace of layer.*is negative")
-        return fn(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def task() -> Task:
     return digits_task(seed=0)
@@ -46,7 +41,7 @@ def task() -> Task:
 
 @pytest.fixture(scope="module")
 def space(task: Task) -> HessianSearchSpace:
-    return _quiet(
+    return quiet(
         HessianSearchSpace.from_model,
         task.model,
         task.loss_fn,
@@ -164,7 +159,7 @@ def test_tiny_bert_quantizes_every_linear(tmp_path_factory: pytest.TempPathFacto
     def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return net(input_ids=batch[0], labels=batch[1]).loss
 
-    space = _quiet(
+    space = quiet(
         HessianSearchSpace.from_model,
         model,
         loss_fn,

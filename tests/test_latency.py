@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 
@@ -38,19 +37,13 @@ from optuna_ctpe.deploy.latency_table import measure_latency_table  # noqa: E402
 from optuna_ctpe.space.records import QuantConfig  # noqa: E402
 from optuna_ctpe.tasks import Task  # noqa: E402
 from optuna_ctpe.tasks.digits import digits_task  # noqa: E402
+from _quiet import quiet  # noqa: E402
 
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
 #: Few runs: the tests check structure and sanity, never speed.
 REPEATS = 20
-
-
-def _quiet(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    """``fn(...)`` with Hutchinson's negative-trace warnings (random init) hidden."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*trace of layer.*is negative")
-        return fn(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ def task() -> Task:
 
 @pytest.fixture(scope="module")
 def space(task: Task) -> HessianSearchSpace:
-    return _quiet(
+    return quiet(
         HessianSearchSpace.from_model,
         task.model,
         task.loss_fn,
@@ -155,7 +148,7 @@ def test_one_layer_graphs_compute_what_the_layer_computes() -> None:
     torch.manual_seed(0)
     model = _Mixed().eval()
     x = torch.randn(3, 4, 10)
-    space = _quiet(
+    space = quiet(
         HessianSearchSpace.from_model,
         model,
         lambda m, b: m(b[0]).square().mean(),
@@ -209,7 +202,7 @@ def test_unsupported_layers_are_named() -> None:
 
     model = _Attention().eval()
     x = torch.randn(2, 5, 8)
-    space = _quiet(
+    space = quiet(
         HessianSearchSpace.from_model,
         model,
         lambda m, b: m(b[0]).square().mean(),

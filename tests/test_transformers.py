@@ -25,18 +25,12 @@ from optuna_ctpe.nn.quantize import bops  # noqa: E402
 from optuna_ctpe.nn.quantize import model_size  # noqa: E402
 from optuna_ctpe.nn.quantize import quantize_model  # noqa: E402
 from optuna_ctpe.nn.sensitivity import hutchinson_traces  # noqa: E402
+from _quiet import quiet  # noqa: E402
 
 
 pytestmark = pytest.mark.torch
 
 VOCAB = 100
-
-
-def _quiet(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    """``fn(*args, **kwargs)`` with Hutchinson's negative-trace warnings (random init) hidden."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*trace of layer.*is negative")
-        return fn(*args, **kwargs)
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
@@ -180,7 +174,7 @@ def test_bert_classifier(attn: str, estimator: str) -> None:
     before = _sdpa_flags()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="per-sample gradients could not be vmapped")
-        space = _quiet(
+        space = quiet(
             HessianSearchSpace.from_model,
             model,
             loss_fn,
@@ -204,7 +198,7 @@ def test_bert_model_restores_the_users_attention_kernels() -> None:
 
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         inside = _sdpa_flags()
-        space = _quiet(
+        space = quiet(
             HessianSearchSpace.from_model, model, loss_fn, [ids], widths=(1.0,), max_probes=4
         )
         assert _sdpa_flags() == inside  # the user's choice, math off, is back
@@ -216,7 +210,7 @@ def test_bert_model_restores_the_users_attention_kernels() -> None:
 def test_gpt2_conv1d_and_tied_head(include_embeddings: bool) -> None:
     model, ids = _gpt2(), _ids()
     assert model.lm_head.weight is model.transformer.wte.weight
-    space = _quiet(
+    space = quiet(
         HessianSearchSpace.from_model,
         model,
         _lm_loss,
@@ -264,7 +258,7 @@ def test_embeddings_are_quantized_per_row() -> None:
 
 def test_llama() -> None:
     model, ids = _llama(), _ids()
-    space = _quiet(
+    space = quiet(
         HessianSearchSpace.from_model, model, _lm_loss, [ids], widths=(1.0,), max_probes=4
     )
     names = list(space.sensitivities)
@@ -282,7 +276,7 @@ def _tokens(seed: int = 0, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 def test_transformer_encoder(estimator: str) -> None:
     torch.manual_seed(0)
     model, batch = _Encoder(), _tokens()
-    space = _quiet(
+    space = quiet(
         HessianSearchSpace.from_model,
         model,
         _ce,
@@ -320,7 +314,7 @@ def test_multihead_attention_projection_weights(kdim: int | None) -> None:
     macs = bops(model, bits, batch[0], activation_bits=8) // (2 * 8)
     kv = 16 if kdim is None else kdim
     assert macs == 5 * (16 * 16 + 2 * kv * 16 + 16 * 16) + 16 * 3
-    space = _quiet(HessianSearchSpace.from_model, model, _ce, [batch], widths=(1.0,), max_probes=4)
+    space = quiet(HessianSearchSpace.from_model, model, _ce, [batch], widths=(1.0,), max_probes=4)
     _check_space(space, model, lambda net: _ce(net, batch))
 
 
@@ -328,7 +322,7 @@ def test_vision_transformers() -> None:
     vit = _torchvision_vit()
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     batch = (images, torch.tensor([0, 1, 2, 0]))
-    space = _quiet(HessianSearchSpace.from_model, vit, _ce, [batch], widths=(1.0,), max_probes=4)
+    space = quiet(HessianSearchSpace.from_model, vit, _ce, [batch], widths=(1.0,), max_probes=4)
     assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in space.sensitivities
     _check_space(space, vit, lambda net: _ce(net, batch))
 
@@ -337,7 +331,7 @@ def test_timm_vit() -> None:
     vit = _timm_vit()
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     batch = (images, torch.tensor([0, 1, 2, 0]))
-    space = _quiet(HessianSearchSpace.from_model, vit, _ce, [batch], widths=(1.0,), max_probes=4)
+    space = quiet(HessianSearchSpace.from_model, vit, _ce, [batch], widths=(1.0,), max_probes=4)
     assert "blocks.0.attn.qkv" in space.sensitivities  # the fused qkv Linear
     _check_space(space, vit, lambda net: _ce(net, batch))
 
@@ -381,7 +375,7 @@ def test_bert_widths_prune_whole_heads_and_mlp_hidden_sizes(attn: str) -> None:
     def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return net(input_ids=batch[0], labels=batch[1]).loss
 
-    space = _quiet(
+    space = quiet(
         HessianSearchSpace.from_model,
         model,
         loss_fn,
