@@ -1,13 +1,39 @@
-"""Supervised training of the embedded tasks' classifiers: Adam on cross-entropy, seeded."""
+"""The embedded tasks' classifiers: seeded Adam training on cross-entropy, their loss and their
+top-1 accuracy."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from optuna_ctpe.nn.layers import eval_mode
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The task loss ``loss_fn(model, (x, y))``: the mean cross-entropy of ``model(x)``."""
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def top1_accuracy(validation: Sequence[Batch]) -> Callable[[nn.Module], float]:
+    """The task metric ``evaluate(net)``: top-1 accuracy over ``validation``, in eval mode."""
+
+    @torch.no_grad()
+    def evaluate(net: nn.Module) -> float:
+        with eval_mode(net):
+            correct = sum(int((net(x).argmax(1) == y).sum()) for x, y in validation)
+        return correct / sum(len(y) for _, y in validation)
+
+    return evaluate
 
 
 def train_classifier(

@@ -26,11 +26,12 @@ from torch import nn
 import torch.nn.functional as F
 
 from optuna_ctpe._validation import check_integer
-from optuna_ctpe.nn.layers import eval_mode
 from optuna_ctpe.tasks import Task
 from optuna_ctpe.tasks._cache import cached_state
 from optuna_ctpe.tasks._cache import default_cache_dir
 from optuna_ctpe.tasks._cache import single_threaded
+from optuna_ctpe.tasks._training import cross_entropy
+from optuna_ctpe.tasks._training import top1_accuracy
 from optuna_ctpe.tasks._training import train_classifier
 
 
@@ -105,11 +106,6 @@ def _batches(
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
 
 
-def _cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
-
-
 def digits_task(
     *, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None, device: str = "cpu"
 ) -> Task:
@@ -153,18 +149,12 @@ def digits_task(
     calibration = [to_device(b) for b in _batches(*splits["calibration"], _CALIBRATION_BATCH)]
     validation = [to_device(splits["validation"])]
 
-    @torch.no_grad()
-    def evaluate(net: nn.Module) -> float:
-        with eval_mode(net):
-            correct = sum(int((net(x).argmax(1) == y).sum()) for x, y in validation)
-        return correct / sum(len(y) for _, y in validation)
-
     return Task(
         name="digits-cnn",
         model=model,
-        loss_fn=_cross_entropy,
+        loss_fn=cross_entropy,
         calibration_batches=calibration,
         validation_batches=validation,
         example_inputs=calibration[0][0][:1].clone(),
-        evaluate=evaluate,
+        evaluate=top1_accuracy(validation),
     )

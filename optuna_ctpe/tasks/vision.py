@@ -29,10 +29,11 @@ from torch import nn
 import torch.nn.functional as F
 
 from optuna_ctpe._validation import check_integer
-from optuna_ctpe.nn.layers import eval_mode
 from optuna_ctpe.tasks import Task
 from optuna_ctpe.tasks._cache import cached_state
 from optuna_ctpe.tasks._cache import single_threaded
+from optuna_ctpe.tasks._training import cross_entropy
+from optuna_ctpe.tasks._training import top1_accuracy
 from optuna_ctpe.tasks._training import train_classifier
 from optuna_ctpe.tasks.digits import DIGITS_SPLIT
 from optuna_ctpe.tasks.digits import split_digits
@@ -73,11 +74,6 @@ def _upscaled(x: torch.Tensor, size: int) -> torch.Tensor:
     """``(N, 1, 8, 8)`` digits in [0, 1] -> ``(N, 3, size, size)``, centred at 0."""
     up = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return (up.repeat(1, 3, 1, 1) - 0.5) / 0.5
-
-
-def _cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y)
 
 
 def vision_task(
@@ -137,20 +133,14 @@ def vision_task(
 
     calibration, validation = batches("calibration"), batches("validation")
 
-    @torch.no_grad()
-    def evaluate(net: nn.Module) -> float:
-        with eval_mode(net):
-            correct = sum(int((net(x).argmax(1) == y).sum()) for x, y in validation)
-        return correct / sum(len(y) for _, y in validation)
-
     return Task(
         name=f"{arch}-digits",
         model=model,
-        loss_fn=_cross_entropy,
+        loss_fn=cross_entropy,
         calibration_batches=calibration,
         validation_batches=validation,
         example_inputs=calibration[0][0][:1].clone(),
-        evaluate=evaluate,
+        evaluate=top1_accuracy(validation),
     )
 
 
