@@ -19,6 +19,7 @@ through :mod:`optuna_ctpe.nn` (and :mod:`optuna_ctpe.deploy`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Mapping
 import dataclasses
 import types
@@ -48,6 +49,7 @@ from optuna_ctpe.space.records import ParamTensor
 from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.records import WidthGroupSensitivity
+from optuna_ctpe.space.warm_start import measured_warm_start_configs
 from optuna_ctpe.space.warm_start import warm_start_configs
 
 
@@ -355,7 +357,12 @@ class HessianSearchSpace:
         return pruning.prior_weights(self._spec, self._choices, self._risk, temperature, floor)
 
     def warm_starts(
-        self, size_ratio: float | None = None, *, size_bits: int | None = None, n: int = 3
+        self,
+        size_ratio: float | None = None,
+        *,
+        size_bits: int | None = None,
+        n: int = 3,
+        measure: Callable[[QuantConfig], float] | None = None,
     ) -> list[dict[str, Any]]:
         """Configurations to enqueue before the search, best first, all within the size budget.
 
@@ -367,22 +374,42 @@ class HessianSearchSpace:
         budgets shrunk by 10% steps, for diversity. Duplicates are dropped, so fewer than ``n``
         may come back.
 
+        Ω adds up choices that are priced one at a time, and removing channels of several
+        groups at once can cost far more than the sum. With ``measure`` (e.g.
+        :meth:`loss_increase`), every answer is measured, a joint answer that loses more than
+        twice its prediction is corrected and solved again, and the configurations come back
+        ranked by their measured increase (:func:`optuna_ctpe.space.warm_start.
+        measured_warm_start_configs`)::
+
+            measure = space.loss_increase(model, loss_fn, batches, example_inputs)
+            for params in space.warm_starts(size_ratio=1 / 16, measure=measure):
+                study.enqueue_trial(params)
+
         Args:
             size_ratio: Size budget as a fraction of :attr:`fp32_bits`, in (0, 1]; e.g. 0.25 is
                 about uniform 8-bit.
             size_bits: Size budget in bits, instead of ``size_ratio``.
             n: Maximum number of configurations, >= 1.
+            measure: ``measure(config) -> float``, a configuration's loss increase in the units
+                of Ω/2; None ranks by Ω alone and measures nothing.
 
         Returns:
             Parameter dicts for :meth:`optuna.Study.enqueue_trial` (searched parameters only).
 
         Raises:
-            ValueError: If not exactly one of ``size_ratio`` and ``size_bits`` is given, or if no
-                configuration of the pruned space fits the budget.
+            ValueError: If not exactly one of ``size_ratio`` and ``size_bits`` is given, if no
+                configuration of the pruned space fits the budget, or if ``measure`` returns a
+                value that is not finite.
         """
         target = _size.size_target(self._spec, size_ratio, size_bits)
         n = check_integer(n, "n", minimum=1)
-        found = warm_start_configs(self._spec, self._choices, self._omega, target, n)
+        if measure is None:
+            found = warm_start_configs(self._spec, self._choices, self._omega, target, n)
+        else:
+            ranked = measured_warm_start_configs(
+                self._spec, self._choices, self._omega, target, n, measure
+            )
+            found = [config for config, _ in ranked]
         if not found:
             smallest = _size.smallest_size(self._spec, self._choices)
             raise ValueError(
@@ -391,6 +418,23 @@ class HessianSearchSpace:
                 "size target, or prune less (relaxed_for_size)."
             )
         return [self.to_params(c) for c in found]
+
+    def loss_increase(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Any,
+        batches: Sequence[Any],
+        example_inputs: Any = None,
+    ) -> Callable[[QuantConfig], float]:
+        """``measure`` for :meth:`warm_starts` (needs torch): a configuration's calibration-loss
+        increase over ``model``; see :func:`optuna_ctpe.nn.width_calibration.loss_increase_meter`.
+
+        Raises:
+            ValueError: If ``batches`` is empty or the loss of ``model`` is not finite.
+        """
+        from optuna_ctpe.nn.width_calibration import loss_increase_meter
+
+        return loss_increase_meter(self, model, loss_fn, batches, example_inputs)
 
     # -- serialisation ---------------------------------------------------------------------
 

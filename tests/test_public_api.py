@@ -54,6 +54,7 @@ SPACE_PUBLIC = {
     "load_from_study",
     "log10_size_after",
     "log10_size_before",
+    "loss_increase",
     "omega",
     "perturbation",
     "prior_weights",

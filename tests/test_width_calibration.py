@@ -169,3 +169,25 @@ def test_errors_are_named(tiny: tuple) -> None:
         calibration_loss(model, lambda m, b: torch.tensor(math.nan), batches)
     # Without groups there is nothing to prune: no example inputs needed.
     assert calibrate_groups(model, _mse, batches, None, []) == []
+
+
+def test_loss_increase_measures_configurations(tiny: tuple) -> None:
+    model, batches = tiny
+    x = batches[0][0][:1]
+    space = HessianSearchSpace.from_model(
+        model, _mse, batches, example_inputs=x, widths=WIDTHS, estimator="ggn",
+        keep_first_last_bits=None, budget=math.inf,
+    )  # fmt: skip
+    before = [p.detach().clone() for p in model.parameters()]
+    measure = space.loss_increase(model, _mse, batches, x)
+    base = calibration_loss(model, _mse, batches)
+    narrow = dataclasses.replace(space.uniform(8), widths={"0": 0.5})
+    for config in (space.uniform(8), space.uniform(2), narrow):
+        expected = calibration_loss(space.apply(model, config, x), _mse, batches) - base
+        assert measure(config) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    # Fewer bits and fewer channels lose more; the model is left as it was.
+    assert measure(narrow) > measure(space.uniform(8))
+    assert measure(space.uniform(2)) > measure(space.uniform(8))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="batches must hold at least one batch"):
+        space.loss_increase(model, _mse, [], x)

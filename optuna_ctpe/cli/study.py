@@ -212,7 +212,7 @@ def _set_up(
     )
     # A worker taking over from a dead one does not enqueue the warm starts a second time.
     if not any(t.user_attrs.get(_attrs.WARM_START) for t in study.get_trials(deepcopy=False)):
-        for params in _warm_starts(space, settings):
+        for params in _warm_starts(space, settings, task):
             omega = space.perturbation(space.config_from_params(params))
             attrs = {_attrs.WARM_START: True, _attrs.PREDICTED_OMEGA: omega}
             study.enqueue_trial(params, user_attrs=attrs)
@@ -280,17 +280,23 @@ def _baselines(
     return {"fp32": fp32, "uniform8": uniform8}
 
 
-def _warm_starts(space: HessianSearchSpace, settings: Settings) -> list[dict[str, Any]]:
-    """ILP allocations to enqueue: two at the budget, or one at each of two sizes on the way
-    to a Pareto front (1/6 and 1/10 of FP32, between uniform 8-bit and 4-bit)."""
+def _warm_starts(
+    space: HessianSearchSpace, settings: Settings, task: Task
+) -> list[dict[str, Any]]:
+    """ILP allocations to enqueue, each checked on the calibration batches (a joint answer
+    that loses far more than Ω predicts is corrected): two at the budget, or one at each of
+    two sizes on the way to a Pareto front (1/6 and 1/10 of FP32, between uniform 8-bit and
+    4-bit)."""
     if not space.distributions:
         return []
+    args = (task.model, task.loss_fn, task.calibration_batches, task.example_inputs)
+    measure = space.loss_increase(*args)
     if settings.size_budget is not None:
-        return space.warm_starts(size_ratio=settings.size_budget, n=2)
+        return space.warm_starts(size_ratio=settings.size_budget, n=2, measure=measure)
     found: list[dict[str, Any]] = []
     for ratio in (1 / 6, 1 / 10):
         try:
-            candidates = space.warm_starts(size_ratio=ratio, n=1)
+            candidates = space.warm_starts(size_ratio=ratio, n=1, measure=measure)
         except ValueError:
             continue  # nothing in the pruned space is that small
         found += [c for c in candidates if c not in found]

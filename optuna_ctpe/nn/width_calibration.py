@@ -1,4 +1,4 @@
-"""Width choices priced by their measured loss increase instead of a second-order estimate.
+"""Choices priced by their measured loss increase instead of a second-order estimate.
 
 HAWQ-V2's Ω of a width ratio, ``mean trace × ‖removed weights‖²``, is a second-order Taylor term
 around the trained weights. Removing whole channels without fine-tuning is no small step:
@@ -15,25 +15,37 @@ and :func:`optuna_ctpe.space.omega.omega_table` then prices a ratio at
 than the estimate, so noise in a small calibration set (a measured *decrease*) cannot make a
 width change look free.
 
+Ω of a whole configuration is still a sum of single choices; :func:`loss_increase_meter`
+measures a configuration itself, which is what
+:meth:`optuna_ctpe.HessianSearchSpace.warm_starts` checks its ILP answers with.
+
 Requires the ``torch`` extra.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence
 import dataclasses
 import math
 from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from optuna_ctpe.nn.apply import WeightCache
 from optuna_ctpe.nn.layers import eval_mode
 from optuna_ctpe.nn.width import prune_widths
+from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import WidthGroupSensitivity
 
 
-__all__ = ["calibrate_groups", "calibration_loss"]
+if TYPE_CHECKING:
+    from optuna_ctpe.search_space import HessianSearchSpace
+
+
+__all__ = ["calibrate_groups", "calibration_loss", "loss_increase_meter"]
 
 
 def calibration_loss(model: nn.Module, loss_fn: Any, batches: Sequence[Any]) -> float:
@@ -123,3 +135,51 @@ def calibrate_groups(
         }
         out.append(dataclasses.replace(group, loss_increase=increase))
     return out
+
+
+def loss_increase_meter(
+    space: HessianSearchSpace,
+    model: nn.Module,
+    loss_fn: Any,
+    batches: Sequence[Any],
+    example_inputs: Any = None,
+) -> Callable[[QuantConfig], float]:
+    """``measure(config)``: the :func:`calibration_loss` of ``model`` under ``config`` minus the
+    unconfigured model's, for :meth:`~optuna_ctpe.HessianSearchSpace.warm_starts`.
+
+    The unconfigured loss is computed once, here. Each call configures ``model`` with
+    :meth:`~optuna_ctpe.HessianSearchSpace.applied` (in place when no width is below 1, with
+    one weight cache across calls) and runs ``batches`` once.
+
+    Example:
+        .. code-block:: python
+
+            from optuna_ctpe import HessianSearchSpace
+            from optuna_ctpe.tasks.digits import digits_task
+
+            task = digits_task(seed=0)
+            args = (task.model, task.loss_fn, task.calibration_batches, task.example_inputs)
+            space = HessianSearchSpace.from_model(*args[:3], example_inputs=args[3])
+            measure = space.loss_increase(*args)
+            measure(space.uniform(8))  # about 0: 8 bits barely move the loss
+
+    Args:
+        space: The search space measured on ``model``.
+        model: The trained model; configured only inside each call, then restored.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        batches: The calibration batches.
+        example_inputs: Inputs for the dependency tracing of the pruner; required to measure a
+            configuration with a width below 1.
+
+    Raises:
+        ValueError: If ``batches`` is empty or the loss of ``model`` is not finite; a call, if
+            its configuration does not fit ``space`` or its loss is not finite.
+    """
+    base = calibration_loss(model, loss_fn, batches)
+    cache = WeightCache()
+
+    def measure(config: QuantConfig) -> float:
+        with space.applied(model, config, example_inputs, cache=cache) as net:
+            return calibration_loss(net, loss_fn, batches) - base
+
+    return measure

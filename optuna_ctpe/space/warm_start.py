@@ -11,6 +11,7 @@ search. The sampler itself does not use them: it sees them only as enqueued tria
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 import math
@@ -34,10 +35,20 @@ from optuna_ctpe.space.size import scales_after
 from optuna_ctpe.space.size import size_bits
 
 
-__all__ = ["ilp_allocation", "linearised_ilp", "warm_start_configs"]
+__all__ = [
+    "ilp_allocation",
+    "linearised_ilp",
+    "measured_warm_start_configs",
+    "warm_start_configs",
+]
 
 # Re-linearisations of the joint size before settling for the best configuration found.
 _MAX_LINEARISATIONS = 8
+# Corrections of the Ω table by a measured miss before settling for the best measured answer.
+_MAX_CORRECTIONS = 6
+# A measured loss increase above this multiple of the predicted Ω/2 is a miss: the joint ILP
+# answer is corrected. Two, as in the width calibration: within it the prediction holds.
+MISS_FACTOR = 2.0
 
 
 def ilp_allocation(
@@ -274,3 +285,82 @@ def warm_start_configs(
         if config is not None and config not in found:
             found.append(config)
     return found[:n]
+
+
+def measured_warm_start_configs(
+    spec: SpaceSpec,
+    choices: Choices,
+    omega: Mapping[str, Mapping[Any, float]],
+    target: float,
+    n: int,
+    measure: Callable[[QuantConfig], float],
+) -> list[tuple[QuantConfig, float]]:
+    """Warm starts checked by measurement: up to ``n`` (configuration, measured increase) pairs,
+    best first.
+
+    Ω predicts each choice's loss increase alone; a configuration of many choices can lose far
+    more than the sum (``benchmarks/results/omega_prediction.md``: resnet18's width groups of
+    one stage each lower the loss alone and raise it 60x above the prediction together). So,
+    our rule (the paper is silent): measure every warm start of :func:`warm_start_configs`
+    with ``measure``; while the joint allocation's measured increase exceeds
+    :data:`MISS_FACTOR` × its predicted Ω/2, scale the Ω of each of its choices by
+    measured / predicted, so that the corrected table predicts that configuration exactly,
+    and solve again (at most ``_MAX_CORRECTIONS`` times). The ILP then leaves the combination
+    that failed. Answers are ranked by ``max(measured, Ω/2)`` (Ω of the uncorrected table): as
+    in :mod:`optuna_ctpe.nn.width_calibration`, the measurement counts where it exceeds the
+    prediction, and a measured *decrease* (the calibration loss is not at its minimum, and a
+    few batches are noisy) cannot lift an answer above one the Ω ranks better.
+
+    Args:
+        spec: The space's validated inputs.
+        choices: Its kept choices.
+        omega: Its Ω table.
+        target: Size budget in bits.
+        n: Most configurations returned.
+        measure: ``measure(config) -> float``: the configuration's loss increase over the
+            unconfigured model, in the units of Ω/2 (e.g. the calibration loss increase).
+
+    Returns:
+        Distinct configurations within ``target`` with their measured increase, best first.
+
+    Raises:
+        ValueError: If ``measure`` returns a value that is not finite.
+    """
+    table = {name: dict(values) for name, values in omega.items()}
+    measured: dict[QuantConfig, float] = {}
+
+    def checked(config: QuantConfig) -> float:
+        if config not in measured:
+            value = float(measure(config))
+            if not math.isfinite(value):
+                raise ValueError(f"measure returned {value!r} for {config}; it must be finite.")
+            measured[config] = value
+        return measured[config]
+
+    for config in warm_start_configs(spec, choices, omega, target, n):
+        checked(config)
+    for _ in range(_MAX_CORRECTIONS):
+        config = linearised_ilp(spec, choices, table, target, True)
+        if config is None:
+            break
+        predicted = perturbation(spec, table, config) / 2
+        loss = checked(config)
+        if predicted <= 0 or loss <= MISS_FACTOR * predicted:
+            break  # the prediction holds, or there is no Ω to correct
+        _scale_choices(spec, table, config, loss / predicted)
+    ranked = sorted(
+        measured.items(),
+        key=lambda item: max(item[1], perturbation(spec, omega, item[0]) / 2),
+    )
+    return ranked[:n]
+
+
+def _scale_choices(
+    spec: SpaceSpec, table: dict[str, dict[Any, float]], config: QuantConfig, factor: float
+) -> None:
+    """Multiply the Ω of each searched choice ``config`` makes by ``factor``, in place."""
+    for name, b in config.bits.items():
+        if name not in spec.fixed_bits:
+            table[bits_param(name)][b] *= factor
+    for group, w in config.widths.items():
+        table[width_param(group)][w] *= factor
