@@ -12,7 +12,8 @@ from torch.autograd.functional import hessian  # noqa: E402
 from torch.autograd.functional import jacobian  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
-from optuna_ctpe.nn import ggn as ggn_module  # noqa: E402
+from optuna_ctpe.nn import _output_hessian  # noqa: E402
+from optuna_ctpe.nn._output_hessian import output_hessian_factor  # noqa: E402
 from optuna_ctpe.nn.ggn import ggn_traces  # noqa: E402
 from optuna_ctpe.nn.hutchinson import hutchinson_traces  # noqa: E402
 from optuna_ctpe.nn.sensitivity import ESTIMATORS  # noqa: E402
@@ -38,8 +39,12 @@ def _batches(n_batches: int = 1, seed: int = 1) -> list[tuple[torch.Tensor, torc
     ]
 
 
+def _criterion(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(z, y)
+
+
 def _loss(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return nn.functional.cross_entropy(net(batch[0]), batch[1])
+    return _criterion(net(batch[0]), batch[1])
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,23 +61,23 @@ def _block(model: nn.Module, key: str, x: torch.Tensor):  # type: ignore[no-unty
     return w0[key], lambda w: _call(model, {**w0, key: w}, x)
 
 
-def _exact_hessian_traces(model: nn.Module, batches: list) -> dict[str, float]:
-    """Block traces of the Hessian of the loss averaged over ``batches``."""
+def _exact_hessian_traces(model: nn.Module, batches: list, criterion=_criterion) -> dict:  # type: ignore[no-untyped-def]
+    """Block traces of the Hessian of ``criterion(model(x), y)`` averaged over ``batches``."""
     out = dict.fromkeys(NAMES, 0.0)
     for x, y in batches:
         for n in NAMES:
             w, forward = _block(model, f"{n}.weight", x)
-            h = hessian(lambda w, f=forward, y=y: nn.functional.cross_entropy(f(w), y), w)
+            h = hessian(lambda w, f=forward, y=y: criterion(f(w), y), w)
             out[n] += float(h.reshape(w.numel(), -1).trace()) / len(batches)
     return out
 
 
-def _exact_ggn_traces(model: nn.Module, batches: list) -> dict[str, float]:
-    """Block traces of ``Jᵀ H_z J``, from explicit Jacobians and the output-space Hessian."""
+def _exact_ggn_traces(model: nn.Module, batches: list, criterion=_criterion) -> dict:  # type: ignore[no-untyped-def]
+    """Block traces of ``Jᵀ H_z J``, from explicit Jacobians and the (dense) output Hessian."""
     out = dict.fromkeys(NAMES, 0.0)
     for x, y in batches:
         z = model(x).detach()
-        h_z = hessian(lambda o, y=y: nn.functional.cross_entropy(o, y), z)
+        h_z = hessian(lambda o, y=y: criterion(o, y), z)
         h_z = h_z.reshape(z.numel(), -1)
         for n in NAMES:
             w, forward = _block(model, f"{n}.weight", x)
@@ -208,7 +213,171 @@ def test_ggn_refuses_a_loss_linear_in_the_outputs() -> None:
         ggn_traces(_model(), linear, _batches(), max_probes=3)
 
 
-def test_ggn_refuses_outputs_too_large_for_a_dense_hessian(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(ggn_module, "MAX_OUTPUTS", 10)
-    with pytest.raises(ValueError, match=r"24 output numbers \(at most 10\)"):
-        ggn_traces(_model(), _loss, _batches(), max_probes=3)
+def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    return torch.block_diag(*(b @ b.T for b in blocks))
+
+
+def test_block_and_dense_factors_both_give_the_output_hessian() -> None:
+    # Cross-entropy's Hessian in the logits: one 4 x 4 block of rank 3 per sample (softmax
+    # Hessians annihilate the all-ones vector); a (1, 24) leaf has no sample dimension, so the
+    # same loss is factored densely.
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=g)
+    exact = hessian(lambda o: _criterion(o, y), z).reshape(24, 24)
+    per_sample = z.clone().requires_grad_(True)
+    blocks = output_hessian_factor(_criterion(per_sample, y), [per_sample], 0)
+    whole = z.reshape(1, 24).clone().requires_grad_(True)
+    dense = output_hessian_factor(_criterion(whole.view(6, 4), y), [whole], 0)
+    assert blocks.blocks.shape == (6, 4, 3)
+    assert dense.blocks.shape == (1, 24, 18)
+    torch.testing.assert_close(_block_diagonal(blocks.blocks), exact, atol=1e-10, rtol=0)
+    torch.testing.assert_close(_block_diagonal(dense.blocks), exact, atol=1e-10, rtol=0)
+
+
+def test_block_factor_spans_outputs_sample_by_sample_and_skips_unread_ones(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Two read outputs (2 and 3 numbers per sample) and one never read (50 per sample): the
+    # blocks are 5 x 5, sample-major, and the unread output neither counts nor is covered.
+    monkeypatch.setattr(_output_hessian, "MAX_OUTPUTS", 10)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,), generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (z[:, :2], z[:, 2:], z.repeat(1, 10))]
+    factor = output_hessian_factor(_criterion(torch.cat(leaves[:2], 1), y), leaves, 0)
+    assert factor.outputs == (0, 1)
+    assert factor.blocks.shape == (6, 5, 4)
+    exact = hessian(lambda o: _criterion(o, y), z).reshape(30, 30)
+    torch.testing.assert_close(_block_diagonal(factor.blocks), exact, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("criterion", [_criterion, nn.functional.mse_loss])
+def test_float32_rounding_does_not_look_like_coupled_samples(criterion) -> None:  # type: ignore[no-untyped-def]
+    # The block check compares two float32 Hessian-vector products; its tolerance must sit
+    # above their rounding on real sizes (64 samples of 300 numbers).
+    g = torch.Generator().manual_seed(2)
+    z = (10 * torch.randn(64, 300, generator=g)).requires_grad_(True)
+    target = torch.randint(0, 300, (64,), generator=g)
+    if criterion is nn.functional.mse_loss:
+        target = torch.randn(64, 300, generator=g)
+    factor = output_hessian_factor(criterion(z, target), [z], 0)
+    assert factor.blocks.shape[:2] == (64, 300)
+
+
+class _Parts(nn.Module):
+    """``net``'s output in two parts, and a large third output the loss never reads."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        z = self.net(x)
+        return z[:, :2], z[:, 2:], z.repeat(1, 50)
+
+
+def test_ggn_takes_batches_beyond_the_dense_limit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # 24 output numbers, at most 10 dense: the per-sample blocks (4 numbers) take them.
+    monkeypatch.setattr(_output_hessian, "MAX_OUTPUTS", 10)
+    model, batches = _model(), _batches(2)
+    estimate = ggn_traces(model, _loss, batches, max_probes=600, rtol=0)
+    _within(estimate, _exact_ggn_traces(model, batches))
+
+    # The same model with its output in parts: the same factor, draws and products, so the
+    # same estimates; the unread output (200 numbers per sample) is not factored.
+    def parts_loss(net: nn.Module, batch: tuple) -> torch.Tensor:
+        return _criterion(torch.cat(net(batch[0])[:2], 1), batch[1])
+
+    parts = ggn_traces(_Parts(model), parts_loss, batches, max_probes=600, rtol=0)
+    for n in NAMES:
+        assert parts[f"net.{n}"].trace == pytest.approx(estimate[n].trace, rel=1e-9)
+
+
+def _summed_over_samples(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (z.sum(0) ** 2).sum()
+
+
+def _softmax_over_samples(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(z.T, y[: z.shape[1]] % z.shape[0])
+
+
+COUPLED = [_summed_over_samples, _softmax_over_samples]
+
+
+@pytest.mark.parametrize("criterion", COUPLED)
+def test_ggn_detects_a_loss_coupling_the_samples_and_forms_it_densely(criterion) -> None:  # type: ignore[no-untyped-def]
+    model, batches = _model(), _batches(2)
+    x, y = batches[0]
+    z = model(x).detach().requires_grad_(True)
+    factor = output_hessian_factor(criterion(z, y), [z], 0)
+    assert factor.blocks.shape[:2] == (1, 24)
+    exact = hessian(lambda o: criterion(o, y), z.detach()).reshape(24, 24)
+    torch.testing.assert_close(_block_diagonal(factor.blocks), exact, atol=1e-10, rtol=0)
+
+    def loss(net: nn.Module, batch: tuple) -> torch.Tensor:
+        return criterion(net(batch[0]), batch[1])
+
+    estimate = ggn_traces(model, loss, batches, max_probes=400, rtol=0)
+    _within(estimate, _exact_ggn_traces(model, batches, criterion))
+
+
+@pytest.mark.parametrize("criterion", COUPLED)
+def test_ggn_refuses_coupled_samples_beyond_the_dense_limit(monkeypatch, criterion) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(_output_hessian, "MAX_OUTPUTS", 10)
+
+    def loss(net: nn.Module, batch: tuple) -> torch.Tensor:
+        return criterion(net(batch[0]), batch[1])
+
+    message = r"couples the samples of batch 0 .* its 24 output numbers .* \(at most 10\)"
+    with pytest.raises(ValueError, match=message):
+        ggn_traces(_model(), loss, _batches(), max_probes=3)
+
+
+@pytest.mark.parametrize(
+    ("shape", "max_blocks", "message"),
+    [
+        ((1, 24), 10**6, r"share no sample dimension .* 24 output numbers"),
+        ((6, 4), 50, r"blocks are too large \(6 samples of 4 numbers: .* 50 in all blocks\)"),
+    ],
+)
+def test_output_hessian_refuses_what_fits_neither_way(
+    monkeypatch, shape, max_blocks, message
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(_output_hessian, "MAX_OUTPUTS", 10)
+    monkeypatch.setattr(_output_hessian, "MAX_BLOCK_NUMBERS", max_blocks)
+    z = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=message):
+        output_hessian_factor(_criterion(z.view(6, 4), torch.zeros(6, dtype=torch.long)), [z], 0)
+
+
+class _Normalize(nn.Module):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(z, dim=-1)
+
+
+def _squared_distance(e: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((e - reference) ** 2).sum(-1).mean()
+
+
+def test_ggn_is_the_hessian_of_a_distillation_loss_at_its_own_embeddings() -> None:
+    # A stand-in for the MiniLM task: unit-length embeddings, scored against the model's own
+    # (zero residual), so the Hessian's other term, weighted by the residual, vanishes.
+    model = nn.Sequential(*_model(), _Normalize())
+    x = _batches(1)[0][0]
+    with torch.no_grad():
+        own = [(x, model(x))]
+        other = [(x, nn.Sequential(*_model(seed=1), _Normalize())(x))]
+    hess = _exact_hessian_traces(model, own, _squared_distance)
+    ggn = _exact_ggn_traces(model, own, _squared_distance)
+    for n in NAMES:
+        assert ggn[n] > 0
+        assert hess[n] == pytest.approx(ggn[n], rel=1e-6)
+    # Against another model's embeddings the residual is not zero, and the two differ.
+    hess, far = (
+        f(model, other, _squared_distance) for f in (_exact_hessian_traces, _exact_ggn_traces)
+    )
+    assert any(abs(hess[n] - far[n]) > 0.01 * far[n] for n in NAMES)
+
+    def loss(net: nn.Module, batch: tuple) -> torch.Tensor:
+        return _squared_distance(net(batch[0]), batch[1])
+
+    _within(ggn_traces(model, loss, own, max_probes=400, rtol=0), ggn)

@@ -21,6 +21,7 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from optuna_ctpe import HessianSearchSpace  # noqa: E402
+from optuna_ctpe.nn.ggn import ggn_traces  # noqa: E402
 from optuna_ctpe.tasks import Task  # noqa: E402
 from optuna_ctpe.tasks.minilm import _split  # noqa: E402
 from optuna_ctpe.tasks.minilm import minilm_task  # noqa: E402
@@ -128,6 +129,33 @@ def test_full_precision_scores(task: Task) -> None:
     with torch.no_grad():
         loss = float(task.loss_fn(task.model, task.calibration_batches[0]))
     assert loss == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ggn_traces_on_the_task(task: Task) -> None:
+    # 2 batches of 32 sentences x 384 numbers: past the dense limit, in per-sample blocks.
+    layers = [
+        "encoder.encoder.layer.0.attention.self.query",
+        "encoder.encoder.layer.5.output.dense",
+    ]
+    traces = ggn_traces(
+        task.model,
+        task.loss_fn,
+        task.calibration_batches,
+        layers=layers,
+        max_probes=2,
+        min_probes=2,
+        rtol=0,
+    )
+    assert list(traces) == layers
+    assert all(t.trace > 0 and t.n_probes == 2 for t in traces.values())
+    # The loss is 1 - cos written as least squares: equal on the unit embeddings.
+    reference = task.calibration_batches[0][2]
+    with torch.no_grad():
+        noise = torch.randn(reference.shape, generator=torch.Generator().manual_seed(0))
+        noisy = torch.nn.functional.normalize(reference + 0.1 * noise, dim=-1)
+        cosine = (1 - (noisy * reference).sum(-1)).mean()
+        loss = task.loss_fn(lambda *_: noisy, task.calibration_batches[0])
+    assert float(loss) == pytest.approx(float(cosine), rel=1e-5)
 
 
 def test_uniform_bits_through_the_search_space(task: Task, space: HessianSearchSpace) -> None:

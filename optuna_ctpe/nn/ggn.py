@@ -22,9 +22,19 @@ attention, layer norm) the two differ; :mod:`optuna_ctpe.nn.split` estimates the
 What a user must provide: a ``loss_fn(model, batch)`` that calls ``model(...)`` exactly once and
 depends on the weights only through that call's output (``criterion(model(x), y)``: cross-entropy,
 mean squared error and other losses convex in the outputs). A weight penalty inside ``loss_fn``
-is not part of the GGN, and a loss linear in the outputs (the model normalises its own output)
-has a zero GGN; use ``estimator="hutchinson"`` then. The output-space Hessian is formed densely,
-so the outputs the loss reads may hold at most ``MAX_OUTPUTS`` numbers per batch.
+is not part of the GGN, and a loss linear in the outputs has a zero GGN: for ``1 - e·e₀`` on a
+model that normalises its own output ``e``, write the equal ``‖e - e₀‖² / 2``, else use
+``estimator="hutchinson"``.
+
+How large the outputs may be: a loss that is a mean or sum over samples (the usual criterion)
+has an output-space Hessian made of one block per sample, recovered from as many
+Hessian-vector products as a sample has output numbers, verified, and factored block by block
+(:mod:`optuna_ctpe.nn._output_hessian`). Then a sample may have at most :data:`MAX_OUTPUTS`
+output numbers the loss is curved in, and a batch's blocks at most :data:`MAX_BLOCK_NUMBERS`
+numbers: a 384-wide embedding on batches of 100 samples, or 1,000 classes on batches of 16. A
+loss that couples the samples (a batch contrastive loss, a loss normalised over the batch), or
+outputs without a shared batch dimension, fall back to the dense Hessian, for at most
+:data:`MAX_OUTPUTS` numbers per batch; beyond that the estimator raises.
 """
 
 from __future__ import annotations
@@ -33,13 +43,16 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 import contextlib
 from typing import Any
-import warnings
 
 import torch
 from torch import nn
 
 from optuna_ctpe.nn._batches import map_tensors
 from optuna_ctpe.nn._batches import to_device
+from optuna_ctpe.nn._output_hessian import MAX_BLOCK_NUMBERS
+from optuna_ctpe.nn._output_hessian import MAX_OUTPUTS
+from optuna_ctpe.nn._output_hessian import output_hessian_factor
+from optuna_ctpe.nn._output_hessian import OutputHessianFactor
 from optuna_ctpe.nn.traces import checked_loss
 from optuna_ctpe.nn.traces import LayerTrace
 from optuna_ctpe.nn.traces import Layers
@@ -50,11 +63,7 @@ from optuna_ctpe.nn.traces import setup
 from optuna_ctpe.nn.traces import traced
 
 
-__all__ = ["MAX_OUTPUTS", "ggn_traces"]
-
-#: Most output numbers per batch whose (dense) loss Hessian the estimator forms: 4,096 is
-#: 128 MiB in float64, and e.g. a batch of 256 samples of 16 classes.
-MAX_OUTPUTS = 4096
+__all__ = ["MAX_BLOCK_NUMBERS", "MAX_OUTPUTS", "ggn_traces"]
 
 
 def ggn_traces(
@@ -97,8 +106,9 @@ def ggn_traces(
 
     Raises:
         ValueError: As :func:`~optuna_ctpe.nn.hutchinson.hutchinson_traces`; if ``loss_fn``
-            does not call ``model`` exactly once, its outputs exceed :data:`MAX_OUTPUTS`
-            numbers, or the loss has no curvature in them on any batch (a zero GGN).
+            does not call ``model`` exactly once, its outputs are too large (the module
+            docstring says how large they may be), or the loss has no curvature in them on any
+            batch (a zero GGN).
 
     Example:
         .. code-block:: python
@@ -120,7 +130,7 @@ def ggn_traces(
     generator = torch.Generator().manual_seed(seed)
     stats = RunningStats(len(run.names))
     n_batches = len(run.batches)
-    factors: dict[int, torch.Tensor] = {}  # batch -> S, deterministic, so computed once
+    factors: dict[int, OutputHessianFactor] = {}  # batch -> S, deterministic: computed once
     curved = False
     with traced(model, run.weights), progress_bar("GGN", max_probes, progress) as update:
         outputs: list[torch.Tensor] | None = None
@@ -133,7 +143,7 @@ def ggn_traces(
                 if b not in factors:
                     factors[b] = output_hessian_factor(loss, leaves, b)
             factor = factors[b]
-            curved = curved or factor.shape[1] > 0
+            curved = curved or factor.rank > 0
             stats.add(squared_vjp_norms(outputs, run.weights, factor, generator).unsqueeze(0))
             worst = stats.worst_relative_stderr()
             update(worst, 1)
@@ -142,8 +152,8 @@ def ggn_traces(
     if not curved:
         raise ValueError(
             "the loss has no curvature in the model's outputs on any batch, so its "
-            "Gauss-Newton matrix is zero (a loss linear in the outputs, e.g. of a model that "
-            "normalises its own output); use estimator='hutchinson'."
+            "Gauss-Newton matrix is zero (a loss linear in the outputs, e.g. 1 - e·e0 on unit "
+            "vectors e, which equals |e - e0|²/2); use estimator='hutchinson'."
         )
     return stats.result(run.names, run.weights)
 
@@ -193,78 +203,31 @@ def split_at_outputs(
     return outputs, leaves, checked_loss(loss, index)
 
 
-def output_hessian_factor(
-    loss: torch.Tensor, leaves: list[torch.Tensor], index: int
-) -> torch.Tensor:
-    """``S`` (m × r, float64), ``S Sᵀ`` the positive part of the loss Hessian in the outputs."""
-    m = sum(leaf.numel() for leaf in leaves)
-    if m > MAX_OUTPUTS:
-        raise ValueError(
-            f"the GGN estimator forms the loss Hessian in the model's outputs densely, but batch "
-            f"{index} has {m} output numbers (at most {MAX_OUTPUTS}); use smaller batches or "
-            "estimator='hutchinson'."
-        )
-    grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-    flat = torch.cat(
-        [
-            leaf.new_zeros(leaf.numel()) if g is None else g.reshape(-1)
-            for g, leaf in zip(grads, leaves)
-        ]
-    )
-    if not flat.requires_grad:  # the loss is linear in the outputs
-        return torch.zeros(m, 0, dtype=torch.float64)
-    eye = torch.eye(m, dtype=flat.dtype, device=flat.device)
-    try:
-        rows = torch.autograd.grad(
-            flat, leaves, grad_outputs=eye, is_grads_batched=True, allow_unused=True
-        )
-    except RuntimeError:  # a criterion op without a batching rule: one row at a time
-        rows = tuple(
-            torch.stack(col)
-            for col in zip(
-                *(
-                    torch.autograd.grad(flat, leaves, e, retain_graph=True, allow_unused=True)
-                    for e in eye
-                )
-            )
-        )
-    hessian = torch.cat(
-        [
-            leaf.new_zeros(m, leaf.numel()) if r is None else r.reshape(m, -1)
-            for r, leaf in zip(rows, leaves)
-        ],
-        dim=1,
-    ).double()
-    values, vectors = torch.linalg.eigh((hessian + hessian.T).cpu() / 2)
-    top = float(values.abs().max()) if m else 0.0
-    if float(values.min()) < -1e-6 * top:
-        warnings.warn(
-            f"the loss is not convex in the model's outputs on batch {index} (Hessian eigenvalue "
-            f"{float(values.min()):.3g}); the GGN keeps only its positive curvature.",
-            stacklevel=4,
-        )
-    keep = values > 1e-10 * top
-    return vectors[:, keep] * values[keep].sqrt()
-
-
 def squared_vjp_norms(
     outputs: list[torch.Tensor],
     weights: list[torch.Tensor],
-    factor: torch.Tensor,
+    factor: OutputHessianFactor,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """``‖(Jᵀ S u)_l‖²`` for every layer ``l`` and one Rademacher ``u`` in the range of ``S``."""
-    if factor.shape[1] == 0:
+    """``‖(Jᵀ S u)_l‖²`` for every layer ``l``, one Rademacher ``u_n`` per block of ``S``.
+
+    The blocks' draws are independent, so ``E[S u uᵀ Sᵀ] = blockdiag(S_n S_nᵀ)`` and the
+    estimate of ``Tr(G_ll)`` stays unbiased.
+    """
+    if factor.rank == 0:
         return torch.zeros(len(weights), dtype=torch.float64)
-    u = torch.randint(0, 2, (factor.shape[1],), generator=generator, dtype=torch.float64)
-    direction = factor @ (2 * u - 1)
+    n = factor.blocks.shape[0]
+    u = torch.randint(0, 2, (n, factor.rank), generator=generator, dtype=torch.float64)
+    direction = torch.einsum("ncr,nr->nc", factor.blocks, 2 * u - 1)  # (samples, numbers)
+    covered = [outputs[i] for i in factor.outputs]
     parts = []
     start = 0
-    for out in outputs:
-        parts.append(direction[start : start + out.numel()].reshape(out.shape).to(out))
-        start += out.numel()
+    for out in covered:
+        count = out.numel() // n
+        parts.append(direction[:, start : start + count].reshape(out.shape).to(out))
+        start += count
     grads = torch.autograd.grad(
-        outputs, weights, grad_outputs=parts, retain_graph=True, allow_unused=True
+        covered, weights, grad_outputs=parts, retain_graph=True, allow_unused=True
     )
     return torch.stack(
         [

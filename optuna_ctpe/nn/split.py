@@ -14,8 +14,8 @@ only adds noise there and :func:`~optuna_ctpe.nn.ggn.ggn_traces` alone is the be
 estimator; this one is for smooth networks, where the GGN is biased.
 
 ``loss_fn`` must be as :mod:`optuna_ctpe.nn.ggn` requires (one call of the model, the weights
-reached only through its output, at most :data:`~optuna_ctpe.nn.ggn.MAX_OUTPUTS` output numbers
-per batch); unlike the GGN, a loss linear in the outputs is fine (``G = 0``, ``H = R``).
+reached only through its output, outputs no larger than the GGN takes); unlike the GGN, a loss
+linear in the outputs is fine (``G = 0``, ``H = R``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from optuna_ctpe.nn._batches import to_device
-from optuna_ctpe.nn.ggn import output_hessian_factor
+from optuna_ctpe.nn._output_hessian import output_hessian_factor
+from optuna_ctpe.nn._output_hessian import OutputHessianFactor
 from optuna_ctpe.nn.ggn import split_at_outputs
 from optuna_ctpe.nn.ggn import squared_vjp_norms
 from optuna_ctpe.nn.hutchinson import block_quadratic_forms
@@ -108,7 +109,7 @@ def split_traces(
     generator = torch.Generator().manual_seed(seed)
     stats = RunningStats(len(run.names))
     n_batches = len(run.batches)
-    factors: dict[int, torch.Tensor] = {}
+    factors: dict[int, OutputHessianFactor] = {}
     with traced(model, weights), progress_bar("GGN + residual", max_probes, progress) as update:
         outputs: list[torch.Tensor] | None = None
         residual_grads: list[torch.Tensor] = []

@@ -136,16 +136,21 @@ def _batches(
 
 
 def _distillation_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean ``1 - cos`` between ``model``'s embeddings and the full-precision ones.
+    """Mean ``‖e - e₀‖² / 2`` between ``model``'s embeddings ``e`` and the full-precision ``e₀``.
 
-    For unit vectors ``1 - e·e₀ = ‖e - e₀‖² / 2``: a least-squares loss whose residual is zero at
-    the full-precision weights. Its gradient there is zero, but its Hessian is the Gauss-Newton
-    matrix ``JᵀJ`` of the embedding map (positive semi-definite), and ``½ ΔWᵀ JᵀJ ΔW`` is the
-    second-order loss of fidelity a weight perturbation ``ΔW`` causes on these sentences: the
+    On unit vectors this is ``1 - e·e₀``, one minus the cosine similarity the fidelity averages,
+    written as least squares: the same function of the weights (and free of the cancellation of
+    ``1 - e·e₀`` when the two nearly agree), but quadratic in the model's output, with Hessian
+    ``I / N`` there, so the Gauss-Newton matrix is not zero. Its residual ``e - e₀`` vanishes at
+    the full-precision weights, and with it the gradient and the Hessian's other term (the
+    model's own curvature weighted by the residual): there the Hessian **is** the Gauss-Newton
+    matrix ``JᵀJ / N`` of the embedding map (positive semi-definite), and the GGN estimator
+    measures it exactly, not an approximation of it. ``½ ΔWᵀ JᵀJ ΔW / N`` is the second-order
+    loss of fidelity a weight perturbation ``ΔW`` causes on these sentences: the
     trace-times-error sensitivity then predicts the drop of the task metric itself.
     """
     ids, mask, reference = batch
-    return (1.0 - (model(ids, mask) * reference).sum(-1)).mean()
+    return 0.5 * (model(ids, mask) - reference).pow(2).sum(-1).mean()
 
 
 def _embed(model: nn.Module, batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,8 +201,10 @@ def minilm_task(*, seed: int = 0, device: str | torch.device | None = None) -> T
         embedding fidelity: the mean, over the 128 validation sentences, of the cosine
         similarity between the given model's embedding and the full-precision model's, in
         [-1, 1] (1.0 for the full-precision model). ``loss_fn`` is the mean ``1 - cos`` of the
-        same comparison on a calibration batch (two batches of 32 sentences), twice
-        differentiable. ``example_inputs`` is ``(input_ids, attention_mask)`` of one sentence.
+        same comparison on a calibration batch (two batches of 32 sentences), written as
+        ``‖e - e₀‖² / 2`` (equal on unit vectors), twice differentiable and quadratic in the
+        embeddings, so every estimator, the GGN included, takes it. ``example_inputs`` is
+        ``(input_ids, attention_mask)`` of one sentence.
 
     Raises:
         ValueError: If ``seed`` is not a non-negative integer.
