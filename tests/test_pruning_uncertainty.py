@@ -14,6 +14,8 @@ from optuna_ctpe.space.omega import upper_trace
 from optuna_ctpe.space.pruning import uncertain_layers
 from optuna_ctpe.space.records import DEFAULT_TRACE_Z
 from optuna_ctpe.space.records import make_spec
+from optuna_ctpe.space.records import ParamTensor
+from optuna_ctpe.space.records import WidthGroupSensitivity
 
 
 BITS = (2, 4, 8)
@@ -123,3 +125,42 @@ def test_a_space_saved_before_trace_z_loads_with_its_own_choices() -> None:
     del new["trace_z"]
     with pytest.raises(ValueError, match="inconsistent"):
         HessianSearchSpace.from_json(new)
+
+
+def _with_group(stderr: float, **kwargs) -> HessianSearchSpace:  # type: ignore[no-untyped-def]
+    """Layer ``a`` (trace 1) and a width group of it whose trace is clipped to 0 with
+    ``stderr``: removing half its channels removes a squared norm of 0.01."""
+    group = WidthGroupSensitivity("a", 4, 0.0, {0.5: 0.01, 1.0: 0.0}, trace_stderr=stderr)
+    return HessianSearchSpace(
+        [_layer("a", 1.0)],
+        [group],
+        tensors=[ParamTensor("a.weight", 100, "a", out_group="a")],
+        bits=BITS,
+        widths=(0.5, 1.0),
+        **{"budget": 1.0, **kwargs},
+    )
+
+
+def test_a_width_group_reads_its_trace_at_the_upper_bound_too() -> None:
+    # Ω_ref = Ω(a, 4 bits) = 1/256. The group's point Ω at 0.5 is 0, so the ratio survives;
+    # its upper Ω (trace 1, z=1) is 0.01 > Ω_ref, so the ratio is pruned.
+    assert _with_group(1.0, trace_z=0.0).choices["width:a"] == (0.5, 1.0)
+    assert _with_group(1.0).choices["width:a"] == (1.0,)
+    assert _with_group(0.0).choices["width:a"] == (0.5, 1.0)
+    upper = omega_table(_with_group(1.0)._spec, upper=True)["width:a"]
+    assert upper[0.5] == pytest.approx(0.01)
+
+
+def test_group_standard_errors_round_trip_and_old_files_load_without() -> None:
+    space = _with_group(1.0)
+    data = json.loads(space.to_json())
+    assert data["groups"][0]["trace_stderr"] == 1.0
+    assert HessianSearchSpace.from_json(space.to_json()).choices == space.choices
+    # A space saved before groups had standard errors: no field, read as exact.
+    del data["groups"][0]["trace_stderr"]
+    data["choices"]["width:a"] = [0.5, 1.0]
+    old = HessianSearchSpace.from_json(data)
+    assert old.groups["a"].trace_stderr == 0.0
+    assert old.choices["width:a"] == (0.5, 1.0)
+    with pytest.raises(ValueError, match="trace_stderr of group 'a'"):
+        _with_group(-1.0)

@@ -109,9 +109,11 @@ def measure(
     else:
         check_traces_fit(traces, {n: by_name[n] for n in traced})
     mean_trace = {name: _mean_trace(traces[name], estimator) for name in traced}
+    stderr = {name: traces[name].stderr / traces[name].n_params for name in traced}
     groups, tensors = measure_groups(
-        model, example_inputs, width_groups, widths, mean_trace, [by_name[n] for n in names]
-    )
+        model, example_inputs, width_groups, widths, mean_trace, [by_name[n] for n in names],
+        stderr,
+    )  # fmt: skip
     if calibrate_widths:
         groups = calibrate_groups(model, loss_fn, batches, example_inputs, groups)
     fixed = None
@@ -234,6 +236,7 @@ def measure_groups(
     widths: Sequence[float],
     mean_trace: Mapping[str, float],
     quantized: Sequence[LayerWeight],
+    trace_stderr: Mapping[str, float] | None = None,
 ) -> tuple[list[WidthGroupSensitivity], list[ParamTensor]]:
     """Width-group sensitivities and the tensor-to-group map, measured by actually pruning.
 
@@ -275,9 +278,10 @@ def measure_groups(
             WidthGroupSensitivity(
                 name=g.name,
                 n_channels=int(g.n_channels),
-                mean_trace=_group_mean_trace(g, shapes, mean_trace),
+                mean_trace=_group_mean(g, shapes, mean_trace),
                 perturbations=perturbations,
                 kept_channels=kept if len(kept) == len(widths) else None,
+                trace_stderr=_group_mean(g, shapes, trace_stderr or {}),
             )
         )
     layer_of = {layer.param_name: layer for layer in quantized}
@@ -337,15 +341,16 @@ def _weight_norms(model: nn.Module) -> dict[str, float]:
         }
 
 
-def _group_mean_trace(
+def _group_mean(
     group: _width.WidthGroup,
     shapes: Mapping[str, tuple[int, ...]],
-    mean_trace: Mapping[str, float],
+    per_layer: Mapping[str, float],
 ) -> float:
-    """Parameter-weighted mean trace of the group's layers: the average Hessian eigenvalue over
-    exactly the weights a width change removes."""
-    layers = [n for n in group.layers if n in mean_trace]
+    """Parameter-weighted mean of a per-layer value over the group's layers: of the mean
+    traces, the average Hessian eigenvalue over exactly the weights a width change removes; of
+    their standard errors, an upper bound of its standard error."""
+    layers = [n for n in group.layers if n in per_layer]
     sizes = [math.prod(shapes[f"{n}.weight"]) for n in layers]
     if not sizes:
         return 0.0
-    return float(sum(mean_trace[n] * k for n, k in zip(layers, sizes)) / sum(sizes))
+    return float(sum(per_layer[n] * k for n, k in zip(layers, sizes)) / sum(sizes))

@@ -73,6 +73,8 @@ def to_json(spec: SpaceSpec, choices: Choices) -> str:
                     if g.loss_increase is None
                     else {"loss_increase": {repr(w): v for w, v in g.loss_increase.items()}}
                 ),
+                # Likewise for groups measured without standard errors (spaces before them).
+                **({"trace_stderr": g.trace_stderr} if g.trace_stderr else {}),
             }
             for g in spec.groups.values()
         ],

@@ -20,6 +20,7 @@ from optuna_ctpe.space.params import bits_param
 from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import SpaceSpec
+from optuna_ctpe.space.records import WidthGroupSensitivity
 
 
 def choice_sensitivity(mean_trace: float, delta_w_sq_norm: float) -> float:
@@ -43,11 +44,12 @@ def choice_sensitivity(mean_trace: float, delta_w_sq_norm: float) -> float:
     return trace * check_real(delta_w_sq_norm, "delta_w_sq_norm", minimum=0.0)
 
 
-def upper_trace(layer: LayerSensitivity, z: float) -> float:
-    """``mean_trace + z × trace_stderr``: the layer's trace as the pruning rule reads it.
+def upper_trace(layer: LayerSensitivity | WidthGroupSensitivity, z: float) -> float:
+    """``mean_trace + z × trace_stderr``: the layer's (or group's) trace as the pruning rule
+    reads it.
 
     Args:
-        layer: The layer's sensitivity record.
+        layer: The layer's (or width group's) sensitivity record.
         z: Standard errors added, >= 0 (:attr:`~optuna_ctpe.space.records.SpaceSpec.trace_z`).
 
     Example:
@@ -70,8 +72,8 @@ def omega_table(spec: SpaceSpec, *, upper: bool = False) -> dict[str, dict[Any, 
 
     Args:
         spec: The space's validated inputs.
-        upper: Use each layer's :func:`upper_trace` at ``spec.trace_z`` instead of its mean
-            trace. Width groups carry no standard error and always use their mean trace.
+        upper: Use each layer's and each width group's :func:`upper_trace` at
+            ``spec.trace_z`` instead of its mean trace.
 
     A width group with a measured ``loss_increase`` (:mod:`optuna_ctpe.nn.width_calibration`)
     is priced at ``max(2 × loss_increase, Ω)``: Ω is twice the predicted loss increase, and the
@@ -83,9 +85,8 @@ def omega_table(spec: SpaceSpec, *, upper: bool = False) -> dict[str, dict[Any, 
         trace = upper_trace(layer, spec.trace_z) if upper else layer.mean_trace
         out[bits_param(name)] = {b: choice_sensitivity(trace, layer.errors[b]) for b in spec.bits}
     for name, group in spec.groups.items():
-        table = {
-            w: choice_sensitivity(group.mean_trace, group.perturbations[w]) for w in spec.widths
-        }
+        trace = upper_trace(group, spec.trace_z) if upper else group.mean_trace
+        table = {w: choice_sensitivity(trace, group.perturbations[w]) for w in spec.widths}
         if group.loss_increase is not None:
             table = {w: max(2.0 * group.loss_increase[w], o) for w, o in table.items()}
         out[width_param(name)] = table

@@ -133,6 +133,11 @@ class WidthGroupSensitivity:
             alone to that ratio, without fine-tuning (may be negative: noise, or a real gain);
             None when not measured. When present, Ω of a ratio is ``max(2 × loss_increase, Ω)``
             (:mod:`optuna_ctpe.nn.width_calibration`).
+        trace_stderr: Standard error of ``mean_trace`` (the same parameter-weighted mean of
+            the layers' standard errors: an upper bound, since the layers' estimates share
+            their probes); 0 when exact or unknown, as in spaces saved before it was recorded.
+            The pruning rule and the priors read ``mean_trace + z × trace_stderr``, as for
+            layers.
     """
 
     name: str
@@ -141,6 +146,7 @@ class WidthGroupSensitivity:
     perturbations: Mapping[float, float]
     kept_channels: Mapping[float, int] | None = None
     loss_increase: Mapping[float, float] | None = None
+    trace_stderr: float = 0.0
 
     def kept(self, ratio: float) -> int:
         """Channels left at ``ratio``."""
@@ -389,7 +395,10 @@ def check_groups(
             increase = {
                 w: check_real(group.loss_increase[w], f"loss_increase[{w}] {what}") for w in widths
             }
-        return WidthGroupSensitivity(group.name, n_channels, trace, perturbations, kept, increase)
+        stderr = check_nonnegative(group.trace_stderr, f"the trace_stderr {what}")
+        return WidthGroupSensitivity(
+            group.name, n_channels, trace, perturbations, kept, increase, stderr
+        )
 
     return _checked_by_name(groups, "groups", "group", as_group, check_one, allow_empty=True)
 
@@ -501,6 +510,7 @@ def as_group(item: WidthGroupSensitivity | Mapping[str, Any]) -> WidthGroupSensi
         perturbations={float(k): v for k, v in item["perturbations"].items()},
         kept_channels=None if kept is None else {float(k): int(v) for k, v in kept.items()},
         loss_increase=None if increase is None else {float(k): v for k, v in increase.items()},
+        trace_stderr=item.get("trace_stderr", 0.0),
     )
 
 
