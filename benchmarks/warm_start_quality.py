@@ -25,9 +25,12 @@ bits, biases, norms and per-channel scales counted):
   is at most the worst of them.
 
 Errors are measured on the task's validation set (the metric TPE optimises); the warm starts
-see only the calibration batches. Writes ``results/warm_start_quality.{md,json}``::
+see only the calibration batches. TPE does not depend on the sensitivities, so ``--tpe-from``
+reuses the TPE runs of an earlier JSON and measures only the warm starts again. Writes
+``results/warm_start_quality.{md,json}``::
 
     python benchmarks/warm_start_quality.py                      # 3 seeds x 200 trials
+    python benchmarks/warm_start_quality.py --tpe-from results/warm_start_quality.json
     python benchmarks/warm_start_quality.py --seeds 1 --trials 20 --output warm_start_quick
 """
 
@@ -37,6 +40,7 @@ import argparse
 import importlib
 import json
 import math
+from pathlib import Path
 import sys
 import time
 from typing import Any
@@ -53,6 +57,7 @@ TASK_SEED = 0
 TASKS = {
     "digits": "optuna_ctpe.tasks.digits:digits_task",
     "resnet18": "optuna_ctpe.tasks.vision:resnet18_digits_task",
+    "mobilenet_v2": "optuna_ctpe.tasks.vision:mobilenet_v2_digits_task",  # not in the issue
 }
 
 
@@ -110,7 +115,7 @@ def warm_start(space: Any, scorer: Scorer, ratio: float, measure: Any) -> dict[s
     }
 
 
-def measure_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure_task(name: str, args: argparse.Namespace, earlier: dict | None) -> dict[str, Any]:
     from optuna_ctpe import HessianSearchSpace
 
     task = load_task(name)
@@ -140,7 +145,11 @@ def measure_task(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "measured": warm_start(searched, scorer, ratio, measure),
             "tpe": [],
         }
-        for seed in range(args.seeds):
+        if earlier is not None:
+            cell["tpe"] = earlier[name]["ratios"][str(r)]["tpe"][: args.seeds]
+            if len(cell["tpe"]) < args.seeds or len(cell["tpe"][0]) != args.trials:
+                raise SystemExit(f"--tpe-from lacks {args.seeds} runs of {args.trials} trials")
+        for seed in range(len(cell["tpe"]), args.seeds):
             values = tpe_run(full, scorer, budget_bits, seed, args.trials)
             cell["tpe"].append(values)
             print(f"{name} 1/{r} TPE seed {seed}: best {min(values):.4f}", flush=True)
@@ -226,6 +235,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--estimator", default="ggn")
     parser.add_argument("--output", default="warm_start_quality")
+    parser.add_argument(
+        "--tpe-from",
+        metavar="JSON",
+        help="reuse the TPE runs of an earlier run's JSON (same tasks, ratios, trials)",
+    )
     args = parser.parse_args()
     args.ratios = [int(r) for r in args.ratios.split(",")]
     import torch
@@ -233,9 +247,10 @@ def main() -> None:
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore")
+    earlier = json.loads(Path(args.tpe_from).read_text()) if args.tpe_from else None
     results = {}
     for name in args.tasks.split(","):
-        results[name] = measure_task(name, args)
+        results[name] = measure_task(name, args, earlier)
         # Written after each task: an interrupted run still leaves what it measured.
         (RESULTS_DIR / f"{args.output}.json").write_text(json.dumps(results, indent=1))
         (RESULTS_DIR / f"{args.output}.md").write_text(report(results, args))

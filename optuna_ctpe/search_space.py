@@ -484,7 +484,7 @@ class HessianSearchSpace:
         keep_first_last_bits: int | None = 8,
         budget: float = DEFAULT_BUDGET,
         trace_z: float = DEFAULT_TRACE_Z,
-        estimator: Literal["hutchinson", "fisher", "ggn", "split"] = "hutchinson",
+        estimator: Literal["auto", "hutchinson", "fisher", "ggn", "split"] = "auto",
         include_embeddings: bool = False,
         seed: int = 0,
         max_probes: int = 200,
@@ -525,15 +525,16 @@ class HessianSearchSpace:
                 :mod:`optuna_ctpe.space.pruning`.
             trace_z: Standard errors added to each mean trace where the pruning rule and the
                 priors read it; see the class.
-            estimator: ``"hutchinson"`` (Hessian trace, HAWQ-V2), ``"fisher"`` (empirical
-                Fisher trace: cheaper, positive, a Gauss-Newton stand-in for the Hessian, and
-                needs first derivatives only), ``"ggn"`` (generalised Gauss-Newton trace: never
-                negative, no cross-layer noise) or ``"split"`` (the Hessian trace as the GGN's
-                plus Hutchinson's estimate of the rest: unbiased and far less noisy near a
-                minimum); the last two need a ``loss_fn`` that calls the model once and is
-                convex in its outputs (:mod:`optuna_ctpe.nn.ggn`). Hutchinson runs attention on
-                PyTorch's math kernel, which has second derivatives, and restores the user's
-                kernel choice.
+            estimator: ``"auto"`` (the GGN where ``loss_fn`` fits it, else Hutchinson's:
+                :func:`optuna_ctpe.nn.sensitivity.resolve_estimator`), ``"hutchinson"``
+                (Hessian trace, HAWQ-V2), ``"fisher"`` (empirical Fisher trace: cheaper,
+                positive, needs first derivatives only), ``"ggn"`` (generalised Gauss-Newton
+                trace: never negative, no cross-layer noise) or ``"split"`` (the Hessian trace
+                as the GGN's plus Hutchinson's estimate of the rest: unbiased and far less
+                noisy near a minimum); the last two need a ``loss_fn`` that calls the model
+                once and is convex in its outputs (:mod:`optuna_ctpe.nn.ggn`). Hutchinson runs
+                attention on PyTorch's math kernel, which has second derivatives, and restores
+                the user's kernel choice.
             include_embeddings: Also search ``nn.Embedding`` tables (quantized per row) and
                 layers tied to them (an LM head sharing the embedding: one layer, one
                 bit-width, counted once); off by default.

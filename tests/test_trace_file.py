@@ -151,13 +151,15 @@ def test_cli_search_starts_from_a_sensitivity_file(
     assert main(argv) == 0
     content = read_trace_file(path)
     assert content.metadata["task"] == "optuna_ctpe.tasks.digits:digits_task"
-    assert content.metadata["seed"] == 0 and content.estimator == "hutchinson"
+    # The default estimator 'auto' is recorded as the one it resolved to: the GGN, for the
+    # digits task's cross-entropy.
+    assert content.metadata["seed"] == 0 and content.estimator == "ggn"
 
     db = f"sqlite:///{tmp_path / 's.db'}"
     search = ["search", "--storage", db, "--study-name", "s", "--n-trials", "2", "--no-progress"]
     capsys.readouterr()
     assert main([*search, "--sensitivities", str(path), *common]) == 0
-    assert "from hutchinson traces of a sensitivity file" in capsys.readouterr().err
+    assert "from ggn traces of a sensitivity file" in capsys.readouterr().err
     study = optuna.load_study(study_name="s", storage=db)
     assert study.user_attrs[_attrs.SENSITIVITY_SOURCE]["max_probes"] == 3
     space = HessianSearchSpace.load_from_study(study)

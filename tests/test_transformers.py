@@ -355,7 +355,9 @@ def test_a_loss_not_twice_differentiable_is_explained() -> None:
     net, batch = _FlashAttention(), _tokens()
     op = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
     with pytest.raises(RuntimeError, match=f"not twice differentiable.*{op}.*estimator='fisher'"):
-        HessianSearchSpace.from_model(net, _ce, [batch], widths=(1.0,), max_probes=4)
+        HessianSearchSpace.from_model(
+            net, _ce, [batch], widths=(1.0,), max_probes=4, estimator="hutchinson"
+        )
     # First derivatives suffice for the empirical Fisher.
     space = HessianSearchSpace.from_model(
         net, _ce, [batch], widths=(1.0,), max_probes=4, estimator="fisher"
@@ -504,8 +506,9 @@ def test_a_once_differentiable_function_is_explained_not_silently_dropped() -> N
     batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
     with pytest.raises(RuntimeError, match="not twice differentiable.*@once_differentiable"):
         HessianSearchSpace.from_model(
-            net, _ce, [batch], widths=(1.0,), keep_first_last_bits=None, max_probes=2
-        )
+            net, _ce, [batch], widths=(1.0,), keep_first_last_bits=None, max_probes=2,
+            estimator="hutchinson",
+        )  # fmt: skip
     space = HessianSearchSpace.from_model(
         net, _ce, [batch], widths=(1.0,), keep_first_last_bits=None, estimator="fisher"
     )

@@ -40,12 +40,12 @@ def add_parser(commands: Any) -> None:
     add_task_options(parser)
     parser.add_argument(
         "--estimator",
-        # The names of optuna_ctpe.nn.sensitivity.ESTIMATORS, spelled out: parsing needs no torch.
-        choices=("hutchinson", "fisher", "ggn", "split"),
-        default="hutchinson",
-        help="hutchinson: Hessian trace; fisher: empirical Fisher trace; ggn: Gauss-Newton "
-        "trace, never negative; split: Hessian trace as Gauss-Newton plus residual, less noisy "
-        "(default: hutchinson)",
+        # optuna_ctpe.nn.sensitivity.ESTIMATOR_NAMES, spelled out: parsing needs no torch.
+        choices=("auto", "hutchinson", "fisher", "ggn", "split"),
+        default="auto",
+        help="auto: ggn where the task's loss fits it, else hutchinson; hutchinson: Hessian "
+        "trace; fisher: empirical Fisher trace; ggn: Gauss-Newton trace, never negative; "
+        "split: Hessian trace as Gauss-Newton plus residual, less noisy (default: auto)",
     )
     parser.add_argument(
         "--max-probes",
@@ -79,6 +79,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``optuna-ctpe sensitivity`` with parsed arguments; return the exit code."""
     from optuna_ctpe.nn.sensitivity import estimator  # imports torch
+    from optuna_ctpe.nn.sensitivity import resolve_estimator
 
     if not 0 <= args.rtol < 1:
         raise UsageError(f"--rtol must be in [0, 1), got {args.rtol!r}.")
@@ -87,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
     seed = DEFAULTS["seed"] if args.seed is None else args.seed
     task_spec = args.task or DEFAULT_TASK
     task = load_task(task_spec, seed=seed, cache_dir=args.cache_dir)
-    by_name = estimator(args.estimator)(
+    name = resolve_estimator(args.estimator, task.model, task.loss_fn, task.calibration_batches)
+    if name != args.estimator:
+        log(f"estimator {args.estimator}: {name}")
+    by_name = estimator(name)(
         task.model,
         task.loss_fn,
         task.calibration_batches,
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     traces = list(by_name.values())
     print(sensitivity_table(traces))
     if args.plot:
-        plot_sensitivities(traces, args.plot, f"{task.name}: {args.estimator} mean traces")
+        plot_sensitivities(traces, args.plot, f"{task.name}: {name} mean traces")
         log(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
         metadata = {"task": task_spec, "seed": seed, "task_name": task.name}
         metadata |= {"max_probes": args.max_probes, "rtol": args.rtol}
-        write_trace_file(args.output, by_name, estimator=args.estimator, metadata=metadata)
+        write_trace_file(args.output, by_name, estimator=name, metadata=metadata)
         log(f"wrote {args.output}: start a search from it with --sensitivities {args.output}")
     return 0
 

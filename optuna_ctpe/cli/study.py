@@ -195,14 +195,17 @@ def _set_up(
     log: Callable[[str], None],
     traces: TraceFile | None = None,
 ) -> Prepared:
+    estimator = None
     if traces is None:
-        log("measuring Hessian sensitivities ...")
+        from optuna_ctpe.nn.sensitivity import resolve_estimator
+
+        estimator = resolve_estimator("auto", task.model, task.loss_fn, task.calibration_batches)
+        log(f"measuring Hessian sensitivities ({estimator} traces) ...")
+        source = {"estimator": estimator}
     else:
         log(f"building the search space from {traces.estimator} traces of a sensitivity file")
-        study.set_user_attr(
-            _attrs.SENSITIVITY_SOURCE, {"estimator": traces.estimator, **traces.metadata}
-        )
-    space = _measure_space(settings, task, traces)
+        source = {"estimator": traces.estimator, **traces.metadata}
+    space = _measure_space(settings, task, traces, estimator)
     latency = set_up_latency(study, settings, space, task, log)
     baselines = _baselines(space, task, latency)
     study.set_user_attr(_attrs.SENSITIVITIES, _sensitivity_records(space))
@@ -219,13 +222,15 @@ def _set_up(
     # Written last: joining workers start searching as soon as they see these two.
     study.set_user_attr(_attrs.BASELINES, baselines)
     space.save_to_study(study)
+    study.set_user_attr(_attrs.SENSITIVITY_SOURCE, source)  # informative: workers need not wait
     return Prepared(space, baselines, latency)
 
 
 def _measure_space(
-    settings: Settings, task: Task, traces: TraceFile | None = None
+    settings: Settings, task: Task, traces: TraceFile | None, estimator: str | None
 ) -> HessianSearchSpace:
-    """The task's pruned search space, relaxed until the size budget (if any) can be met."""
+    """The task's pruned search space, from ``traces`` or measured by ``estimator``, relaxed
+    until the size budget (if any) can be met."""
     # The library's default pruning threshold, or none at all (math.inf keeps every choice).
     no_pruning: dict[str, float] = {} if settings.hessian_pruning else {"budget": math.inf}
     try:
@@ -238,6 +243,7 @@ def _measure_space(
             example_inputs=task.example_inputs,
             seed=settings.seed,
             traces=None if traces is None else traces.traces,
+            estimator=estimator or "auto",
             **no_pruning,
         )
     except ValueError as e:

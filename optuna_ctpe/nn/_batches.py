@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Iterator
+import copy
 from typing import Any
 
 import torch
 
 
 def map_any(fn: Callable[[Any], Any], batch: Any) -> Any:
-    """``batch`` with ``fn`` applied to every leaf, its tuples, lists and dicts rebuilt."""
+    """``batch`` with ``fn`` applied to every leaf, its tuples, lists and dicts rebuilt.
+
+    A dict of a subclass keeps its class: a shallow copy with its items replaced, so a model
+    output such as ``transformers``' ``ModelOutput`` keeps its attribute access (``.loss``).
+    """
     if isinstance(batch, (tuple, list)):
         return type(batch)(map_any(fn, x) for x in batch)
-    if isinstance(batch, dict):
+    if type(batch) is dict:
         return {k: map_any(fn, v) for k, v in batch.items()}
+    if isinstance(batch, dict):
+        out = copy.copy(batch)
+        for k, v in batch.items():
+            out[k] = map_any(fn, v)
+        return out
     return fn(batch)
 
 

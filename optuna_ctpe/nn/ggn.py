@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from collections.abc import Iterator
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -63,7 +64,7 @@ from optuna_ctpe.nn.traces import setup
 from optuna_ctpe.nn.traces import traced
 
 
-__all__ = ["MAX_BLOCK_NUMBERS", "MAX_OUTPUTS", "ggn_traces"]
+__all__ = ["MAX_BLOCK_NUMBERS", "MAX_OUTPUTS", "ggn_misfit", "ggn_traces"]
 
 
 def ggn_traces(
@@ -156,6 +157,42 @@ def ggn_traces(
             "vectors e, which equals |e - e0|²/2); use estimator='hutchinson'."
         )
     return stats.result(run.names, run.weights)
+
+
+def ggn_misfit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    *,
+    layers: Layers = None,
+    device: torch.device | str | None = None,
+) -> str | None:
+    """Why :func:`ggn_traces` does not fit ``loss_fn``, judged on the first batch; None if it
+    fits: the loss calls the model once, is curved in its outputs, is convex there (no negative
+    output-space eigenvalue) and its output Hessian can be formed. Costs one forward pass and
+    the output-space Hessian-vector products of that batch.
+
+    Args:
+        model, loss_fn, batches, layers, device: As in :func:`ggn_traces`.
+
+    Raises:
+        ValueError: If ``batches`` is empty or ``layers`` names no supported layer.
+    """
+    run = setup(model, batches, layers, 2, 2, 0.0, 0, device)
+    with traced(model, run.weights), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            batch = to_device(run.batches[0], run.device)
+            _, leaves, loss = split_at_outputs(model, loss_fn, batch, 0)
+            factor = output_hessian_factor(loss, leaves, 0)
+        except ValueError as e:
+            return str(e)
+    concave = [w for w in caught if "not convex" in str(w.message)]
+    if concave:
+        return str(concave[0].message)
+    if factor.rank == 0:
+        return "the loss has no curvature in the model's outputs (a zero Gauss-Newton matrix)"
+    return None
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from optuna_ctpe.nn.layers import model_layers
 from optuna_ctpe.nn.layers import weight_of
 from optuna_ctpe.nn.quantize import quantization_error
 from optuna_ctpe.nn.sensitivity import estimator as _estimator
+from optuna_ctpe.nn.sensitivity import resolve_estimator
 from optuna_ctpe.nn.traces import LayerTrace
 from optuna_ctpe.nn.width_calibration import calibrate_groups
 from optuna_ctpe.space.records import check_bit
@@ -69,8 +70,8 @@ def measure(
             supported layer.
         example_inputs: Inputs for tracing channel dependencies, or None (bits only).
         keep_first_last_bits: Bit-width the first and last layers are fixed to, or None.
-        estimator: ``"hutchinson"``, ``"fisher"`` or ``"ggn"``
-            (:data:`optuna_ctpe.nn.sensitivity.ESTIMATORS`).
+        estimator: One of :data:`optuna_ctpe.nn.sensitivity.ESTIMATOR_NAMES`; ``"auto"`` is
+            resolved by :func:`~optuna_ctpe.nn.sensitivity.resolve_estimator`.
         include_embeddings: Also quantize ``nn.Embedding`` tables (per row) and layers tied to
             them (an LM head); off by default.
         traces: Per-layer traces measured before (e.g. read with
@@ -93,7 +94,8 @@ def measure(
     widths = check_widths_grid(widths)
     if keep_first_last_bits is not None:
         check_bit(keep_first_last_bits, "keep_first_last_bits")
-    estimate = _estimator(estimator)
+    if estimator != "auto":
+        _estimator(estimator)  # an unknown name fails before anything is measured
     quantizable, names = quantized_layer_names(
         model, layers, include_embeddings=include_embeddings
     )
@@ -105,9 +107,12 @@ def measure(
     traced = [n for n in quantizable if n in needed]
     by_name = model_layers(model, include_embeddings=include_embeddings)
     if traces is None:
+        estimator = resolve_estimator(estimator, model, loss_fn, batches, layers=traced)
+        estimate = _estimator(estimator)
         traces = estimate(model, loss_fn, batches, layers=traced, **estimator_kwargs)
     else:
         check_traces_fit(traces, {n: by_name[n] for n in traced})
+        estimator = "supplied" if estimator == "auto" else estimator  # names them in messages
     mean_trace = {name: _mean_trace(traces[name], estimator) for name in traced}
     stderr = {name: traces[name].stderr / traces[name].n_params for name in traced}
     groups, tensors = measure_groups(
