@@ -8,9 +8,10 @@ no fine-tuning.
 
 For each task (``--tasks``: ``digits`` = :func:`optuna_ctpe.tasks.digits.digits_task`,
 ``resnet18`` = :func:`optuna_ctpe.tasks.vision.resnet18_digits_task`, seed 0) the space is
-measured once (``--estimator``, default ``ggn``; widths by Ω, not calibrated), and for each
-compression ``r`` (``--ratios``: budget = FP32 size / r, the first and last layers fixed at 8
-bits, biases, norms and per-channel scales counted):
+measured once (``--estimator``, default ``auto``: the GGN for these cross-entropy losses;
+widths priced by Ω, not calibrated), and for each compression ``r`` (``--ratios``: budget =
+FP32 size / r, the first and last layers fixed at 8 bits, biases, norms and per-channel scales
+counted):
 
 * ``first warm start, Ω-ranked``: ``space.relaxed_for_size(...).warm_starts(size_ratio=1/r)[0]``,
   the answer ranked by predicted Ω alone (the package before this benchmark);
@@ -233,7 +234,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="8,16", help="compressions r: budget = FP32 / r")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=200)
-    parser.add_argument("--estimator", default="ggn")
+    parser.add_argument("--estimator", default="auto")
     parser.add_argument("--output", default="warm_start_quality")
     parser.add_argument(
         "--tpe-from",

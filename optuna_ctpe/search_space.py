@@ -367,10 +367,11 @@ class HessianSearchSpace(TorchFace):
         budgets shrunk by 10% steps, for diversity. Duplicates are dropped, so fewer than ``n``
         may come back.
 
-        Ω adds up choices that are priced one at a time, and removing channels of several
+        Ω is a second-order estimate of each choice alone, and removing channels of several
         groups at once can cost far more than the sum. With ``measure`` (e.g.
-        :meth:`loss_increase`), every answer is measured, a joint answer that loses more than
-        twice its prediction is corrected and solved again, and the configurations come back
+        :meth:`loss_increase`), every answer is measured; a joint answer that loses more than
+        twice its prediction has its choices measured alone and repriced (or, when they all
+        were, scaled to the measurement) and is solved again; and the configurations come back
         ranked by their measured increase (:func:`optuna_ctpe.space.warm_start.
         measured_warm_start_configs`)::
 
