@@ -340,12 +340,15 @@ def measured_warm_start_configs(
     table = {name: dict(values) for name, values in omega.items()}
     measured: dict[QuantConfig, float] = {}
 
+    def finite(config: QuantConfig) -> float:
+        value = float(measure(config))
+        if not math.isfinite(value):
+            raise ValueError(f"measure returned {value!r} for {config}; it must be finite.")
+        return value
+
     def checked(config: QuantConfig) -> float:
         if config not in measured:
-            value = float(measure(config))
-            if not math.isfinite(value):
-                raise ValueError(f"measure returned {value!r} for {config}; it must be finite.")
-            measured[config] = value
+            measured[config] = finite(config)
         return measured[config]
 
     candidates = warm_start_configs(spec, choices, omega, target, n)
@@ -364,8 +367,8 @@ def measured_warm_start_configs(
         fresh = [c for c in _choices_of(choices, config, safest) if c not in alone]
         for name, value in fresh:
             single = config_from_params(choices, {**to_params(choices, safest), name: value})
-            # Measured apart from the answers: a single change is no warm start.
-            table[name][value] = max(table[name][value], 2.0 * float(measure(single)))
+            # Kept apart from the answers: a single change from the safest is no warm start.
+            table[name][value] = max(table[name][value], 2.0 * finite(single))
             alone.add((name, value))
         if not fresh:
             _scale_choices(spec, table, config, loss / predicted)
