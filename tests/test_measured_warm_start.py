@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -88,23 +87,6 @@ def test_a_joint_answer_that_misses_is_corrected() -> None:
         config = space.config_from_params(params)
         assert space.size(config) <= ratio * space.fp32_bits
         assert config in measure.calls
-
-
-def test_a_choice_that_misses_alone_is_measured_alone_and_avoided() -> None:
-    space = _space()
-    plain = space.warm_starts(size_ratio=RATIO, n=3)
-    assert "conv3" in _narrowed(space, plain[0])
-    # Narrowing conv3 costs far more than Ω says, alone or with anything (mobilenet_v2's 2-bit
-    # depthwise weights): a single choice's miss, not an interaction.
-    measure = _Counting(space, frozenset({"conv3"}), penalty=100.0)
-    measured = space.warm_starts(size_ratio=RATIO, n=3, measure=measure)
-    assert "conv3" not in _narrowed(space, measured[0])
-    safest = space.config_from_params({n: max(c) for n, c in space.choices.items()})
-    alone = dataclasses.replace(safest, widths={**safest.widths, "conv3": 0.5})
-    assert alone in measure.calls  # the lazy calibration of the choice the ILP used
-    # Each round measures its answer and at most each searched choice once.
-    limit = 3 + warm_start._MAX_CORRECTIONS + sum(len(c) - 1 for c in space.choices.values())
-    assert len(measure.calls) <= limit
 
 
 def test_a_measured_decrease_does_not_promote_an_answer() -> None:

@@ -24,10 +24,7 @@ from scipy.optimize import milp
 
 from optuna_ctpe.space.params import bits_param
 from optuna_ctpe.space.params import Choices
-from optuna_ctpe.space.params import config_from_params
-from optuna_ctpe.space.params import config_value
 from optuna_ctpe.space.params import extreme_config
-from optuna_ctpe.space.params import to_params
 from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import SpaceSpec
@@ -48,7 +45,7 @@ __all__ = [
 # Re-linearisations of the joint size before settling for the best configuration found.
 _MAX_LINEARISATIONS = 8
 # Corrections of the Ω table by a measured miss before settling for the best measured answer.
-_MAX_CORRECTIONS = 8
+_MAX_CORRECTIONS = 6
 # A measured loss increase above this multiple of the predicted Ω/2 is a miss: the joint ILP
 # answer is corrected. Two, as in the width calibration: within it the prediction holds.
 MISS_FACTOR = 2.0
@@ -301,26 +298,23 @@ def measured_warm_start_configs(
     """Warm starts checked by measurement: up to ``n`` (configuration, measured increase) pairs,
     best first.
 
-    Ω predicts each choice's loss increase alone, and a second-order estimate can miss even
-    that (``benchmarks/results/omega_prediction.md``: mobilenet_v2's 2-bit depthwise weights);
-    a configuration of many choices can lose far more than the sum (resnet18's width groups of
+    Ω predicts each choice's loss increase alone; a configuration of many choices can lose far
+    more than the sum (``benchmarks/results/omega_prediction.md``: resnet18's width groups of
     one stage each lower the loss alone and raise it 60x above the prediction together). So,
     our rule (the paper is silent): measure every warm start of :func:`warm_start_configs`
-    with ``measure``. While the joint allocation's measured increase exceeds
-    :data:`MISS_FACTOR` × its predicted Ω/2 (at most ``_MAX_CORRECTIONS`` times):
+    with ``measure``; while the joint allocation's measured increase exceeds
+    :data:`MISS_FACTOR` × its predicted Ω/2, scale the Ω of each of its choices by
+    measured / predicted, so that the corrected table predicts that configuration exactly,
+    and solve again (at most ``_MAX_CORRECTIONS`` times). The ILP then leaves the combination
+    that failed. Answers are ranked by ``max(measured, Ω/2)`` (Ω of the uncorrected table): as
+    in :mod:`optuna_ctpe.nn.width_calibration`, the measurement counts where it exceeds the
+    prediction, and a measured *decrease* (the calibration loss is not at its minimum, and a
+    few batches are noisy) cannot lift an answer above one the Ω ranks better.
 
-    1. if some of its choices have not been measured alone (each from the safest
-       configuration), measure them and price each at ``max(Ω, 2 × measured)``, as
-       :mod:`optuna_ctpe.nn.width_calibration` prices width groups: lazy calibration of the
-       choices the ILP actually uses;
-    2. otherwise the miss is an interaction: scale the Ω of each of its choices by
-       measured / predicted, so that the corrected table predicts that configuration exactly;
-
-    and solve again. The ILP then leaves the choices or the combination that failed. Answers
-    are ranked by ``max(measured, Ω/2)`` (Ω of the uncorrected table): the measurement counts
-    where it exceeds the prediction, and a measured *decrease* (the calibration loss is not at
-    its minimum, and a few batches are noisy) cannot lift an answer above one the Ω ranks
-    better.
+    Measuring the failed answer's choices alone first and repricing them (a lazy calibration)
+    was tried and dropped: ``benchmarks/results/warm_start_quality_lazy_calibration.md`` records
+    that it moved resnet18's first warm start at 1/16 from 2.96% to 5.19% validation error, and
+    mobilenet_v2's (broken either way) from 55.7% to 50.4%.
 
     Args:
         spec: The space's validated inputs.
@@ -340,22 +334,16 @@ def measured_warm_start_configs(
     table = {name: dict(values) for name, values in omega.items()}
     measured: dict[QuantConfig, float] = {}
 
-    def finite(config: QuantConfig) -> float:
-        value = float(measure(config))
-        if not math.isfinite(value):
-            raise ValueError(f"measure returned {value!r} for {config}; it must be finite.")
-        return value
-
     def checked(config: QuantConfig) -> float:
         if config not in measured:
-            measured[config] = finite(config)
+            value = float(measure(config))
+            if not math.isfinite(value):
+                raise ValueError(f"measure returned {value!r} for {config}; it must be finite.")
+            measured[config] = value
         return measured[config]
 
-    candidates = warm_start_configs(spec, choices, omega, target, n)
-    for config in candidates:
+    for config in warm_start_configs(spec, choices, omega, target, n):
         checked(config)
-    safest = extreme_config(choices, max)
-    alone: set[tuple[str, Any]] = set()  # choices measured alone
     for _ in range(_MAX_CORRECTIONS):
         config = linearised_ilp(spec, choices, table, target, True)
         if config is None:
@@ -364,27 +352,12 @@ def measured_warm_start_configs(
         loss = checked(config)
         if predicted <= 0 or loss <= MISS_FACTOR * predicted:
             break  # the prediction holds, or there is no Ω to correct
-        fresh = [c for c in _choices_of(choices, config, safest) if c not in alone]
-        for name, value in fresh:
-            single = config_from_params(choices, {**to_params(choices, safest), name: value})
-            # Kept apart from the answers: a single change from the safest is no warm start.
-            table[name][value] = max(table[name][value], 2.0 * finite(single))
-            alone.add((name, value))
-        if not fresh:
-            _scale_choices(spec, table, config, loss / predicted)
+        _scale_choices(spec, table, config, loss / predicted)
     ranked = sorted(
         measured.items(),
         key=lambda item: max(item[1], perturbation(spec, omega, item[0]) / 2),
     )
     return ranked[:n]
-
-
-def _choices_of(
-    choices: Choices, config: QuantConfig, safest: QuantConfig
-) -> list[tuple[str, Any]]:
-    """The searched (parameter, value) choices of ``config`` that differ from ``safest``."""
-    values = to_params(choices, config)
-    return [(name, v) for name, v in values.items() if v != config_value(safest, name)]
 
 
 def _scale_choices(
