@@ -169,10 +169,7 @@ class TorchFace:
             ValueError: If ``config`` does not fit the space, or a width below 1 is requested
                 without ``example_inputs``.
         """
-        from optuna_ctpe.nn.apply import configured_copy
-
-        config = check_config(self._spec, config)
-        return configured_copy(model, self._spec.layers, config, example_inputs, quantize=True)
+        return self._configured_copy(model, config, example_inputs, quantize=True)
 
     def applied(
         self,
@@ -227,10 +224,15 @@ class TorchFace:
             ValueError: If ``config`` does not fit the space, or a width below 1 is requested
                 without ``example_inputs``.
         """
+        return self._configured_copy(model, config, example_inputs, quantize=False)
+
+    def _configured_copy(
+        self, model: torch.nn.Module, config: QuantConfig, example_inputs: Any, *, quantize: bool
+    ) -> torch.nn.Module:
         from optuna_ctpe.nn.apply import configured_copy
 
         config = check_config(self._spec, config)
-        return configured_copy(model, self._spec.layers, config, example_inputs, quantize=False)
+        return configured_copy(model, self._spec.layers, config, example_inputs, quantize=quantize)
 
     def save_packed(
         self,
