@@ -61,6 +61,7 @@ from optuna_ctpe.nn.traces import LossFn
 from optuna_ctpe.nn.traces import progress_bar
 from optuna_ctpe.nn.traces import RunningStats
 from optuna_ctpe.nn.traces import setup
+from optuna_ctpe.nn.traces import stop_after_round
 from optuna_ctpe.nn.traces import traced
 
 
@@ -146,9 +147,7 @@ def ggn_traces(
             factor = factors[b]
             curved = curved or factor.rank > 0
             stats.add(squared_vjp_norms(outputs, run.weights, factor, generator).unsqueeze(0))
-            worst = stats.worst_relative_stderr()
-            update(worst, 1)
-            if stats.n >= min_probes and (k + 1) % n_batches == 0 and worst < rtol:
+            if stop_after_round(stats, k, n_batches, min_probes, rtol, update):
                 break
     if not curved:
         raise ValueError(

@@ -28,6 +28,7 @@ from optuna_ctpe.nn.traces import LossFn
 from optuna_ctpe.nn.traces import progress_bar
 from optuna_ctpe.nn.traces import RunningStats
 from optuna_ctpe.nn.traces import setup
+from optuna_ctpe.nn.traces import stop_after_round
 from optuna_ctpe.nn.traces import traced
 from optuna_ctpe.nn.traces import twice_differentiable
 
@@ -104,9 +105,7 @@ def hutchinson_traces(
             probes = [rademacher(w, generator) for w in weights]
             with twice_differentiable():
                 stats.add(block_quadratic_forms(grads, weights, probes).unsqueeze(0))
-            worst = stats.worst_relative_stderr()
-            update(worst, 1)
-            if stats.n >= min_probes and (k + 1) % n_batches == 0 and worst < rtol:
+            if stop_after_round(stats, k, n_batches, min_probes, rtol, update):
                 break
     return stats.result(run.names, weights)
 

@@ -40,6 +40,7 @@ from optuna_ctpe.nn.traces import LossFn
 from optuna_ctpe.nn.traces import progress_bar
 from optuna_ctpe.nn.traces import RunningStats
 from optuna_ctpe.nn.traces import setup
+from optuna_ctpe.nn.traces import stop_after_round
 from optuna_ctpe.nn.traces import traced
 from optuna_ctpe.nn.traces import twice_differentiable
 
@@ -127,9 +128,7 @@ def split_traces(
             with twice_differentiable():
                 residual = block_quadratic_forms(residual_grads, weights, probes)
             stats.add((gauss_newton + residual.cpu()).unsqueeze(0))
-            worst = stats.worst_relative_stderr()
-            update(worst, 1)
-            if stats.n >= min_probes and (k + 1) % n_batches == 0 and worst < rtol:
+            if stop_after_round(stats, k, n_batches, min_probes, rtol, update):
                 break
     return stats.result(run.names, weights)
 

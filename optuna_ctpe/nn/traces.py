@@ -308,6 +308,23 @@ def progress_bar(label: str, total: int, enabled: bool) -> Iterator[Callable[[fl
         yield update
 
 
+def stop_after_round(
+    stats: RunningStats,
+    k: int,
+    n_batches: int,
+    min_probes: int,
+    rtol: float,
+    update: Callable[[float, int], None],
+) -> bool:
+    """Report probe ``k`` (0-based) to the progress bar and say whether the relative-error stop
+    holds: at least ``min_probes`` probes and every layer's ``stderr / |trace|`` below ``rtol``,
+    checked only after complete rounds over the ``n_batches`` batches, so that every batch
+    weighs the same in the estimate. The one stop rule of the round-robin estimators."""
+    worst = stats.worst_relative_stderr()
+    update(worst, 1)
+    return stats.n >= min_probes and (k + 1) % n_batches == 0 and worst < rtol
+
+
 class RunningStats:
     """Mean and variance of per-layer estimates, merged batch-wise (Chan et al.) in float64."""
 
