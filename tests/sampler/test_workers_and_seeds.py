@@ -14,12 +14,12 @@ import pytest
 from optuna_ctpe import ClusterTPESampler
 
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _worker import objective  # noqa: E402
 from _worker import storage_for  # noqa: E402
 
 
-WORKER = str(Path(__file__).parent / "_worker.py")
+WORKER = str(Path(__file__).resolve().parents[1] / "_worker.py")
 
 
 def run_seeded(seed: int, n_trials: int = 30) -> list[dict]:

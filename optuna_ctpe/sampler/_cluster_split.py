@@ -1,7 +1,8 @@
 """The cluster split: which observed results feed l(x) and which feed g(x).
 
 Pure numpy (plus scikit-learn's k-means): values in, index sets out. Nothing here knows about
-Optuna trials; :mod:`optuna_ctpe.sampler` turns trials into the ``scores`` used here.
+Optuna trials; :func:`optuna_ctpe.sampler._grouping.complete_scores` turns trials into the
+``scores`` used here.
 
 Our interpretation of arXiv:2308.06422
 --------------------------------------

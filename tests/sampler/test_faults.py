@@ -30,8 +30,8 @@ from conftest import POSTGRES_ENV
 from optuna_ctpe import ClusterTPESampler
 
 
-WORKER = str(Path(__file__).parent / "_load_worker.py")
-REPO = Path(__file__).resolve().parent.parent
+WORKER = str(Path(__file__).resolve().parents[1] / "_load_worker.py")
+REPO = Path(__file__).resolve().parents[2]
 INTERVAL, GRACE = 1, 4
 
 

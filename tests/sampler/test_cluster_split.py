@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optuna_ctpe._split import cluster_split
-from optuna_ctpe._split import quantile_split
-from optuna_ctpe._split import transform
+from optuna_ctpe.sampler._cluster_split import cluster_split
+from optuna_ctpe.sampler._cluster_split import quantile_split
+from optuna_ctpe.sampler._cluster_split import transform
 
 
 def split(scores, **kwargs):

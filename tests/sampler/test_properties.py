@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from optuna_ctpe import _optuna_compat as compat
 from optuna_ctpe import ClusterTPESampler
-from optuna_ctpe._split import cluster_split
+from optuna_ctpe.sampler._cluster_split import cluster_split
 
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -17,7 +17,7 @@ import pytest
 
 from optuna_ctpe import _optuna_compat as compat
 from optuna_ctpe import ClusterTPESampler
-from optuna_ctpe._grouping import params_with_published
+from optuna_ctpe.sampler._grouping import params_with_published
 
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

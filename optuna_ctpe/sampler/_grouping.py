@@ -2,7 +2,8 @@
 
 Module-level functions of trials, as Optuna's ``_split_trials`` is for its TPE: the sampler
 decides *which* trials it reads (constant liar or not) and this module decides where each one
-goes. The cluster split itself (values in, index sets out) lives in :mod:`optuna_ctpe._split`.
+goes. The cluster split itself (values in, index sets out) lives in
+:mod:`optuna_ctpe.sampler._cluster_split`.
 
 Where a trial goes:
 
@@ -34,13 +35,13 @@ from optuna.trial import TrialState
 
 from optuna_ctpe import _attrs
 from optuna_ctpe import _optuna_compat as compat
-from optuna_ctpe._split import cluster_split
-from optuna_ctpe._split import quantile_split
-from optuna_ctpe._split import Split
-from optuna_ctpe._split import Transform
-from optuna_ctpe._split import TRANSFORMS
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe._validation import check_real
+from optuna_ctpe.sampler._cluster_split import cluster_split
+from optuna_ctpe.sampler._cluster_split import quantile_split
+from optuna_ctpe.sampler._cluster_split import Split
+from optuna_ctpe.sampler._cluster_split import Transform
+from optuna_ctpe.sampler._cluster_split import TRANSFORMS
 
 
 def default_max_good(n_finished: int) -> int:
@@ -77,7 +78,7 @@ def grouping_rule(
 
     Args:
         n_clusters: An integer >= 2 or ``"auto"``.
-        transform: One of :data:`optuna_ctpe._split.TRANSFORMS`.
+        transform: One of :data:`optuna_ctpe.sampler._cluster_split.TRANSFORMS`.
         max_good: A callable from the number of finished trials to an int, or ``None``.
         near_miss_weight: A number in [0, 1].
         middle_weight: A number in [0, 1].

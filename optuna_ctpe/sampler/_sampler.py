@@ -2,8 +2,9 @@
 
 This module holds the sampler protocol (start-up, relative and independent sampling, constant
 liar publishing), the candidates and duplicate avoidance. Which trials feed l(x) and g(x) is
-decided in :mod:`optuna_ctpe._grouping`, the cluster split in :mod:`optuna_ctpe._split`, and the
-Parzen estimator with priors in :mod:`optuna_ctpe._parzen`.
+decided in :mod:`optuna_ctpe.sampler._grouping`, the cluster split in
+:mod:`optuna_ctpe.sampler._cluster_split`, and the Parzen estimator with priors in
+:mod:`optuna_ctpe.sampler._parzen`.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from optuna_ctpe import _attrs
-from optuna_ctpe import _grouping
 from optuna_ctpe import _optuna_compat as compat
-from optuna_ctpe._grouping import default_max_good
-from optuna_ctpe._grouping import GroupedTrials
-from optuna_ctpe._parzen import normalise_priors
-from optuna_ctpe._parzen import PriorParzenEstimator
-from optuna_ctpe._split import Transform
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe._validation import check_real
+from optuna_ctpe.sampler import _grouping
+from optuna_ctpe.sampler._cluster_split import Transform
+from optuna_ctpe.sampler._grouping import default_max_good
+from optuna_ctpe.sampler._grouping import GroupedTrials
+from optuna_ctpe.sampler._parzen import normalise_priors
+from optuna_ctpe.sampler._parzen import PriorParzenEstimator
 
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from optuna_ctpe import optunahub as hub
 
 
 optunahub = pytest.importorskip("optunahub")
-REPO_LICENSE = Path(__file__).resolve().parents[1] / "LICENSE"
+REPO_LICENSE = Path(__file__).resolve().parents[2] / "LICENSE"
 
 
 @pytest.fixture
