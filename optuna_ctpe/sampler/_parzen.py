@@ -150,7 +150,8 @@ class ParzenEstimator(NamedTuple):
         return {name: samples[name] for name in self.kernels}
 
     def log_pdf(self, samples: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Log density (log probability mass on grids) of each configuration.
+        """Log density of each configuration: over the (log) scale of each numerical parameter,
+        as probability mass on grids and for categorical parameters.
 
         Args:
             samples: Parameter name -> ``(n,)`` values, for every parameter of the estimator.
