@@ -331,7 +331,8 @@ def _log_grid_mass(x: np.ndarray, kernels: NumericalKernels) -> np.ndarray:
     cell = _truncnorm.log_gauss_mass(
         (left[:, np.newaxis] - mu) / sigma, (right[:, np.newaxis] - mu) / sigma
     )
-    return cell - _truncnorm.log_gauss_mass((kernels.low - mu) / sigma, (kernels.high - mu) / sigma)
+    total = _truncnorm.log_gauss_mass((kernels.low - mu) / sigma, (kernels.high - mu) / sigma)
+    return cell - total
 
 
 def _log_sum_exp(a: np.ndarray) -> np.ndarray:

@@ -33,7 +33,8 @@ def log_gauss_mass(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     left = b <= 0
     right = a > 0
     central = ~(left | right)
-    # In the right tail, mirror the interval into the left one: Phi(b) - Phi(a) = Phi(-a) - Phi(-b).
+    # In the right tail, mirror the interval into the left one:
+    # Phi(b) - Phi(a) = Phi(-a) - Phi(-b).
     out[left] = _log_diff(special.log_ndtr(b[left]), special.log_ndtr(a[left]))
     out[right] = _log_diff(special.log_ndtr(-a[right]), special.log_ndtr(-b[right]))
     out[central] = np.log1p(-special.ndtr(a[central]) - special.ndtr(-b[central]))
