@@ -3,9 +3,9 @@
 TPE (Bergstra et al. 2011, "Algorithms for Hyper-Parameter Optimization", Sec. 4) models the good
 and the bad trials by Parzen estimators; Watanabe 2023 ("Tree-Structured Parzen Estimator:
 Understanding Its Algorithm Components and Their Roles for Better Empirical Performance",
-arXiv:2304.11127, Sec. 3) describes the components Optuna implements. This module is our own copy
-of Optuna 5.0's multivariate estimator (``optuna/samplers/_tpe/parzen_estimator.py`` and
-``probability_distributions.py``), with the options ClusterTPE fixes taken out and one added:
+arXiv:2304.11127, Sec. 3) describes the components Optuna implements. This module is our own
+implementation of the estimator Optuna 5.0 computes (``optuna/samplers/_tpe/parzen_estimator.py``
+and ``probability_distributions.py``), with the options ClusterTPE fixes taken out and one added:
 
 * **Mixture weights.** Observation ``i`` has weight ``w_i`` (:func:`default_weights` unless given)
   and the prior kernel ``prior_weight``, normalised to sum to one.
@@ -17,7 +17,7 @@ of Optuna 5.0's multivariate estimator (``optuna/samplers/_tpe/parzen_estimator.
   to ``[(high - low) / min(100, n + 2), high - low]`` (the "magic clip", with ``n + 1`` kernels
   counting the prior). The prior kernel sits at the midpoint with bandwidth ``high - low``.
 * **Categorical kernels**: observation ``i`` puts mass ``1`` on its choice plus
-  ``prior_weight / (n + 1)`` spread over all choices, normalised; the prior kernel is uniform.
+  ``prior_weight / (n + 1)`` on every choice, normalised; the prior kernel is uniform.
   Where ``prior_probs`` gives a parameter's choice probabilities ``p``, the spread mass and the
   prior kernel follow ``p`` instead (``n_choices * p_c * prior_weight / (n + 1)`` on choice
   ``c``), so the search leans on ``p`` while few trials are observed and the observations take
