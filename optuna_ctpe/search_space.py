@@ -372,8 +372,8 @@ class HessianSearchSpace(TorchFace):
         :meth:`loss_increase`), every answer is measured; a joint answer that loses more than
         twice its prediction has its choices measured alone and repriced (or, when they all
         were, scaled to the measurement) and is solved again; and the configurations come back
-        ranked by their measured increase (:func:`optuna_ctpe.space.warm_start.
-        measured_warm_start_configs`)::
+        ranked by their measured increase
+        (:func:`~optuna_ctpe.space.warm_start.measured_warm_start_configs`)::
 
             measure = space.loss_increase(model, loss_fn, batches, example_inputs)
             for params in space.warm_starts(size_ratio=1 / 16, measure=measure):
