@@ -192,8 +192,9 @@ class HessianSearchSpace(TorchFace):
 
     @property
     def uncertain_layers(self) -> list[str]:
-        """Layers whose trace cannot be told from zero (:func:`~optuna_ctpe.space.pruning.
-        uncertain_layers`); the rule keeps only their safer choices."""
+        """Layers whose trace cannot be told from zero
+        (:func:`~optuna_ctpe.space.pruning.uncertain_layers`); the rule keeps only their safer
+        choices."""
         return pruning.uncertain_layers(self._spec)
 
     @property
@@ -223,7 +224,7 @@ class HessianSearchSpace(TorchFace):
 
     @property
     def omega(self) -> Mapping[str, Mapping[Any, float]]:
-        """Parameter name -> {choice: Ω} over the full grid (before pruning)."""
+        """Parameter name -> ``{choice: Ω}`` over the full grid (before pruning)."""
         return types.MappingProxyType({name: dict(table) for name, table in self._omega.items()})
 
     @property
