@@ -261,7 +261,9 @@ def as_format(value: Any, what: str = "format") -> WeightFormat:
             return parse_format(value)
         except ValueError as error:
             raise ValueError(f"{what}: {error}") from None
-    raise ValueError(f"{what} must be a WeightFormat, a format name or a bit-width, got {value!r}.")
+    raise ValueError(
+        f"{what} must be a WeightFormat, a format name or a bit-width, got {value!r}."
+    )
 
 
 def format_to_json(fmt: WeightFormat) -> str:
