@@ -24,8 +24,8 @@ What this implementation decides where the paper or its reference code leaves ro
   code sets such columns to 0; that changes the layer on inputs calibration did not show.)
 * Grids: a per-channel grid is fitted once on the whole row before the sweep (as the reference
   code does); a group's grid is fitted when the sweep reaches the group's first column, on the
-  group's weights as updated so far (columns past the current block lack the block's pending
-  update, as in the reference code).
+  group's weights as updated by every column rounded before (the reference code omits the
+  current block's pending update there, which makes its grids depend on the block size).
 * Activation order (``act_order``, the reference's ``--act-order``): columns are swept by
   decreasing ``H_ii``. With groups, the groups stay the contiguous input ranges of the format
   (what ``MatMulNBits`` and a packed file store, no permutation index) and their grids are
@@ -292,8 +292,10 @@ def gptq_rows(
             for i in range(i2 - i1):
                 j = i1 + i
                 if fit is None and j % group == 0:
-                    # A group's grid, fitted on its weights as updated so far.
-                    columns = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group]
+                    # A group's grid, fitted on its weights as updated by every column
+                    # rounded before it: those past this block get its pending update now.
+                    ahead = W[:, i2 : j + group] - E1[:, :i] @ U[i1:j, i2 : j + group]
+                    columns = torch.cat([W1[:, i:], ahead], 1)[:, :group]
                     s, z = fit_rows(columns, fmt)
                     scale[:, j : j + group] = s[:, None]
                     zero[:, j : j + group] = z[:, None]
