@@ -4,7 +4,8 @@ per layer for the time of a ``with`` block.
 :class:`FormatQuantizer` is the per-search store. Round to nearest on any grid
 (:func:`optuna_ctpe.nn.grids.fake_quantize`) is computed on first request; GPTQ formats
 (:mod:`optuna_ctpe.nn.gptq`) need each layer's input Hessian, which the quantizer collects for
-every GPTQ-capable layer in *one* pass over the calibration batches, on the first GPTQ request.
+every GPTQ-capable layer in *one* pass over the calibration batches, on the first GPTQ request,
+and factorises once per layer (:func:`~optuna_ctpe.nn.gptq.hessian_factor`) for all formats.
 Every result is kept (least recently used dropped beyond ``max_bytes``), so a search that draws
 formats per trial pays each (layer, format) once, and a trial then costs what a bit-width trial
 costs with :class:`optuna_ctpe.nn.apply.WeightCache`: a swap of parameter storages
@@ -40,6 +41,8 @@ from optuna_ctpe.nn.gptq import collect_hessians
 from optuna_ctpe.nn.gptq import GPTQSettings
 from optuna_ctpe.nn.gptq import gptq_rows
 from optuna_ctpe.nn.gptq import gptq_unsupported
+from optuna_ctpe.nn.gptq import hessian_factor
+from optuna_ctpe.nn.gptq import HessianFactor
 from optuna_ctpe.nn.gptq import InputHessian
 from optuna_ctpe.nn.grids import as_rows
 from optuna_ctpe.nn.grids import fake_quantize
@@ -109,6 +112,7 @@ class FormatQuantizer:
         self._forward = forward
         self._layer_names = None if layers is None else list(layers)
         self._hessians: dict[str, InputHessian] | None = None
+        self._factors: dict[str, HessianFactor] = {}
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._nbytes = 0
 
@@ -186,7 +190,11 @@ class FormatQuantizer:
         if reason is not None:
             self._fallback(layer, fmt, f"{reason}: rounded to nearest on the same grid")
             return fake_quantize(weight, fmt, layer.out_axis)
-        q, _ = gptq_rows(rows, hessians[layer.name].matrix(), fmt, self.settings)
+        factor = self._factors.get(layer.name)
+        if factor is None:
+            factor = hessian_factor(hessians[layer.name].matrix(), self.settings)
+            self._factors[layer.name] = factor
+        q, _ = gptq_rows(rows, factor, fmt, self.settings)
         return from_rows(q, weight, layer.out_axis)
 
     def _fallback(self, layer: LayerWeight, fmt: WeightFormat, what: str) -> None:
@@ -208,6 +216,7 @@ class FormatQuantizer:
         self._entries.clear()
         self._nbytes = 0
         self._hessians = None
+        self._factors.clear()
 
 
 @contextlib.contextmanager

@@ -68,10 +68,12 @@ from optuna_ctpe.space.formats import WeightFormat
 
 __all__ = [
     "GPTQSettings",
+    "HessianFactor",
     "InputHessian",
     "collect_hessians",
     "gptq_rows",
     "gptq_unsupported",
+    "hessian_factor",
     "layer_input_rows",
 ]
 
@@ -228,9 +230,59 @@ def _adder(hessian: InputHessian) -> Callable[[nn.Module, tuple[Any, ...]], None
     return hook
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ needs of ``H``, whatever the format: the sweep order and the upper Cholesky
+    factor of the damped ``H⁻¹`` in that order. Computed once per layer
+    (:func:`hessian_factor`, ``O(n³)``) and shared by every format of the layer.
+
+    Attributes:
+        upper: ``(n, n)`` float32, upper triangular.
+        perm: The sweep order (a permutation of the inputs), or None for the natural order.
+    """
+
+    upper: torch.Tensor
+    perm: torch.Tensor | None
+
+
+def hessian_factor(
+    hessian: torch.Tensor, settings: GPTQSettings = GPTQSettings()
+) -> HessianFactor:
+    """The :class:`HessianFactor` of ``H`` = ``hessian`` under ``settings``.
+
+    Args:
+        hessian: ``(n, n)``, symmetric positive semi-definite (:meth:`InputHessian.matrix`).
+        settings: Damping and column order (the block size is not read).
+
+    Raises:
+        ValueError: If ``hessian`` is not square, or the damped ``H`` is not positive definite
+            (raise ``percdamp``).
+    """
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be a square matrix, got shape {tuple(hessian.shape)}.")
+    with torch.no_grad():
+        H = hessian.detach().to(torch.float64).clone()
+        dead = torch.diagonal(H) == 0
+        H[dead, dead] = 1.0
+        perm = None
+        if settings.act_order:
+            perm = torch.argsort(torch.diagonal(H), descending=True)
+            H = H[perm][:, perm]
+        # Damping (Section 4), then the upper Cholesky factor of H⁻¹ (Section 3, Step 3).
+        H.diagonal().add_(settings.percdamp * torch.diagonal(H).mean())
+        chol, info = torch.linalg.cholesky_ex(H)
+        if int(info) != 0:
+            raise ValueError(
+                f"the damped H is not positive definite (percdamp={settings.percdamp}); "
+                "raise percdamp."
+            )
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+        return HessianFactor(upper=upper, perm=perm)
+
+
 def gptq_rows(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianFactor,
     fmt: WeightFormat,
     settings: GPTQSettings = GPTQSettings(),
 ) -> tuple[torch.Tensor, GridFit]:
@@ -238,7 +290,9 @@ def gptq_rows(
 
     Args:
         w: The weight as rows (:func:`~optuna_ctpe.nn.grids.as_rows`), float32.
-        hessian: ``(n, n)``, symmetric positive semi-definite (:meth:`InputHessian.matrix`).
+        hessian: ``H``, ``(n, n)`` symmetric positive semi-definite
+            (:meth:`InputHessian.matrix`), or its :class:`HessianFactor` (computed with the
+            same ``settings``), which saves the ``O(n³)`` factorisation.
         fmt: A quantized format (its rounding is not read: this is the GPTQ rounding).
         settings: Damping, block size and column order.
 
@@ -250,38 +304,28 @@ def gptq_rows(
             not positive definite (raise ``percdamp``).
     """
     rows, n = w.shape
-    if hessian.shape != (n, n):
+    matrix = hessian.upper if isinstance(hessian, HessianFactor) else hessian
+    if tuple(matrix.shape) != (n, n):
         raise ValueError(
-            f"hessian must be {n} x {n} for rows of {n} inputs, got {tuple(hessian.shape)}."
+            f"hessian must be {n} x {n} for rows of {n} inputs, got {tuple(matrix.shape)}."
         )
     if not fmt.quantized:
         raise ValueError(f"format {fmt.name!r} has no integer grid to round to.")
+    factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, settings)
     with torch.no_grad():
         W = w.detach().float().clone()
-        H = hessian.detach().to(W.device, torch.float64).clone()
-        dead = torch.diagonal(H) == 0
-        H[dead, dead] = 1.0
         group = n if fmt.group_size is None else min(fmt.group_size, n)
         # Per-channel grids, and static groups under act-order, are fitted before the sweep.
-        static = fmt.group_size is None or settings.act_order
+        static = fmt.group_size is None or factor.perm is not None
         fit = fit_grid(W, fmt) if static else None
         scale = torch.empty_like(W)
         zero = torch.empty_like(W)
         if fit is not None:
             scale[:], zero[:] = fit.columns(n)
-        perm = None
-        if settings.act_order:
-            perm = torch.argsort(torch.diagonal(H), descending=True)
-            W, H, scale, zero = W[:, perm], H[perm][:, perm], scale[:, perm], zero[:, perm]
-        # Damping (Section 4), then the upper Cholesky factor of H⁻¹ (Section 3, Step 3).
-        H.diagonal().add_(settings.percdamp * torch.diagonal(H).mean())
-        chol, info = torch.linalg.cholesky_ex(H)
-        if int(info) != 0:
-            raise ValueError(
-                f"the damped H is not positive definite (percdamp={settings.percdamp}); "
-                "raise percdamp."
-            )
-        U = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+        perm = None if factor.perm is None else factor.perm.to(W.device)
+        if perm is not None:
+            W, scale, zero = W[:, perm], scale[:, perm], zero[:, perm]
+        U = factor.upper.to(W.device)
         Q = torch.empty_like(W)
         B = settings.block_size
         for i1 in range(0, n, B):  # Algorithm 1, outer loop over blocks of B columns
