@@ -36,6 +36,7 @@ Run ``nice python benchmarks/format_quality.py [--resnet18]`` from the repositor
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resnet18", action="store_true", help="also time GPTQ on resnet18")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     quality, trial = _minilm(args.trials, args.seed)
     header = report_header(
         "Weight formats: quality, one-time quantization cost, per-trial cost",
@@ -213,6 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     parts += ["## Per-trial cost on MiniLM", trial]
     if args.resnet18:
         parts += ["## GPTQ one-time cost on resnet18 (64 images 3x32x32)", _resnet18(args.seed)]
+    parts += [
+        f"Machine load (1-minute average) at the start: {load_before:.1f}, at the end: "
+        f"{os.getloadavg()[0]:.1f}, on {os.cpu_count()} CPUs. Times scale with it; the ratios "
+        "within one run (per trial / evaluate) do not."
+    ]
     text = "\n\n".join(parts) + "\n"
     print(text)
     (RESULTS_DIR / "format_quality.md").write_text(text)

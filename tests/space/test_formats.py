@@ -203,3 +203,14 @@ def test_pricing_refuses_unknown_shapes_and_bad_names() -> None:
     with pytest.raises(ValueError, match=r"formats\['fc'\]: format name 'int4'"):
         size_bits_formats(spec, {"conv": 4, "fc": "int4"})
     assert math.isfinite(size_bits_formats(spec, {"conv": 4, "fc": "int4-pc-sym-rtn"}))
+
+
+def test_formats_import_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import optuna_ctpe.space.formats, optuna_ctpe.space.size; "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
