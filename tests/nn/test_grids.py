@@ -114,3 +114,28 @@ def test_float_formats() -> None:
     assert torch.equal(fake_quantize(w, parse_format("fp16")), w.half().float())
     with pytest.raises(ValueError, match="has no integer grid"):
         fit_grid(w, parse_format("fp16"))
+
+
+@pytest.mark.parametrize(
+    "name", ["int4-pc-sym-rtn", "int3-pc-asym-rtn", "int4-g128-asym-rtn", "int3-g32-fullsym-rtn"]
+)
+def test_what_a_file_stores_is_the_accounted_size(name: str) -> None:
+    # Codes and zero points bit-packed at `bits`, scales at their stored precision: the bytes
+    # are format_bits / 8, plus under one byte of padding per packed stream.
+    np = pytest.importorskip("numpy")
+    from optuna_ctpe.deploy.packing import pack_signed
+    from optuna_ctpe.space.formats import format_bits
+
+    fmt = parse_format(name)
+    w = torch.randn(48, 300, generator=torch.Generator().manual_seed(4))
+    codes, fit = weight_codes(w, fmt)
+    offset = 2 ** (fmt.bits - 1) if fmt.grid == "asym" else 0  # unsigned codes as signed
+    streams = [pack_signed(codes.numpy() - offset, fmt.bits)]
+    if fmt.grid == "asym":
+        streams.append(pack_signed(fit.zero.to(torch.int32).numpy() - offset, fmt.bits))
+    dtype = np.float32 if fmt.group_size is None else np.float16
+    scales = fit.scale.numpy().astype(dtype)
+    assert np.array_equal(scales.astype(np.float32), fit.scale.numpy())  # stored exactly
+    stored = sum(s.nbytes for s in streams) + scales.nbytes
+    accounted = format_bits(fmt, 48, 300) / 8
+    assert accounted <= stored < accounted + len(streams)
