@@ -140,15 +140,21 @@ class FormatQuantizer:
             self._hessians = collect_hessians(self.model, layers, self._batches, self._forward)
         return self._hessians
 
-    def get(self, layer: LayerWeight, fmt: WeightFormat | str | int) -> torch.Tensor:
+    def get(self, layer: LayerWeight | str, fmt: WeightFormat | str | int) -> torch.Tensor:
         """``layer``'s weight in ``fmt``: a tensor of the weight's shape, dtype and layout
         holding the dequantized values, from the store when it holds them for the weight as it
         is now.
 
         Args:
-            layer: A layer of the model (:func:`~optuna_ctpe.nn.layers.resolve_layers`).
+            layer: A layer of the model, or its name
+                (:func:`~optuna_ctpe.nn.layers.resolve_layers`).
             fmt: A format, its name, or a bit-width (the legacy format).
+
+        Raises:
+            ValueError: On an unknown layer or a bad format.
         """
+        if isinstance(layer, str):
+            layer = resolve_layers(self.model, [layer], "layer")[layer]
         fmt = as_format(fmt, f"the format of layer {layer.name!r}")
         key = (layer.param_name, fmt.name)
         weight = layer.weight

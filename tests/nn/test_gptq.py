@@ -282,6 +282,9 @@ def test_legacy_formats_are_todays_weights() -> None:
         expected = quantize_weight(layer.weight.detach(), bits, layer.out_axis)
         assert torch.equal(quantizer.get(layer, bits), expected)
         assert torch.equal(quantizer.get(layer, f"int{bits}-pc-sym-rtn"), expected)
+        assert quantizer.get("gpt", bits) is quantizer.get(layer, bits)  # by name, the same
+    with pytest.raises(ValueError, match="layer names layers the model lacks"):
+        quantizer.get("nope", 4)
 
 
 def test_fallbacks_are_reported() -> None:
