@@ -117,9 +117,10 @@ def _stored_scale(scale: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
 
 
 def fit_grid(w: torch.Tensor, fmt: WeightFormat) -> GridFit:
-    """Scales and zero points of every row and group of the ``(rows, inputs)`` matrix ``w``
-    (groups longer than a row become one group per row, :func:`~optuna_ctpe.space.formats.
-    group_fallback`).
+    """Scales and zero points of every row and group of the ``(rows, inputs)`` matrix ``w``.
+
+    Groups longer than a row become one group per row
+    (:func:`~optuna_ctpe.space.formats.group_fallback`).
 
     Raises:
         ValueError: If ``fmt`` is a float format.
