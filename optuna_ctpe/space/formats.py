@@ -85,8 +85,9 @@ ROUNDINGS = ("rtn", "gptq")
 FORMAT_SCHEMA = "optuna-ctpe/weight-format"
 #: The version of that document this module writes and reads.
 FORMAT_SCHEMA_VERSION = 1
-#: Bits of a stored scale: float32 per channel (today's packed files), float16 per group.
+#: The bits of each stored scale of a per-channel format (float32, as today's packed files).
 CHANNEL_SCALE_BITS = 32
+#: The bits of each stored scale of a grouped format (float16, as ``MatMulNBits`` takes them).
 GROUP_SCALE_BITS = 16
 _FLOAT_BITS = (16, 32)
 
@@ -161,14 +162,14 @@ class WeightFormat:
 
     @property
     def scale_bits(self) -> int:
-        """Bits of each stored scale: 32 per channel, 16 per group, 0 for a float format."""
+        """The bits of each stored scale (32 per channel, 16 per group, 0 for a float format)."""
         if not self.quantized:
             return 0
         return CHANNEL_SCALE_BITS if self.group_size is None else GROUP_SCALE_BITS
 
     @property
     def zero_bits(self) -> int:
-        """Bits of each stored zero point: ``bits`` for ``"asym"``, else 0."""
+        """The bits of each stored zero point (``bits`` for ``"asym"``, else 0)."""
         return self.bits if self.grid == "asym" else 0
 
     @property
