@@ -85,7 +85,8 @@ class FormatQuantizer:
         layers: Names of the layers whose Hessians are collected (memory: ``n²`` float32 per
             layer of rows of ``n`` inputs); None collects every GPTQ-capable layer of
             :func:`~optuna_ctpe.nn.layers.model_layers`.
-        settings: GPTQ's damping, block size and column order.
+        settings: GPTQ's damping, block size and column order; None for the defaults of
+            :class:`~optuna_ctpe.nn.gptq.GPTQSettings`.
         max_bytes: The most bytes of quantized tensors kept, an integer >= 0.
 
     Attributes:
@@ -99,11 +100,13 @@ class FormatQuantizer:
         calibration_batches: Iterable[Any] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         layers: Iterable[str] | None = None,
-        settings: GPTQSettings = GPTQSettings(),
+        settings: GPTQSettings | None = None,
         max_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
-        if not isinstance(settings, GPTQSettings):
-            raise ValueError(f"settings must be a GPTQSettings, got {settings!r}.")
+        if settings is None:
+            settings = GPTQSettings()
+        elif not isinstance(settings, GPTQSettings):
+            raise ValueError(f"settings must be a GPTQSettings or None, got {settings!r}.")
         self.model = model
         self.settings = settings
         self.max_bytes = check_integer(max_bytes, "max_bytes", minimum=0)

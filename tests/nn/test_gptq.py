@@ -20,6 +20,7 @@ from optuna_ctpe.nn.gptq import gptq_rows  # noqa: E402
 from optuna_ctpe.nn.gptq import hessian_factor  # noqa: E402
 from optuna_ctpe.nn.gptq import InputHessian  # noqa: E402
 from optuna_ctpe.nn.gptq import layer_input_rows  # noqa: E402
+from optuna_ctpe.nn.grids import as_rows  # noqa: E402
 from optuna_ctpe.nn.grids import fake_quantize  # noqa: E402
 from optuna_ctpe.nn.grids import quantize_codes  # noqa: E402
 from optuna_ctpe.nn.layers import model_layers  # noqa: E402
@@ -335,3 +336,29 @@ def test_a_changed_weight_is_quantized_again() -> None:
     second = quantizer.get(layer, "int3-g8-asym-rtn")
     assert torch.equal(second, fake_quantize(net.fc.weight, parse_format("int3-g8-asym-rtn")))
     assert not torch.equal(first, second)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gptq_on_cuda_matches_the_cpu() -> None:
+    net = Net()
+    batches = _batches()
+    formats = {"conv": "int3-g32-asym-gptq", "gpt": "int3-pc-sym-gptq", "fc": "int4-g8-asym-gptq"}
+    on_cpu = FormatQuantizer(net, calibration_batches=batches)
+    net_cuda = Net().cuda()
+    net_cuda.load_state_dict(net.state_dict())
+    on_cuda = FormatQuantizer(net_cuda, calibration_batches=[b.cuda() for b in batches])
+    for name, fmt in formats.items():
+        expected = on_cpu.get(name, fmt)
+        got = on_cuda.get(name, fmt)
+        assert got.device.type == "cuda"
+        # Equal up to float rounding (a level may flip at a decision boundary), and as good.
+        assert (got.cpu() != expected).float().mean() < 0.02
+        layer = model_layers(net)[name]
+        h = on_cpu.hessians()[name].matrix().float()
+        w = as_rows(layer.weight, layer.out_axis)
+
+        def error(q: torch.Tensor) -> float:
+            d = as_rows(q, layer.out_axis) - w  # noqa: B023
+            return float(torch.trace(d @ h @ d.T))  # noqa: B023
+
+        assert error(got.cpu()) <= 1.01 * error(expected)
