@@ -4,6 +4,10 @@
   Gauss-Newton and split (Gauss-Newton plus residual) traces (:mod:`~optuna_ctpe.nn.hutchinson`,
   :mod:`~optuna_ctpe.nn.fisher`, :mod:`~optuna_ctpe.nn.ggn`, :mod:`~optuna_ctpe.nn.split`);
 * :mod:`~optuna_ctpe.nn.quantize`: fake quantization, size and BOPs accounting;
+* :mod:`~optuna_ctpe.nn.grids`: the integer grids of weight formats (scales, zero points,
+  codes, round to nearest), :mod:`~optuna_ctpe.nn.gptq`: GPTQ's error-correcting rounding, and
+  :mod:`~optuna_ctpe.nn.formats`: each (layer, format) quantized once per search, and a format
+  per layer in place for a block;
 * :mod:`~optuna_ctpe.nn.width`: dependency-aware width groups and structured pruning, with
   attention heads as units (:mod:`~optuna_ctpe.nn.heads`);
 * :mod:`~optuna_ctpe.nn.measure`: a model -> the records a

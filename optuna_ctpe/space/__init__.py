@@ -9,6 +9,8 @@
 * :mod:`~optuna_ctpe.space.omega`: HAWQ-V2's sensitivity Ω of a choice;
 * :mod:`~optuna_ctpe.space.pruning`: the pruning rule and the prior weights;
 * :mod:`~optuna_ctpe.space.size`: size accounting and summed perturbation;
+* :mod:`~optuna_ctpe.space.formats`: weight formats (bits, groups, grid, rounding) as named
+  records, and their exact stored bits;
 * :mod:`~optuna_ctpe.space.warm_start`: the ILP warm starts (bits-only and joint);
 * :mod:`~optuna_ctpe.space.io`: versioned JSON and study attributes.
 

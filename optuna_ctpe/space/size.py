@@ -10,6 +10,12 @@ tensor records (:attr:`~optuna_ctpe.space.records.ParamTensor.scales`), which
 ``HessianSearchSpace.from_model`` fills in; records without it (spaces built from sensitivities
 alone, or saved before scales were counted) count no scales, so old studies keep their sizes.
 Buffers (batch-norm running statistics) are not counted.
+
+:func:`size_bits_formats` prices a weight format per layer
+(:class:`~optuna_ctpe.space.formats.WeightFormat`): each quantized tensor as an
+``(channels × inputs)`` matrix after pruning, its codes, scales and zero points at the
+precision stored (:func:`~optuna_ctpe.space.formats.format_bits`). A bit-width ``b`` there is
+the legacy format ``int{b}-pc-sym-rtn`` and is priced exactly as :func:`size_bits` prices it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from typing import Any
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe._validation import check_ratio
+from optuna_ctpe.space.formats import as_format
+from optuna_ctpe.space.formats import format_bits
+from optuna_ctpe.space.formats import legacy_format
 from optuna_ctpe.space.params import bits_param
 from optuna_ctpe.space.params import Choices
 from optuna_ctpe.space.params import extreme_config
@@ -68,6 +77,72 @@ def size_bits(spec: SpaceSpec, config: QuantConfig) -> int:
         + scales_after(spec, t, config.widths) * FLOAT_BITS
         for t in spec.tensors
     )
+
+
+def size_bits_formats(
+    spec: SpaceSpec, formats: Mapping[str, Any], widths: Mapping[str, float] | None = None
+) -> int:
+    """Exact storage of the model with a weight format per layer, pruned to ``widths``, in bits.
+
+    Each quantized tensor is priced by :func:`~optuna_ctpe.space.formats.format_bits` on its
+    ``(channels, inputs)`` shape after pruning (channels: its scale count; inputs: the rest),
+    every other tensor at 32 bits, as :func:`size_bits` does. With bit-widths (legacy formats)
+    the result equals :func:`size_bits` of the same configuration.
+
+    Example:
+        .. code-block:: python
+
+            from optuna_ctpe.space.records import LayerSensitivity, ParamTensor, make_spec
+            from optuna_ctpe.space.size import size_bits_formats
+
+            layer = LayerSensitivity("fc", 1.0, 384 * 384, {4: 1.0})
+            tensors = [ParamTensor("fc.weight", 384 * 384, "fc", scales=384)]
+            spec = make_spec([layer], [], tensors, [4], [1.0], 16.0, None)
+            size_bits_formats(spec, {"fc": "int4-g128-asym-rtn"}) / (384 * 384)  # 4.15625
+
+    Args:
+        spec: The space.
+        formats: Layer name -> format (a :class:`~optuna_ctpe.space.formats.WeightFormat`,
+            its name, or a bit-width), for exactly the space's layers.
+        widths: Group name -> width ratio for exactly the space's groups; None keeps every
+            group whole.
+
+    Raises:
+        ValueError: If ``formats`` or ``widths`` do not name exactly the space's layers and
+            groups, a format is bad, or a tensor recorded without its channel count (a space
+            built from sensitivities alone, or saved before scales were counted) is given a
+            format other than a bit-width: its shape is then unknown.
+    """
+    if not isinstance(formats, Mapping) or set(formats) != set(spec.layers):
+        got = sorted(formats) if isinstance(formats, Mapping) else formats
+        raise ValueError(f"formats must name exactly the layers {sorted(spec.layers)}, got {got}.")
+    checked = {name: as_format(f, f"formats[{name!r}]") for name, f in formats.items()}
+    widths = dict.fromkeys(spec.groups, 1.0) if widths is None else dict(widths)
+    if set(widths) != set(spec.groups):
+        raise ValueError(
+            f"widths must name exactly the groups {sorted(spec.groups)}, got {sorted(widths)}."
+        )
+    for name, w in widths.items():
+        check_ratio(w, f"widths[{name!r}]")
+    total = 0
+    for t in spec.tensors:
+        numel = numel_after(spec, t, widths)
+        if t.layer is None:
+            total += numel * FLOAT_BITS
+            continue
+        fmt = checked[t.layer]
+        if t.scales == 0:
+            if fmt != legacy_format(fmt.bits):
+                raise ValueError(
+                    f"tensor {t.name!r} was recorded without its channel count, so format "
+                    f"{fmt.name!r} of layer {t.layer!r} cannot be priced; give a bit-width, or "
+                    "measure the space with HessianSearchSpace.from_model."
+                )
+            total += numel * fmt.bits  # today's count for such records: no scales
+            continue
+        rows = scales_after(spec, t, widths)
+        total += format_bits(fmt, rows, numel // rows)
+    return total
 
 
 def smallest_size(spec: SpaceSpec, choices: Choices) -> int:

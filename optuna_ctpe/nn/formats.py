@@ -1,0 +1,287 @@
+"""Weight formats on a model: each (layer, format) quantized once, and a model with one format
+per layer for the time of a ``with`` block.
+
+:class:`FormatQuantizer` is the per-search store. Round to nearest on any grid
+(:func:`optuna_ctpe.nn.grids.fake_quantize`) is computed on first request; GPTQ formats
+(:mod:`optuna_ctpe.nn.gptq`) need each layer's input Hessian, which the quantizer collects for
+every GPTQ-capable layer in *one* pass over the calibration batches, on the first GPTQ request,
+and factorises once per layer (:func:`~optuna_ctpe.nn.gptq.hessian_factor`) for all formats.
+Every result is kept (least recently used dropped beyond ``max_bytes``), so a search that draws
+formats per trial pays each (layer, format) once, and a trial then costs what a bit-width trial
+costs with :class:`optuna_ctpe.nn.apply.WeightCache`: a swap of parameter storages
+(:func:`formats_in_place`).
+
+Fallbacks are never silent: a group longer than a layer's rows (one group per row), and a GPTQ
+format on a layer without input vectors (embeddings and the others of
+:func:`~optuna_ctpe.nn.gptq.gptq_unsupported`: rounded to nearest on the same grid), each raise
+a :class:`~optuna_ctpe.space.formats.FormatFallbackWarning` naming the layer and are listed in
+:attr:`FormatQuantizer.fallbacks`.
+
+Requires the ``torch`` extra.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Mapping
+import contextlib
+from typing import Any
+import warnings
+
+import torch
+from torch import nn
+
+from optuna_ctpe._validation import check_integer
+from optuna_ctpe.nn.apply import _Entry
+from optuna_ctpe.nn.apply import DEFAULT_CACHE_BYTES
+from optuna_ctpe.nn.gptq import collect_hessians
+from optuna_ctpe.nn.gptq import GPTQSettings
+from optuna_ctpe.nn.gptq import gptq_rows
+from optuna_ctpe.nn.gptq import gptq_unsupported
+from optuna_ctpe.nn.gptq import hessian_factor
+from optuna_ctpe.nn.gptq import HessianFactor
+from optuna_ctpe.nn.gptq import InputHessian
+from optuna_ctpe.nn.grids import as_rows
+from optuna_ctpe.nn.grids import fake_quantize
+from optuna_ctpe.nn.grids import from_rows
+from optuna_ctpe.nn.layers import LayerWeight
+from optuna_ctpe.nn.layers import model_layers
+from optuna_ctpe.nn.layers import resolve_layers
+from optuna_ctpe.space.formats import as_format
+from optuna_ctpe.space.formats import FormatFallbackWarning
+from optuna_ctpe.space.formats import group_fallback
+from optuna_ctpe.space.formats import WeightFormat
+
+
+__all__ = ["FormatQuantizer", "formats_in_place"]
+
+
+class FormatQuantizer:
+    """Quantized weights of one model per (layer, format), each computed once.
+
+    Example:
+        .. code-block:: python
+
+            import torch
+            from optuna_ctpe.nn.formats import FormatQuantizer, formats_in_place
+
+            model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                        torch.nn.Linear(32, 4))
+            batches = [torch.randn(16, 64) for _ in range(4)]
+            quantizer = FormatQuantizer(model, calibration_batches=batches)
+            config = {"0": "int3-g32-asym-gptq", "2": "int4-pc-sym-rtn"}
+            with formats_in_place(model, config, quantizer) as net:
+                net(batches[0])
+
+    Args:
+        model: The full-precision network (its weights are read, never written).
+        calibration_batches: Batches for GPTQ's Hessians; None refuses GPTQ formats.
+        forward: ``forward(model, batch)`` runs the model on a batch (a task's ``loss_fn``
+            will do); None calls ``model(batch[0])`` for a tuple or list, else
+            ``model(batch)``.
+        layers: Names of the layers whose Hessians are collected (memory: ``n²`` float32 per
+            layer of rows of ``n`` inputs); None collects every GPTQ-capable layer of
+            :func:`~optuna_ctpe.nn.layers.model_layers`.
+        settings: GPTQ's damping, block size and column order; None for the defaults of
+            :class:`~optuna_ctpe.nn.gptq.GPTQSettings`.
+        max_bytes: The most bytes of quantized tensors kept, an integer >= 0.
+
+    Attributes:
+        fallbacks: ``(layer, format name)`` -> what was done instead, for every fallback.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        calibration_batches: Iterable[Any] | None = None,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+        layers: Iterable[str] | None = None,
+        settings: GPTQSettings | None = None,
+        max_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        if settings is None:
+            settings = GPTQSettings()
+        elif not isinstance(settings, GPTQSettings):
+            raise ValueError(f"settings must be a GPTQSettings or None, got {settings!r}.")
+        self.model = model
+        self.settings = settings
+        self.max_bytes = check_integer(max_bytes, "max_bytes", minimum=0)
+        self.fallbacks: dict[tuple[str, str], str] = {}
+        self._batches = calibration_batches
+        self._forward = forward
+        self._layer_names = None if layers is None else list(layers)
+        self._hessians: dict[str, InputHessian] | None = None
+        self._factors: dict[str, HessianFactor] = {}
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._nbytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of quantized tensors held."""
+        return self._nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def hessians(self) -> dict[str, InputHessian]:
+        """The layers' input Hessians, collected in one calibration pass on first use.
+
+        Raises:
+            ValueError: If no ``calibration_batches`` were given, or they are empty.
+        """
+        if self._hessians is None:
+            if self._batches is None:
+                raise ValueError("GPTQ formats need calibration_batches; none were given.")
+            if self._layer_names is None:
+                layers = model_layers(self.model, include_embeddings=True)
+            else:
+                layers = resolve_layers(self.model, self._layer_names, "layers")
+            self._hessians = collect_hessians(self.model, layers, self._batches, self._forward)
+        return self._hessians
+
+    def get(self, layer: LayerWeight | str, fmt: WeightFormat | str | int) -> torch.Tensor:
+        """``layer``'s weight in ``fmt``: a tensor of the weight's shape, dtype and layout
+        holding the dequantized values, from the store when it holds them for the weight as it
+        is now.
+
+        Args:
+            layer: A layer of the model, or its name
+                (:func:`~optuna_ctpe.nn.layers.resolve_layers`).
+            fmt: A format, its name, or a bit-width (the legacy format).
+
+        Raises:
+            ValueError: On an unknown layer or a bad format.
+        """
+        if isinstance(layer, str):
+            layer = resolve_layers(self.model, [layer], "layer")[layer]
+        fmt = as_format(fmt, f"the format of layer {layer.name!r}")
+        key = (layer.param_name, fmt.name)
+        weight = layer.weight
+        entry = self._entries.get(key)
+        if entry is not None and entry.matches(weight):
+            self._entries.move_to_end(key)
+            return entry.quantized
+        self.discard(key)
+        with torch.no_grad():
+            source = weight.detach()
+            q = torch.empty_like(source).copy_(self._quantize(layer, fmt))
+        size = q.numel() * q.element_size()
+        if size <= self.max_bytes:
+            while self._nbytes + size > self.max_bytes:
+                self.discard(next(iter(self._entries)))
+            self._entries[key] = _Entry(weight, q)
+            self._nbytes += size
+        return q
+
+    def _quantize(self, layer: LayerWeight, fmt: WeightFormat) -> torch.Tensor:
+        weight = layer.weight.detach()
+        rows = as_rows(weight, layer.out_axis)
+        if fmt.quantized and group_fallback(fmt, rows.shape[1]):
+            self._fallback(
+                layer,
+                fmt,
+                f"rows of {rows.shape[1]} inputs are shorter than groups of {fmt.group_size}: "
+                "one group per row",
+            )
+        if fmt.rounding != "gptq":
+            return fake_quantize(weight, fmt, layer.out_axis)
+        reason = gptq_unsupported(layer)
+        hessians = self.hessians() if reason is None else {}
+        if reason is None and layer.name not in hessians:
+            reason = (
+                "it has no Hessian (not among the quantizer's layers, or no calibration "
+                "batch reached it)"
+            )
+        if reason is not None:
+            self._fallback(layer, fmt, f"{reason}: rounded to nearest on the same grid")
+            return fake_quantize(weight, fmt, layer.out_axis)
+        factor = self._factors.get(layer.name)
+        if factor is None:
+            factor = hessian_factor(hessians[layer.name].matrix(), self.settings)
+            self._factors[layer.name] = factor
+        q, _ = gptq_rows(rows, factor, fmt, self.settings)
+        return from_rows(q, weight, layer.out_axis)
+
+    def _fallback(self, layer: LayerWeight, fmt: WeightFormat, what: str) -> None:
+        self.fallbacks[(layer.name, fmt.name)] = what
+        warnings.warn(
+            f"layer {layer.name!r}, format {fmt.name!r}: {what}.",
+            FormatFallbackWarning,
+            stacklevel=4,
+        )
+
+    def discard(self, key: tuple[str, str]) -> None:
+        """Drop the entry of ``key`` (a ``(parameter name, format name)`` pair), if any."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._nbytes -= entry.quantized.numel() * entry.quantized.element_size()
+
+    def clear(self) -> None:
+        """Drop every quantized tensor and the Hessians (collected again when next needed)."""
+        self._entries.clear()
+        self._nbytes = 0
+        self._hessians = None
+        self._factors.clear()
+
+
+@contextlib.contextmanager
+def formats_in_place(
+    model: nn.Module,
+    formats: Mapping[str, WeightFormat | str | int],
+    quantizer: FormatQuantizer,
+) -> Iterator[nn.Module]:
+    """``model`` with each named layer's weight in its format inside the block.
+
+    Each parameter's storage is swapped for its quantized tensor from ``quantizer`` and the
+    original swapped back on exit, also when the block raises, as
+    :func:`optuna_ctpe.nn.apply.quantized_in_place` does for bit-widths. A tied tensor is
+    swapped once.
+
+    Args:
+        model: The network ``quantizer`` was built on.
+        formats: Layer name -> format (a :class:`~optuna_ctpe.space.formats.WeightFormat`, a
+            format name, or a bit-width meaning the legacy format). Layers not named stay
+            float.
+        quantizer: The store of quantized weights.
+
+    Raises:
+        ValueError: If ``quantizer`` belongs to another model, on unknown layer names or bad
+            formats, or if tied layers are given different formats.
+        TypeError: If ``formats`` is not a mapping.
+    """
+    if quantizer.model is not model:
+        raise ValueError("quantizer was built on another model.")
+    if not isinstance(formats, Mapping):
+        raise TypeError(f"formats must be a mapping of layer names to formats, got {formats!r}.")
+    checked = {n: as_format(f, f"formats[{n!r}]") for n, f in formats.items()}
+    layers = resolve_layers(model, list(checked), "formats")
+    by_tensor: dict[int, dict[str, str]] = {}
+    for name, layer in layers.items():
+        by_tensor.setdefault(id(layer.weight), {})[name] = checked[name].name
+    for named in by_tensor.values():
+        if len(set(named.values())) > 1:
+            raise ValueError(
+                f"formats gives the layers {sorted(named)} different formats {named}, but they "
+                "share one (tied) weight tensor, which is stored and quantized once."
+            )
+    swapped: list[tuple[nn.Parameter, torch.Tensor, int, tuple[str, str]]] = []
+    try:
+        with torch.no_grad():
+            for name, fmt in checked.items():
+                layer, param = layers[name], layers[name].weight
+                if any(p is param for p, *_ in swapped):
+                    continue
+                q = quantizer.get(layer, fmt)
+                original = param.data
+                param.data = q
+                swapped.append((param, original, param._version, (layer.param_name, fmt.name)))
+        yield model
+    finally:
+        for param, original, version, key in reversed(swapped):
+            if param._version != version:
+                quantizer.discard(key)  # written to inside the block: the stored tensor is spoilt
+            param.data = original
