@@ -30,11 +30,11 @@ from optuna_ctpe.deploy.latency import batched_inputs  # noqa: E402
 from optuna_ctpe.deploy.latency import ModelTimer  # noqa: E402
 from optuna_ctpe.deploy.latency import OrtRuntime  # noqa: E402
 from optuna_ctpe.deploy.latency import time_calls  # noqa: E402
-from optuna_ctpe.deploy.latency_table import FLOAT_BITS  # noqa: E402
 from optuna_ctpe.deploy.latency_table import LatencyTable  # noqa: E402
 from optuna_ctpe.deploy.latency_table import LayerLatency  # noqa: E402
 from optuna_ctpe.deploy.latency_table import measure_latency_table  # noqa: E402
 from optuna_ctpe.space.records import QuantConfig  # noqa: E402
+from optuna_ctpe.space.size import FLOAT_BITS  # noqa: E402
 from optuna_ctpe.tasks import Task  # noqa: E402
 from optuna_ctpe.tasks.digits import digits_task  # noqa: E402
 from _quiet import quiet  # noqa: E402
@@ -158,7 +158,7 @@ def test_one_layer_graphs_compute_what_the_layer_computes() -> None:
         example_inputs=x,
         max_probes=2,
     )
-    cells = {c.layer: c for c in layer_cells(space, model, x)}
+    cells = {c.layer: c for c in layer_cells(space.spec, model, x)}
     assert set(cells) == {"conv", "up", "seq", "head"}
     inputs: dict[str, torch.Tensor] = {}
 
@@ -213,7 +213,7 @@ def test_unsupported_layers_are_named() -> None:
         max_probes=2,
     )
     with pytest.raises(ValueError, match=r"in_proj_weight.*no one-layer latency graph"):
-        layer_cells(space, model, x)
+        layer_cells(space.spec, model, x)
 
 
 # -- the lookup table ----------------------------------------------------------------------------
