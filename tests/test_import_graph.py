@@ -206,7 +206,11 @@ def test_checker_flags_a_type_checking_circle_within_a_wing(tmp_path: Path) -> N
     )
     graph = import_graph(root)
     assert upward_edges(graph) == []
-    assert find_cycle(graph) == ["optuna_ctpe.deploy.a", "optuna_ctpe.deploy.b", "optuna_ctpe.deploy.a"]
+    assert find_cycle(graph) == [
+        "optuna_ctpe.deploy.a",
+        "optuna_ctpe.deploy.b",
+        "optuna_ctpe.deploy.a",
+    ]
 
 
 def test_checker_accepts_downward_imports(tmp_path: Path) -> None:
