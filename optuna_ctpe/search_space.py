@@ -13,8 +13,11 @@ those records and applies a configuration to a model.
 The module imports no torch: a space can be rebuilt from JSON or from a study's user attributes
 on a machine without torch (a distributed worker, optuna-dashboard). Only the methods that take
 a model (:meth:`HessianSearchSpace.from_model`, :meth:`~HessianSearchSpace.apply`,
-:meth:`~HessianSearchSpace.prune` and :meth:`~HessianSearchSpace.save_packed`) import torch,
-through :mod:`optuna_ctpe.nn` (and :mod:`optuna_ctpe.deploy`).
+:meth:`~HessianSearchSpace.applied`, :meth:`~HessianSearchSpace.prune`,
+:meth:`~HessianSearchSpace.save_packed` and :meth:`~HessianSearchSpace.loss_increase`) import
+torch, each by calling one function of :mod:`optuna_ctpe.nn` or :mod:`optuna_ctpe.deploy` on the
+space's records (:attr:`HessianSearchSpace.spec`). Imports point one way: this face calls
+those wings, and they take records, never the face.
 """
 
 from __future__ import annotations
@@ -172,6 +175,8 @@ class HessianSearchSpace:
         Named for symmetry with :meth:`from_model`; takes the class's arguments.
         """
         return cls(*args, **kwargs)
+
+    # -- with a model (torch) --------------------------------------------------------------
 
     @classmethod
     def from_model(

@@ -18,7 +18,6 @@ from optuna_ctpe.cli.objectives import OBJECTIVES
 from optuna_ctpe.cli.root import build_parser
 from optuna_ctpe.cli.settings import resolve
 from optuna_ctpe.cli.settings import Settings
-from optuna_ctpe.search_space import HessianSearchSpace
 from optuna_ctpe.tasks import Task
 
 
