@@ -4,7 +4,7 @@ A latency objective needs ``config -> milliseconds``. :class:`LatencyMeter` is t
 one of two runtimes (:data:`LATENCY_RUNTIMES`: onnxruntime's CPU provider, or PyTorch with
 torchao's kernels, on CUDA when there is a GPU) and from one of two sources: a
 :class:`~optuna_ctpe.deploy.latency_table.LatencyTable`'s prediction (``"table"``: microseconds
-a configuration, after a one-off measurement), or the configuration's whole model timed
+per configuration, after a one-off measurement), or the configuration's whole model timed
 (``"measured"``: :class:`~optuna_ctpe.deploy.latency.ModelTimer`, about a second per new
 configuration). The command line's ``--objective latency-budget`` and ``pareto-latency`` are
 built on it; so can a user's own objective, e.g. accuracy against latency::
@@ -147,7 +147,8 @@ class LatencyMeter:
         runtime_name: The runtime the latencies are of: a table's own, else :attr:`runtime`'s.
 
     Raises:
-        ValueError: If ``batch`` or ``runtime`` is out of range, or ``space`` is not a space.
+        ValueError: If ``batch`` or ``runtime`` is out of range.
+        TypeError: If ``space`` is neither a search space nor a ``SpaceSpec``.
     """
 
     def __init__(
