@@ -2,13 +2,14 @@
 
 Everything optuna-ctpe needs from Optuna beyond its public API is imported or wrapped here, so an
 Optuna upgrade that moves an internal breaks this module alone. Each name is used by Optuna's own
-built-in samplers, which is why we rely on it rather than rewriting it.
+built-in samplers, and their interfaces are stable from 4.0 to Optuna's main branch of August
+2026 apart from the differences bridged below (``docs/optuna_versions.md``). Optuna's TPE
+internals are not used: Optuna changes them in most releases and 6.0 removes the options
+ClusterTPE relies on, so the Parzen estimator is our own (:mod:`optuna_ctpe.sampler._parzen`).
 
 Checked against the released wheels of Optuna 4.0 to 4.9 and 5.0: every private name imported
 below exists in all of them. What differs, and is bridged here:
 
-* ``_ParzenEstimatorParameters`` has ``consider_prior`` up to 4.3 and ``categorical_distance_func``
-  up to 4.9 (see :func:`parzen_estimator_parameters`);
 * the search spaces' ``calculate(study, use_cache)`` takes ``use_cache`` from 4.6 on (see
   :func:`calculate_search_space`);
 * ``Trial.set_constraint`` and ``FrozenTrial.constraints`` are new in 5.0 (see the constraints
@@ -17,21 +18,11 @@ below exists in all of them. What differs, and is bridged here:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import inspect
 from typing import Any
 from typing import TYPE_CHECKING
 
-import numpy as np
 from optuna.samplers._lazy_random_state import LazyRandomState
-from optuna.samplers._tpe.parzen_estimator import _ParzenEstimator as ParzenEstimator
-from optuna.samplers._tpe.parzen_estimator import (
-    _ParzenEstimatorParameters as ParzenEstimatorParameters,
-)
-from optuna.samplers._tpe.probability_distributions import (
-    _BatchedCategoricalDistributions as BatchedCategoricalDistributions,
-)
-from optuna.samplers._tpe.sampler import default_weights
 from optuna.search_space import IntersectionSearchSpace
 from optuna.search_space.group_decomposed import (
     _GroupDecomposedSearchSpace as GroupDecomposedSearchSpace,
@@ -50,17 +41,12 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "BatchedCategoricalDistributions",
     "GroupDecomposedSearchSpace",
     "LazyRandomState",
-    "ParzenEstimator",
-    "ParzenEstimatorParameters",
     "calculate_search_space",
     "constraint_sampler_kwargs",
-    "default_weights",
     "fast_non_domination_rank",
     "get_trials",
-    "parzen_estimator_parameters",
     "set_constraint",
     "set_trial_system_attr",
     "set_trial_user_attr",
@@ -90,7 +76,7 @@ def set_trial_user_attr(study: Study, trial: FrozenTrial, key: str, value: Any) 
     storage_of(study).set_trial_user_attr(trial_id(trial), key, value)
 
 
-# -- Search spaces and Parzen estimators ---------------------------------------------------------
+# -- Search spaces ------------------------------------------------------------------------------
 
 _CALCULATE_TAKES_USE_CACHE = (
     "use_cache" in inspect.signature(IntersectionSearchSpace.calculate).parameters
@@ -109,43 +95,6 @@ def calculate_search_space(
     if _CALCULATE_TAKES_USE_CACHE:
         return search_space.calculate(study, use_cache=True)
     return search_space.calculate(study)
-
-
-def parzen_estimator_parameters(
-    *,
-    prior_weight: float,
-    consider_magic_clip: bool,
-    consider_endpoints: bool,
-    weights: Callable[[int], np.ndarray],
-    multivariate: bool,
-) -> ParzenEstimatorParameters:
-    """Optuna's ``_ParzenEstimatorParameters`` with the fields every version from 4.0 shares.
-
-    Fields a version adds are filled with the values that keep the estimator as in 5.0: up to
-    4.3 ``consider_prior=True`` (later versions always add the prior kernel), up to 4.9
-    ``categorical_distance_func={}`` (no categorical distance; removed in 5.0).
-
-    Args:
-        prior_weight: Weight of the prior kernel.
-        consider_magic_clip: Clip bandwidths from below as TPE's "magic clip" does.
-        consider_endpoints: Let the bandwidths of the outermost kernels reach the bounds.
-        weights: Kernel weights as a function of the number of observations.
-        multivariate: Share one bandwidth rule across parameters (multivariate TPE).
-    """
-    fields: dict[str, Any] = {
-        "prior_weight": prior_weight,
-        "consider_magic_clip": consider_magic_clip,
-        "consider_endpoints": consider_endpoints,
-        "weights": weights,
-        "multivariate": multivariate,
-    }
-    version_fields = {"consider_prior": True, "categorical_distance_func": {}}
-    fields.update(
-        (name, value)
-        for name, value in version_fields.items()
-        if name in ParzenEstimatorParameters._fields
-    )
-    return ParzenEstimatorParameters(**fields)
 
 
 # -- Trials and storage --------------------------------------------------------------------------

@@ -429,8 +429,9 @@ class HessianSearchSpace:
 
     @property
     def uncertain_layers(self) -> list[str]:
-        """Layers whose trace cannot be told from zero (:func:`~optuna_ctpe.space.pruning.
-        uncertain_layers`); the rule keeps only their safer choices."""
+        """Layers whose trace cannot be told from zero
+        (:func:`~optuna_ctpe.space.pruning.uncertain_layers`); the rule keeps only their safer
+        choices."""
         return pruning.uncertain_layers(self._spec)
 
     @property
@@ -460,7 +461,7 @@ class HessianSearchSpace:
 
     @property
     def omega(self) -> Mapping[str, Mapping[Any, float]]:
-        """Parameter name -> {choice: Ω} over the full grid (before pruning)."""
+        """Parameter name -> ``{choice: Ω}`` over the full grid (before pruning)."""
         return types.MappingProxyType({name: dict(table) for name, table in self._omega.items()})
 
     @property
@@ -604,8 +605,8 @@ class HessianSearchSpace:
         :meth:`loss_increase`), every answer is measured; a joint answer that loses more than
         twice its prediction has its choices measured alone and repriced (or, when they all
         were, scaled to the measurement) and is solved again; and the configurations come back
-        ranked by their measured increase (:func:`optuna_ctpe.space.warm_start.
-        measured_warm_start_configs`)::
+        ranked by their measured increase
+        (:func:`~optuna_ctpe.space.warm_start.measured_warm_start_configs`)::
 
             measure = space.loss_increase(model, loss_fn, batches, example_inputs)
             for params in space.warm_starts(size_ratio=1 / 16, measure=measure):

@@ -342,8 +342,8 @@ def load_exported(
     read with :func:`optuna_ctpe.deploy.artifact.load_packed`. Both give the same model.
 
     Args:
-        config_path: The ``.json`` file :func:`export` wrote (the ``.pt`` file must sit beside
-            it), or the ``.safetensors`` file (on its own).
+        config_path: The ``.json`` file ``optuna-ctpe export`` wrote (the ``.pt`` file must sit
+            beside it), or the ``.safetensors`` file (on its own).
         task: The task, if already built; by default it is rebuilt from the recorded
             ``task`` and ``seed``.
         cache_dir: Weight cache folder for rebuilding the task.

@@ -109,7 +109,7 @@ class PackedFile:
 
     @property
     def payload_bytes(self) -> int:
-        """The tensors' bytes: the file without its header."""
+        """The tensors' bytes, the file without its header."""
         return self.file_bytes - self.header_bytes
 
     @property

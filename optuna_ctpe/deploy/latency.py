@@ -65,9 +65,9 @@ __all__ = [
     "time_calls",
 ]
 
-#: Timed runs per measurement: enough for a stable median of sub-millisecond runs.
+#: Timed runs per measurement, enough for a stable median of sub-millisecond runs.
 DEFAULT_REPEATS = 200
-#: Untimed runs first: onnxruntime allocates its buffers and caches on the first runs.
+#: Untimed runs first, while onnxruntime allocates its buffers and caches.
 DEFAULT_WARMUP = 20
 
 
@@ -89,7 +89,7 @@ class Timing:
 
     @property
     def noise(self) -> float:
-        """The interquartile range over the median: how much the machine moved the runs."""
+        """The interquartile range over the median, how much the machine moved the runs."""
         return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
 
 

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_OPSET", "OnnxExport", "call_arguments", "export_onnx", "export_proto"]
 
-#: The default ONNX opset: the first with int4 and int16 DequantizeLinear inputs.
+#: The default ONNX opset, the first with int4 and int16 DequantizeLinear inputs.
 DEFAULT_OPSET = 21
 #: The oldest opset the dynamo exporter writes.
 MIN_OPSET = 18

@@ -111,13 +111,13 @@ class TorchRuntime:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The models' floating dtype: bfloat16 on CUDA (torchao's int4 kernel needs it),
+        """The models' floating dtype, bfloat16 on CUDA (torchao's int4 kernel needs it),
         float32 on the CPU."""
         return torch.bfloat16 if self.is_cuda else torch.float32
 
     @property
     def name(self) -> str:
-        """How reports and trial attributes name the runtime: ``torch-cpu`` or ``torch-cuda``."""
+        """How reports and trial attributes name the runtime, ``torch-cpu`` or ``torch-cuda``."""
         return "torch-cuda" if self.is_cuda else "torch-cpu"
 
     def describe(self) -> dict[str, Any]:

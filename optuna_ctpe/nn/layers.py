@@ -62,7 +62,7 @@ def _of(*types: type[nn.Module]) -> Callable[[nn.Module], bool]:
 
 
 #: The modules whose ``weight`` is quantized and traced, each with its output-channel axis.
-#: ConvTranspose weights are (in, out / groups, *kernel), so their output channels are axis 1
+#: ConvTranspose weights are ``(in, out / groups, *kernel)``, so their output channels are axis 1
 #: (per-channel scales of a grouped transposed convolution are then shared across its groups).
 LAYER_TYPES: tuple[LayerType, ...] = (
     LayerType("Conv1d/Conv2d/Conv3d", _of(nn.Conv1d, nn.Conv2d, nn.Conv3d), 0),

@@ -8,7 +8,9 @@ Laid out like Optuna's ``optuna/samplers/_tpe/``:
   of g(x) and their observation rows;
 * :mod:`~optuna_ctpe.sampler._cluster_split`: the k-means (dual-threshold) split of objective
   scores, pure numpy and scikit-learn;
-* :mod:`~optuna_ctpe.sampler._parzen`: the Parzen estimator with per-choice priors.
+* :mod:`~optuna_ctpe.sampler._parzen`: the Parzen estimator with per-choice priors (our own,
+  equal to Optuna 5.0's without priors);
+* :mod:`~optuna_ctpe.sampler._truncnorm`: the truncated normal kernels, over ``scipy.special``.
 
 Nothing here imports torch.
 """

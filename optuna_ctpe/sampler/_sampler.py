@@ -37,8 +37,10 @@ from optuna_ctpe.sampler import _grouping
 from optuna_ctpe.sampler._cluster_split import Transform
 from optuna_ctpe.sampler._grouping import default_max_good
 from optuna_ctpe.sampler._grouping import GroupedTrials
+from optuna_ctpe.sampler._parzen import default_weights
+from optuna_ctpe.sampler._parzen import fit_parzen_estimator
 from optuna_ctpe.sampler._parzen import normalise_priors
-from optuna_ctpe.sampler._parzen import PriorParzenEstimator
+from optuna_ctpe.sampler._parzen import ParzenEstimator
 
 
 if TYPE_CHECKING:
@@ -188,13 +190,7 @@ class ClusterTPESampler(BaseSampler):
         self._prior_probs = normalise_priors(prior_weights)
         self._record_decisions = record_decisions
         self._warn_independent_sampling = warn_independent_sampling
-        self._parzen_parameters = compat.parzen_estimator_parameters(
-            prior_weight=prior_weight,
-            consider_magic_clip=True,
-            consider_endpoints=False,
-            weights=compat.default_weights,
-            multivariate=True,
-        )
+        self._prior_weight = prior_weight
 
         self._rng = compat.LazyRandomState(seed)
         self._random_sampler = RandomSampler(seed=seed)
@@ -376,7 +372,7 @@ class ClusterTPESampler(BaseSampler):
         grouped: GroupedTrials,
         observations: dict[str, np.ndarray],
         row_of: dict[int, int],
-    ) -> tuple[PriorParzenEstimator, compat.ParzenEstimator]:
+    ) -> tuple[ParzenEstimator, ParzenEstimator]:
         """l(x) fitted to the good trials (with the priors) and g(x) to the weighted bad ones."""
         priors = {
             name: probs
@@ -389,27 +385,27 @@ class ClusterTPESampler(BaseSampler):
         # As in Optuna's MOTPE, good trials of a multi-objective study weigh the same.
         n_good = _grouping.n_rows(good_obs)
         good_weights = np.ones(n_good) if len(study.directions) > 1 else None
-        mpe_good = PriorParzenEstimator(
-            good_obs, search_space, self._parzen_parameters, priors, good_weights
+        mpe_good = fit_parzen_estimator(
+            good_obs, search_space, self._prior_weight, good_weights, priors
         )
         bad_kept = np.array([t.number in row_of for t in grouped.bad], dtype=bool)
         bad_obs = _grouping.subset(
             observations, [row_of[t.number] for t, k in zip(grouped.bad, bad_kept) if k]
         )
         bad_weights = grouped.bad_weights[bad_kept]
-        mpe_bad = compat.ParzenEstimator(
+        mpe_bad = fit_parzen_estimator(
             bad_obs,
             search_space,
-            self._parzen_parameters,
+            self._prior_weight,
             # Optuna's age ramp, scaled down for the trials between the two thresholds.
-            compat.default_weights(len(bad_weights)) * bad_weights if bad_weights.size else None,
+            default_weights(len(bad_weights)) * bad_weights if bad_weights.size else None,
         )
         return mpe_good, mpe_bad
 
     def _best_candidate(
         self,
-        mpe_good: PriorParzenEstimator,
-        mpe_bad: compat.ParzenEstimator,
+        mpe_good: ParzenEstimator,
+        mpe_bad: ParzenEstimator,
         seen: set[bytes],
         running: set[bytes],
     ) -> tuple[dict[str, np.ndarray], int]:

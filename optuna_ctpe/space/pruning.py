@@ -52,7 +52,7 @@ from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.size import smallest_size
 
-#: Parameter name -> {choice: Ω}: what the rule reads is
+#: Parameter name -> ``{choice: Ω}``, what the rule reads is
 #: ``optuna_ctpe.space.omega.omega_table(spec, upper=True)``, Ω at each layer's upper trace.
 OmegaTable = Mapping[str, Mapping[Any, float]]
 

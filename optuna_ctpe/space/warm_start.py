@@ -46,8 +46,8 @@ __all__ = [
 _MAX_LINEARISATIONS = 8
 # Corrections of the Ω table by a measured miss before settling for the best measured answer.
 _MAX_CORRECTIONS = 6
-# A measured loss increase above this multiple of the predicted Ω/2 is a miss: the joint ILP
-# answer is corrected. Two, as in the width calibration: within it the prediction holds.
+#: A measured loss increase above this multiple of the predicted Ω/2 is a miss, and the joint
+#: ILP answer is corrected. Two, as in the width calibration: within it the prediction holds.
 MISS_FACTOR = 2.0
 
 

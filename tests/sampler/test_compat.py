@@ -61,18 +61,6 @@ def test_optunas_own_samplers_keep_set_constraint_values_once():
         assert list(compat.trial_constraints(t).values()) == [pytest.approx(t.params["x"] - 0.5)]
 
 
-def test_parzen_estimator_parameters_fit_the_installed_optuna():
-    parameters = compat.parzen_estimator_parameters(
-        prior_weight=0.05,
-        consider_magic_clip=True,
-        consider_endpoints=False,
-        weights=compat.default_weights,
-        multivariate=True,
-    )
-    assert parameters.prior_weight == 0.05
-    assert set(parameters._fields) >= {"prior_weight", "consider_magic_clip", "multivariate"}
-
-
 def test_constraints_steer_towards_feasible_region():
     def objective(trial):
         x = trial.suggest_float("x", 0, 10)
