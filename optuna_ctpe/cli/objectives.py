@@ -54,7 +54,7 @@ class ObjectiveKind:
 
 _MAX, _MIN = "maximize", "minimize"
 
-#: Every objective by name, in the order ``--help`` lists them; the first is the default.
+#: Every objective by name, in the order ``--help`` lists them.
 OBJECTIVES: Mapping[str, ObjectiveKind] = types.MappingProxyType(
     {
         kind.name: kind

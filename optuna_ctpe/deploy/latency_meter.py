@@ -50,11 +50,11 @@ __all__ = [
     "runtime_named",
 ]
 
-#: Where latency is timed: onnxruntime's CPU provider, or PyTorch with torchao's kernels (CUDA
+#: Where latency is timed, onnxruntime's CPU provider or PyTorch with torchao's kernels (CUDA
 #: when there is a GPU, else the CPU; whole models only, since a table's one-layer graphs are
 #: onnxruntime's).
 LATENCY_RUNTIMES = ("onnxruntime", "torch")
-#: Where a configuration's latency comes from: a lookup table's prediction, or its model timed.
+#: Where a configuration's latency comes from, a lookup table's prediction or its model timed.
 LATENCY_SOURCES = ("table", "measured")
 
 # Runtime name -> what it times, and the packages (the ``deploy`` extra) it needs.

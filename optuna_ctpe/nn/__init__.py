@@ -30,10 +30,10 @@ from typing import Literal
 
 __all__ = ["ESTIMATOR_NAMES", "EstimatorName"]
 
-#: A name ``HessianSearchSpace.from_model(estimator=)`` and ``--estimator`` take: ``"auto"``
+#: The names ``HessianSearchSpace.from_model(estimator=)`` and ``--estimator`` take, ``"auto"``
 #: (:func:`optuna_ctpe.nn.sensitivity.resolve_estimator`) or one of the four estimators of
 #: :data:`optuna_ctpe.nn.sensitivity.ESTIMATORS`.
 EstimatorName = Literal["auto", "hutchinson", "fisher", "ggn", "split"]
 
-#: Every estimator name, ``"auto"`` first: the one registry of them.
+#: Every estimator name, ``"auto"`` first (the one registry of them).
 ESTIMATOR_NAMES: tuple[str, ...] = get_args(EstimatorName)

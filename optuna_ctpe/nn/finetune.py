@@ -6,8 +6,8 @@ that a little training recovers. :func:`finetune_quantized` trains the float wei
 is parametrized by :func:`optuna_ctpe.nn.quantize.quantize_weight`, whose straight-through
 gradient passes the quantizer unchanged. When it returns, the quantized values are baked into
 plain parameters, so the result is an ordinary module whose weights hold the configuration's
-integer grid (what :func:`optuna_ctpe.deploy.save_packed` and
-:func:`optuna_ctpe.deploy.export_onnx` store, via their ``configured=`` argument).
+integer grid (what :func:`optuna_ctpe.deploy.artifact.save_packed` and
+:func:`optuna_ctpe.deploy.onnx.export_onnx` store, via their ``configured=`` argument).
 
 On a CPU the fine-tuning is deterministic (one ordered pass over the batches per epoch, Adam), so
 the command line's ``export`` rebuilds the exact model a trial scored.
@@ -34,7 +34,7 @@ from optuna_ctpe.nn.quantize import quantize_weight
 
 __all__ = ["FINETUNE_LR", "finetune_quantized"]
 
-#: Adam's default learning rate here: small, since it only repairs quantization damage.
+#: Adam's default learning rate here, small since it only repairs quantization damage.
 FINETUNE_LR = 1e-4
 
 

@@ -70,9 +70,9 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-#: Estimator name -> the function: every name of :data:`optuna_ctpe.nn.ESTIMATOR_NAMES` (the
-#: one registry of names, torch-free for the command line's parser; re-exported here) but
-#: ``"auto"``.
+#: The function of each estimator by name, for every name of
+#: :data:`optuna_ctpe.nn.ESTIMATOR_NAMES` (the one registry of names, torch-free for the
+#: command line's parser; re-exported here) but ``"auto"``.
 ESTIMATORS: Mapping[str, Callable[..., dict[str, LayerTrace]]] = {
     "hutchinson": hutchinson_traces,
     "fisher": empirical_fisher_traces,
