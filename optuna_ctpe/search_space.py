@@ -13,8 +13,11 @@ those records and applies a configuration to a model.
 The module imports no torch: a space can be rebuilt from JSON or from a study's user attributes
 on a machine without torch (a distributed worker, optuna-dashboard). Only the methods that take
 a model (:meth:`HessianSearchSpace.from_model`, :meth:`~HessianSearchSpace.apply`,
-:meth:`~HessianSearchSpace.prune` and :meth:`~HessianSearchSpace.save_packed`) import torch,
-through :mod:`optuna_ctpe.nn` (and :mod:`optuna_ctpe.deploy`).
+:meth:`~HessianSearchSpace.applied`, :meth:`~HessianSearchSpace.prune`,
+:meth:`~HessianSearchSpace.save_packed` and :meth:`~HessianSearchSpace.loss_increase`) import
+torch, each by calling one function of :mod:`optuna_ctpe.nn` or :mod:`optuna_ctpe.deploy` on the
+space's records (:attr:`HessianSearchSpace.spec`). Imports point one way: this face calls
+those wings, and they take records, never the face.
 """
 
 from __future__ import annotations
@@ -28,15 +31,13 @@ from typing import TYPE_CHECKING
 
 from optuna.distributions import CategoricalDistribution
 
-from optuna_ctpe._search_space_torch import TorchFace
 from optuna_ctpe._validation import check_integer
-from optuna_ctpe._validation import check_ratio
+from optuna_ctpe.nn import EstimatorName
 from optuna_ctpe.space import io
 from optuna_ctpe.space import params as _params
 from optuna_ctpe.space import pruning
 from optuna_ctpe.space import size as _size
 from optuna_ctpe.space.omega import omega_table
-from optuna_ctpe.space.records import check_bit
 from optuna_ctpe.space.records import check_budget
 from optuna_ctpe.space.records import check_config
 from optuna_ctpe.space.records import DEFAULT_BITS
@@ -55,8 +56,15 @@ from optuna_ctpe.space.warm_start import warm_start_configs
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from contextlib import AbstractContextManager
+    import os
 
     import optuna
+    import torch
+
+    from optuna_ctpe.deploy.artifact import PackedFile
+    from optuna_ctpe.nn.apply import WeightCache
+    from optuna_ctpe.nn.traces import LayerTrace
 
 
 __all__ = [
@@ -71,7 +79,7 @@ __all__ = [
 ]
 
 
-class HessianSearchSpace(TorchFace):
+class HessianSearchSpace:
     """Per-layer bit-widths and per-group widths, pruned by Hessian sensitivity.
 
     Build it from a model with :meth:`from_model` (torch), or from saved sensitivities with
@@ -168,7 +176,236 @@ class HessianSearchSpace(TorchFace):
         """
         return cls(*args, **kwargs)
 
+    # -- with a model (torch) --------------------------------------------------------------
+
+    @classmethod
+    def from_model(
+        cls,
+        model: torch.nn.Module,
+        loss_fn: Any,
+        batches: Sequence[Any],
+        *,
+        bits: Sequence[int] = DEFAULT_BITS,
+        widths: Sequence[float] = DEFAULT_WIDTHS,
+        layers: Sequence[str] | None = None,
+        example_inputs: Any = None,
+        keep_first_last_bits: int | None = 8,
+        budget: float = DEFAULT_BUDGET,
+        trace_z: float = DEFAULT_TRACE_Z,
+        estimator: EstimatorName = "auto",
+        include_embeddings: bool = False,
+        seed: int = 0,
+        max_probes: int = 200,
+        min_probes: int = 10,
+        rtol: float = 0.05,
+        progress: bool = False,
+        traces: Mapping[str, LayerTrace] | None = None,
+        calibrate_widths: bool = False,
+    ) -> HessianSearchSpace:
+        """Measure ``model``'s sensitivities and build the pruned space (needs torch).
+
+        The measurement is :func:`optuna_ctpe.nn.measure.measure`.
+
+        Args:
+            model: The trained full-precision model; it is not modified.
+            loss_fn: ``loss_fn(model, batch) -> scalar tensor``, twice differentiable.
+            batches: Calibration batches passed to ``loss_fn``.
+            bits: The grid of weight bit-widths, integers in [2, 16].
+            widths: The grid of width ratios in (0, 1]. Width groups are searched only when
+                ``example_inputs`` is given and the grid has more than one ratio. They are
+                torch-pruning's channel-dependency groups (convolutions of every kind, with the
+                norms between them; a transformer's hidden and MLP sizes); an attention module
+                with a known head count (BERT/ViT ``query``/``key``/``value``, ``q_proj``...)
+                is pruned by whole heads, other attention projections (grouped-query, fused
+                ``qkv``) keep their outputs. A group whose pruned model does not run is left
+                out with a warning; GPT-2's ``Conv1D`` layers cannot be pruned (an error).
+            layers: Names of the layers to quantize; by default every supported layer
+                (:data:`optuna_ctpe.nn.layers.LAYER_TYPES`: Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+                Linear, GPT-2's ``Conv1D``, and the projection weights of
+                ``nn.MultiheadAttention``, named after the parameter, e.g.
+                ``"encoder.layers.0.self_attn.in_proj_weight"``), in module order. A module
+                with a weight matrix of another type is named in a warning and left float.
+            example_inputs: Inputs for tracing channel dependencies (width groups); None
+                searches bit-widths only.
+            keep_first_last_bits: Bit-width the first and last of ``layers`` are fixed to, or
+                None to search them like the others.
+            budget: Pruning threshold as a multiple of ``Ω_ref``; see
+                :mod:`optuna_ctpe.space.pruning`.
+            trace_z: Standard errors added to each mean trace where the pruning rule and the
+                priors read it; see the class.
+            estimator: ``"auto"`` (the GGN where ``loss_fn`` fits it, else Hutchinson's:
+                :func:`optuna_ctpe.nn.sensitivity.resolve_estimator`), ``"hutchinson"``
+                (Hessian trace, HAWQ-V2), ``"fisher"`` (empirical Fisher trace: cheaper,
+                positive, needs first derivatives only), ``"ggn"`` (generalised Gauss-Newton
+                trace: never negative, no cross-layer noise) or ``"split"`` (the Hessian trace
+                as the GGN's plus Hutchinson's estimate of the rest: unbiased and far less
+                noisy near a minimum); the last two need a ``loss_fn`` that calls the model
+                once and is convex in its outputs (:mod:`optuna_ctpe.nn.ggn`). Hutchinson runs
+                attention on PyTorch's math kernel, which has second derivatives, and restores
+                the user's kernel choice.
+            include_embeddings: Also search ``nn.Embedding`` tables (quantized per row) and
+                layers tied to them (an LM head sharing the embedding: one layer, one
+                bit-width, counted once); off by default.
+            seed, max_probes, min_probes, rtol, progress: The estimator's probe seed, most and
+                fewest probes, relative-error stop and progress bar (see
+                :func:`optuna_ctpe.nn.hutchinson.hutchinson_traces`).
+            traces: Per-layer traces measured before, name -> ``LayerTrace`` (e.g. the file
+                ``optuna-ctpe sensitivity --output`` writes, read with
+                :func:`optuna_ctpe.nn.trace_file.read_trace_file`): no Hessian-vector product is
+                computed, and the estimator arguments are ignored. They must cover every layer
+                that needs a trace, with the model's parameter counts (a ValueError otherwise).
+            calibrate_widths: Price each width ratio at its measured calibration-loss increase
+                where that exceeds the second-order Ω (one pruned forward pass over ``batches``
+                per group and ratio; :mod:`optuna_ctpe.nn.width_calibration`).
+
+        Raises:
+            ValueError: On a bad grid, an unknown layer name, an unknown ``estimator`` or a NaN
+                sensitivity. A negative trace estimate (Hutchinson noise on an indefinite
+                Hessian) is clipped to 0 with a warning.
+            RuntimeError: If ``loss_fn`` is not twice differentiable (Hutchinson), naming the
+                op without a second derivative and what to use instead.
+        """
+        from optuna_ctpe.nn.measure import measure
+
+        records = measure(
+            model,
+            loss_fn,
+            batches,
+            bits=bits,
+            widths=widths,
+            layers=layers,
+            example_inputs=example_inputs,
+            keep_first_last_bits=keep_first_last_bits,
+            estimator=estimator,
+            include_embeddings=include_embeddings,
+            seed=seed,
+            max_probes=max_probes,
+            min_probes=min_probes,
+            rtol=rtol,
+            progress=progress,
+            traces=traces,
+            calibrate_widths=calibrate_widths,
+        )
+        return cls(**records, budget=budget, trace_z=trace_z)
+
+    def apply(
+        self, model: torch.nn.Module, config: QuantConfig, example_inputs: Any = None
+    ) -> torch.nn.Module:
+        """A width-pruned, weight-quantized copy of ``model`` under ``config`` (needs torch).
+
+        ``model`` is not modified; see :func:`optuna_ctpe.nn.apply.configured_copy`. Each
+        layer's weight is quantized per output channel along its type's axis
+        (:data:`optuna_ctpe.nn.layers.LAYER_TYPES`); a tied tensor once, at its one bit-width.
+        The copy is the caller's to keep or modify; to score many configurations of one model,
+        :meth:`applied` avoids the copy per configuration.
+
+        Raises:
+            ValueError: If ``config`` does not fit the space, or a width below 1 is requested
+                without ``example_inputs``.
+        """
+        from optuna_ctpe.nn.apply import apply_config
+
+        return apply_config(self._spec, model, config, example_inputs, quantize=True)
+
+    def applied(
+        self,
+        model: torch.nn.Module,
+        config: QuantConfig,
+        example_inputs: Any = None,
+        *,
+        cache: WeightCache | None = None,
+    ) -> AbstractContextManager[torch.nn.Module]:
+        """``model`` configured to ``config`` for the time of a ``with`` block (needs torch).
+
+        With every width at 1, the block gets ``model`` itself with its weights quantized in
+        place, computing bit for bit what :meth:`apply`'s copy computes; on exit, also on an
+        exception, every weight is its original tensor again. With a width below 1 it gets
+        :meth:`apply`'s pruned copy. A :class:`~optuna_ctpe.nn.apply.WeightCache` keeps the
+        quantized weights from call to call, so each (layer, bit-width) is quantized once::
+
+            cache = WeightCache()
+            for config in configs:
+                with space.applied(model, config, cache=cache) as net:
+                    scores.append(evaluate(net))
+
+        Inside the block ``model`` holds quantized weights: no other thread may use it
+        meanwhile (give each thread its own copy of the model and its own cache), and
+        ``evaluate`` must not need the float model. See
+        :func:`optuna_ctpe.nn.apply.configured_in_place`.
+
+        Args:
+            model: The model the space was measured on.
+            config: A configuration of the space.
+            example_inputs: Inputs for dependency tracing; required when a width is below 1.
+            cache: Quantized weights of ``model`` kept across calls; None quantizes afresh.
+
+        Raises:
+            ValueError: If ``config`` does not fit the space, ``model`` is not the measured
+                one, or a width below 1 is requested without ``example_inputs``.
+        """
+        from optuna_ctpe.nn.apply import applied_config
+
+        return applied_config(self._spec, model, config, example_inputs, cache=cache)
+
+    def prune(
+        self, model: torch.nn.Module, config: QuantConfig, example_inputs: Any = None
+    ) -> torch.nn.Module:
+        """The width-pruned float half of :meth:`apply`: a copy of ``model``, not quantized.
+
+        A deep copy even when ``config`` keeps every width at 1, so the caller may always
+        modify the result (fine-tune it, say) without touching ``model``.
+
+        Raises:
+            ValueError: If ``config`` does not fit the space, or a width below 1 is requested
+                without ``example_inputs``.
+        """
+        from optuna_ctpe.nn.apply import apply_config
+
+        return apply_config(self._spec, model, config, example_inputs, quantize=False)
+
+    def save_packed(
+        self,
+        model: torch.nn.Module,
+        config: QuantConfig,
+        path: str | os.PathLike[str],
+        *,
+        example_inputs: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        configured: torch.nn.Module | None = None,
+    ) -> PackedFile:
+        """Write :meth:`apply`'s model as a packed safetensors file whose size is
+        :meth:`size`'s (needs torch and safetensors): see
+        :func:`optuna_ctpe.deploy.artifact.save_packed`, and
+        :func:`~optuna_ctpe.deploy.artifact.load_packed` to load it."""
+        from optuna_ctpe.deploy.artifact import save_packed
+
+        kwargs = {"example_inputs": example_inputs, "metadata": metadata, "configured": configured}
+        return save_packed(self._spec, model, config, path, **kwargs)
+
+    def loss_increase(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Any,
+        batches: Sequence[Any],
+        example_inputs: Any = None,
+    ) -> Callable[[QuantConfig], float]:
+        """``measure`` for :meth:`warm_starts` (needs torch): a configuration's calibration-loss
+        increase over ``model``; see :func:`optuna_ctpe.nn.width_calibration.loss_increase_meter`.
+
+        Raises:
+            ValueError: If ``batches`` is empty or the loss of ``model`` is not finite.
+        """
+        from optuna_ctpe.nn.width_calibration import loss_increase_meter
+
+        return loss_increase_meter(self._spec, model, loss_fn, batches, example_inputs)
+
     # -- read-only views -------------------------------------------------------------------
+
+    @property
+    def spec(self) -> SpaceSpec:
+        """The validated records the space is built from, which the functions of
+        :mod:`optuna_ctpe.space`, :mod:`optuna_ctpe.nn` and :mod:`optuna_ctpe.deploy` take."""
+        return self._spec
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -312,12 +549,7 @@ class HessianSearchSpace(TorchFace):
         Fixed layers keep their fixed bit-width. The result need not lie in the pruned space
         (use it as a reference point, e.g. uniform 8-bit).
         """
-        bits = check_bit(bits, "bits")
-        width = check_ratio(width, "width")
-        return QuantConfig(
-            {n: self._spec.fixed_bits.get(n, bits) for n in self._spec.layers},
-            dict.fromkeys(self._spec.groups, width),
-        )
+        return _params.uniform_config(self._spec, bits, width)
 
     def size(self, config: QuantConfig) -> int:
         """Exact storage of the model under ``config``, in bits.

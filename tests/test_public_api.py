@@ -64,6 +64,7 @@ SPACE_PUBLIC = {
     "save_to_study",
     "sensitivities",
     "size",
+    "spec",
     "suggest",
     "tensors",
     "to_json",

@@ -11,14 +11,16 @@ sortable columns:
   configuration's latency at the study's batch on its runtime (onnxruntime's CPU provider, one
   thread; or torch with torchao's kernels, ``torch-cuda`` or ``torch-cpu`` as the worker has a
   GPU or not), from the study's lookup table (``table``) or timed as a whole model
-  (``measured``); see :class:`LatencyMeter`.
+  (``measured``); see :class:`optuna_ctpe.deploy.latency_meter.LatencyMeter`.
 
-With ``finetune_epochs > 0`` the copy is fine-tuned by quantization-aware training: the weights
-stay in float and every forward pass quantizes them, with straight-through gradients
-(:func:`optuna_ctpe.nn.quantize.quantize_weight`). Each epoch is one pass over the task's
-calibration batches, after which the validation accuracy is reported as the intermediate value
-of that step, so a pruner can stop an unpromising trial. The fine-tuning is deterministic on a
-CPU, which lets ``optuna-ctpe export`` rebuild the exact model a trial scored.
+What a trial returns and which constraints it sets are its objective's row of
+:data:`optuna_ctpe.cli.objectives.OBJECTIVES`.
+
+With ``finetune_epochs > 0`` the copy is fine-tuned by quantization-aware training
+(:func:`optuna_ctpe.nn.finetune.finetune_quantized`) on the task's calibration batches; after
+each epoch the validation accuracy is reported as the intermediate value of that step, so a
+pruner can stop an unpromising trial. The fine-tuning is deterministic on a CPU, which lets
+``optuna-ctpe export`` rebuild the exact model a trial scored.
 
 Without fine-tuning, a trial with every width at 1 copies nothing: it quantizes a working copy
 of the task's model in place for the time of the evaluation (:meth:`HessianSearchSpace.applied`),
@@ -44,24 +46,23 @@ from optuna_ctpe.cli.settings import Settings
 from optuna_ctpe.cli.signals import check_interrupted
 from optuna_ctpe.cli.signals import interruptible
 from optuna_ctpe.cli.storage import worker_id
+from optuna_ctpe.deploy.latency_meter import LatencyMeter
+from optuna_ctpe.deploy.latency_meter import missing_packages
 from optuna_ctpe.search_space import HessianSearchSpace
 from optuna_ctpe.search_space import QuantConfig
 from optuna_ctpe.tasks import Task
 
 
 __all__ = [
-    "FINETUNE_LR",
-    "LatencyMeter",
     "Objective",
     "build_model",
     "check_latency_extra",
+    "latency_meter",
     "log_chosen_latency",
-    "measure_table",
     "model_metrics",
+    "set_up_latency",
+    "stored_latency",
 ]
-
-#: Adam learning rate of the fine-tuning: small, since it only repairs quantization damage.
-FINETUNE_LR = 1e-4
 
 
 def model_metrics(
@@ -88,7 +89,8 @@ def build_model(
         space: The study's search space.
         task: The task.
         config: The configuration.
-        finetune_epochs: Epochs of quantization-aware fine-tuning on the calibration batches.
+        finetune_epochs: Epochs of quantization-aware fine-tuning on the calibration batches
+            (:func:`optuna_ctpe.nn.finetune.finetune_quantized`).
         on_epoch: Called as ``on_epoch(epoch, accuracy)`` after each epoch; it may raise
             :class:`optuna.TrialPruned` to stop.
 
@@ -97,58 +99,36 @@ def build_model(
     """
     if finetune_epochs == 0:
         return space.apply(task.model, config, task.example_inputs)
-    import torch
-    from torch.nn.utils import parametrize
+    from optuna_ctpe.nn.finetune import finetune_quantized
 
-    from optuna_ctpe.nn.layers import resolve_layers
-    from optuna_ctpe.nn.quantize import quantize_weight
+    def report(epoch: int, net: Any) -> None:
+        if on_epoch is not None:
+            on_epoch(epoch, float(task.evaluate(net)))
 
     # Start from the float, width-pruned copy; the quantizers sit in the forward pass.
     net = space.prune(task.model, config, task.example_inputs)
-    # A layer is a tensor on a module: ``weight`` of a Linear or convolution, or a parameter such
-    # as MultiheadAttention's ``in_proj_weight``, quantized along its type's output axis.
-    layers = resolve_layers(net, list(config.bits), "config.bits")
-
-    class _Quantize(torch.nn.Module):
-        def __init__(self, bits: int, axis: int) -> None:
-            super().__init__()
-            self.bits = bits
-            self.axis = axis
-
-        def forward(self, weight: torch.Tensor) -> torch.Tensor:
-            return quantize_weight(weight, self.bits, self.axis)
-
-    for name, bits in config.bits.items():
-        layer = layers[name]
-        parametrize.register_parametrization(
-            layer.module, layer.attr, _Quantize(bits, layer.out_axis)
-        )
-    optimiser = torch.optim.Adam(net.parameters(), lr=FINETUNE_LR)
-    try:
-        for epoch in range(finetune_epochs):
-            net.train()
-            for batch in task.calibration_batches:
-                optimiser.zero_grad()
-                task.loss_fn(net, batch).backward()
-                optimiser.step()
-            net.eval()
-            if on_epoch is not None:
-                on_epoch(epoch, float(task.evaluate(net)))
-    finally:
-        # Bake the quantized weights into plain parameters: the result is an ordinary module
-        # whose state dict loads with torch.load(weights_only=True).
-        for layer in layers.values():
-            parametrize.remove_parametrizations(layer.module, layer.attr, leave_parametrized=True)
-    return net.eval()
+    return finetune_quantized(
+        net,
+        config.bits,
+        task.loss_fn,
+        task.calibration_batches,
+        epochs=finetune_epochs,
+        on_epoch=report,
+    )
 
 
-def measure_table(settings: Settings, space: HessianSearchSpace, task: Task) -> Any:
-    """The study's :class:`~optuna_ctpe.deploy.latency_table.LatencyTable`, measured on the
-    task's model at the study's latency batch."""
-    from optuna_ctpe.deploy.latency_table import measure_latency_table
-
-    return measure_latency_table(
-        space, task.model, task.example_inputs, batch=settings.latency_batch or 1
+def latency_meter(
+    settings: Settings, space: HessianSearchSpace, task: Task, table: Any = None
+) -> LatencyMeter:
+    """The :class:`~optuna_ctpe.deploy.latency_meter.LatencyMeter` of a study's trials: on its
+    latency runtime, at its latency batch, from ``table`` (None: whole models timed)."""
+    return LatencyMeter(
+        space,
+        task.model,
+        task.example_inputs,
+        batch=settings.latency_batch or 1,
+        runtime=settings.latency_runtime,
+        table=table,
     )
 
 
@@ -165,10 +145,14 @@ def set_up_latency(
         return None
     table = None
     if settings.latency_source == "table":
+        from optuna_ctpe.deploy.latency_table import measure_latency_table
+
         log(f"measuring the latency table (batch {settings.latency_batch}) ...")
-        table = measure_table(settings, space, task)
+        table = measure_latency_table(
+            space, task.model, task.example_inputs, batch=settings.latency_batch or 1
+        )
         _attrs.write_chunked(study.set_user_attr, _attrs.LATENCY_TABLE, table.to_json())
-    return LatencyMeter(settings, space, task, table)
+    return latency_meter(settings, space, task, table)
 
 
 def stored_latency(
@@ -189,7 +173,7 @@ def stored_latency(
                 f"{_attrs.LATENCY_TABLE!r} attribute."
             )
         table = LatencyTable.from_json(text)
-    return LatencyMeter(settings, space, task, table)
+    return latency_meter(settings, space, task, table)
 
 
 def check_latency_extra(settings: Settings) -> None:
@@ -201,13 +185,7 @@ def check_latency_extra(settings: Settings) -> None:
     """
     if not settings.has_latency:
         return
-    import importlib.util
-
-    if settings.latency_runtime == "torch":
-        what, needed = "torchao models", ("torchao",)
-    else:
-        what, needed = "ONNX models", ("onnx", "onnxscript", "onnxruntime")
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    what, missing = missing_packages(settings.latency_runtime)
     if missing:
         raise UsageError(
             f"--objective {settings.objective} times {what} and needs {missing}: "
@@ -229,83 +207,13 @@ def log_chosen_latency(
     trial = recommended_trial(study)
     if trial is None or settings.latency_source != "table":
         return
-    ms = LatencyMeter(settings, space, task)(space.config_from_params(trial.params))
+    ms = latency_meter(settings, space, task)(space.config_from_params(trial.params))
     verdict = "within" if ms <= settings.latency_budget_ms else "OVER"
     log(
         f"trial {trial.number} timed again as a whole exported model: {ms:.4g} ms, {verdict} "
         f"the budget of {settings.latency_budget_ms:g} ms (the table predicted "
         f"{trial.user_attrs[_attrs.LATENCY_MS]:.4g} ms)"
     )
-
-
-class LatencyMeter:
-    """A configuration's latency in milliseconds on the study's runtime.
-
-    With a table, the table's prediction; without, the configuration's model on the study's
-    ``latency_runtime`` (exported by :func:`~optuna_ctpe.deploy.onnx.export_onnx` for
-    onnxruntime, quantized by torchao for torch) timed as a whole
-    (:class:`~optuna_ctpe.deploy.latency.ModelTimer`, cached by configuration), on the task's
-    example inputs repeated to the study's latency batch.
-
-    Args:
-        settings: The study's settings (the latency batch and runtime).
-        space: The study's search space.
-        task: The task.
-        table: The study's latency table, or None to time whole models.
-    """
-
-    def __init__(
-        self, settings: Settings, space: HessianSearchSpace, task: Task, table: Any = None
-    ) -> None:
-        self.table = table
-        self.source = "measured" if table is None else "table"
-        self.runtime = _runtime(settings)
-        #: The runtime's name, recorded per trial: a table's own, else the runtime timing here.
-        self.runtime_name = self.runtime.name if table is None else table.runtime["runtime"]
-        self._space = space
-        self._task = task
-        self._batch = settings.latency_batch or 1
-        self._timer: Any = None
-        self._lock = threading.Lock()
-
-    def __call__(self, config: QuantConfig) -> float:
-        """The latency of ``config``'s model."""
-        if self.table is not None:
-            return float(self.table.predict(config))
-        return float(self._model_timer()(config).median_ms)
-
-    def fp32(self) -> float:
-        """The latency of the float model on the same runtime."""
-        if self.table is not None:
-            return float(self.table.fp32_ms)
-        return float(self._model_timer().fp32().median_ms)
-
-    def _model_timer(self) -> Any:
-        # Made on first use: a table-based meter never exports.
-        with self._lock:
-            if self._timer is None:
-                from optuna_ctpe.deploy.latency import ModelTimer
-
-                self._timer = ModelTimer(
-                    self._space,
-                    self._task.model,
-                    self._task.example_inputs,
-                    batch=self._batch,
-                    runtime=self.runtime,
-                )
-            return self._timer
-
-
-def _runtime(settings: Settings) -> Any:
-    """The study's latency runtime in this process: onnxruntime's CPU provider, or torch on
-    CUDA when this process has a GPU, else on the CPU."""
-    if settings.latency_runtime == "torch":
-        from optuna_ctpe.deploy.torch_runtime import TorchRuntime
-
-        return TorchRuntime.auto()
-    from optuna_ctpe.deploy.latency import OrtRuntime
-
-    return OrtRuntime()
 
 
 class Objective:
@@ -365,17 +273,20 @@ class Objective:
             trial.set_user_attr(_attrs.LATENCY_MS, latency)
             trial.set_user_attr(_attrs.LATENCY_SOURCE, self._latency.source)
             trial.set_user_attr(_attrs.LATENCY_RUNTIME, self._latency.runtime_name)
-        objective = self._settings.objective
-        if objective == "pareto":
-            return accuracy, size_kb
-        if objective == "pareto-latency":
-            return accuracy, latency, size_kb
+        kind = self._settings.kind
+        if len(kind.metrics) > 1:
+            values = {
+                _attrs.ACCURACY: accuracy,
+                _attrs.SIZE_KB: size_kb,
+                _attrs.LATENCY_MS: latency,
+            }
+            return tuple(values[name] for name in kind.metrics)
         # Relative excess over a budget: <= 0 is feasible, and the value is comparable across
         # models, which is what TPE's ranking of infeasible trials by violation needs.
         violations = {}
         if self._budget_bits is not None:
             violations["size"] = size_bits / self._budget_bits - 1.0
-        if objective == "latency-budget":
+        if kind.latency_budget:
             violations["latency"] = latency / self._settings.latency_budget_ms - 1.0
         for name, violation in violations.items():
             compat.set_constraint(trial, name, violation)

@@ -39,9 +39,6 @@ __all__ = [
     "DEFAULT_TASK",
     "EXIT_SIGINT",
     "EXIT_SIGTERM",
-    "LATENCY_OBJECTIVES",
-    "LATENCY_RUNTIMES",
-    "LATENCY_SOURCES",
     "EXIT_USAGE",
     "UsageError",
     "add_storage_options",
@@ -90,15 +87,11 @@ DEFAULTS: dict[str, Any] = {
 #: ``--size-budget`` when ``--objective budget`` is given without one: 1/8 of FP32 (twice the
 #: compression of uniform 8-bit).
 DEFAULT_SIZE_BUDGET = 0.125
-#: The objectives that measure latency, and how: ``--latency-source`` and ``--latency-batch``
-#: when a latency objective is given without them.
-LATENCY_OBJECTIVES = ("latency-budget", "pareto-latency")
-LATENCY_SOURCES = ("table", "measured")
+#: How a latency objective (:data:`optuna_ctpe.cli.objectives.LATENCY_OBJECTIVES`) measures
+#: when given without ``--latency-source``, ``--latency-batch`` and ``--latency-runtime`` (one of
+#: :data:`optuna_ctpe.deploy.latency_meter.LATENCY_SOURCES` and ``LATENCY_RUNTIMES``).
 DEFAULT_LATENCY_SOURCE = "table"
 DEFAULT_LATENCY_BATCH = 1
-#: Where latency is timed (``--latency-runtime``): onnxruntime's CPU provider, or PyTorch with
-#: torchao's kernels (CUDA when there is a GPU, else the CPU; measured latencies only).
-LATENCY_RUNTIMES = ("onnxruntime", "torch")
 DEFAULT_LATENCY_RUNTIME = "onnxruntime"
 
 

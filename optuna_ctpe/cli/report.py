@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from optuna_ctpe import _attrs
 from optuna_ctpe.cli.choose import chosen_trials
+from optuna_ctpe.cli.objectives import objective_kind
 from optuna_ctpe.search_space import HessianSearchSpace
 
 
@@ -81,7 +82,7 @@ def search_report(
     chosen = chosen_trials(study)
     rows = _baseline_rows(space, baselines, layers, len(groups), latency)
     configurations = _chosen_rows(space, chosen, layers, groups, latency)
-    budget = "latency" if objective == "latency-budget" else "size"
+    budget = "size" if objective is None else objective_kind(objective).budget
     if len(study.directions) > 2:
         title = f"Pareto front ({len(configurations)} configurations), fastest first:"
     elif len(study.directions) > 1:

@@ -27,6 +27,8 @@ from optuna_ctpe._validation import MIN_BITS
 from optuna_ctpe.cli.objective import check_latency_extra
 from optuna_ctpe.cli.objective import log_chosen_latency
 from optuna_ctpe.cli.objective import Objective
+from optuna_ctpe.cli.objectives import objective_help
+from optuna_ctpe.cli.objectives import OBJECTIVES
 from optuna_ctpe.cli.options import add_storage_options
 from optuna_ctpe.cli.options import add_task_options
 from optuna_ctpe.cli.options import bits_list
@@ -37,9 +39,6 @@ from optuna_ctpe.cli.options import DEFAULT_N_TRIALS
 from optuna_ctpe.cli.options import DEFAULTS
 from optuna_ctpe.cli.options import EXIT_SIGINT
 from optuna_ctpe.cli.options import EXIT_SIGTERM
-from optuna_ctpe.cli.options import LATENCY_OBJECTIVES
-from optuna_ctpe.cli.options import LATENCY_RUNTIMES
-from optuna_ctpe.cli.options import LATENCY_SOURCES
 from optuna_ctpe.cli.options import latency_ms
 from optuna_ctpe.cli.options import log
 from optuna_ctpe.cli.options import n_jobs
@@ -64,6 +63,8 @@ from optuna_ctpe.cli.study import join_or_create
 from optuna_ctpe.cli.study import prepare
 from optuna_ctpe.cli.task import load_task
 from optuna_ctpe.cli.task import resolve_factory
+from optuna_ctpe.deploy.latency_meter import LATENCY_RUNTIMES
+from optuna_ctpe.deploy.latency_meter import LATENCY_SOURCES
 from optuna_ctpe.tasks import Task
 
 
@@ -156,14 +157,10 @@ def _add_objective_options(parser: argparse.ArgumentParser) -> None:
     """What a trial is scored on: ``--objective``, ``--size-budget`` and the latency options."""
     parser.add_argument(
         "--objective",
-        choices=("pareto", "budget", *LATENCY_OBJECTIVES),
+        choices=tuple(OBJECTIVES),
         help=(
-            "pareto: a two-objective study, maximise accuracy and minimise size, reporting the "
-            "Pareto front; budget: maximise accuracy subject to size <= --size-budget "
-            "(a constraint set with trial.set_constraint); latency-budget: maximise accuracy "
-            "subject to latency <= --latency-budget (and to --size-budget if given); "
-            "pareto-latency: a three-objective study, maximise accuracy, minimise latency and "
-            "size. Latency is timed on --latency-runtime (default: pareto)"
+            f"{objective_help()}. Latency is timed on --latency-runtime "
+            f"(default: {DEFAULTS['objective']})"
         ),
     )
     parser.add_argument(
@@ -308,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         flush=True,
     )
-    if settings.objective == "latency-budget" and interrupted is None:
+    if settings.kind.latency_budget and interrupted is None:
         log_chosen_latency(study, space, task, settings, log)
     if interrupted is not None:
         log("stopped; run the same command again to continue the study.")

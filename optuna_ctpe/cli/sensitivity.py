@@ -20,6 +20,7 @@ from optuna_ctpe.cli.options import UsageError
 from optuna_ctpe.cli.report import plot_sensitivities
 from optuna_ctpe.cli.report import sensitivity_table
 from optuna_ctpe.cli.task import load_task
+from optuna_ctpe.nn import ESTIMATOR_NAMES
 
 
 __all__ = ["add_parser", "read_for_study", "run"]
@@ -31,8 +32,9 @@ def add_parser(commands: Any) -> None:
         "sensitivity",
         help="print the per-layer Hessian trace table of a task",
         description=(
-            "Estimate the trace of each Conv/Linear layer's loss Hessian (Hutchinson) or "
-            "empirical Fisher on the task's calibration batches and print it per layer: "
+            "Estimate the trace of each quantizable layer's loss Hessian (or its Gauss-Newton "
+            "part, or the empirical Fisher) on the task's calibration batches and print it per "
+            "layer: "
             "parameters, trace, mean trace (trace / parameters, HAWQ-V2's sensitivity) and the "
             "relative standard error of the estimate."
         ),
@@ -40,8 +42,7 @@ def add_parser(commands: Any) -> None:
     add_task_options(parser)
     parser.add_argument(
         "--estimator",
-        # optuna_ctpe.nn.sensitivity.ESTIMATOR_NAMES, spelled out: parsing needs no torch.
-        choices=("auto", "hutchinson", "fisher", "ggn", "split"),
+        choices=ESTIMATOR_NAMES,
         default="auto",
         help="auto: ggn where the task's loss fits it, else hutchinson; hutchinson: Hessian "
         "trace; fisher: empirical Fisher trace; ggn: Gauss-Newton trace, never negative; "

@@ -20,12 +20,15 @@ from typing import Any
 import optuna
 
 from optuna_ctpe import _attrs
+from optuna_ctpe.cli.objectives import LATENCY_OBJECTIVES
+from optuna_ctpe.cli.objectives import ObjectiveKind
+from optuna_ctpe.cli.objectives import objective_kind
+from optuna_ctpe.cli.objectives import OBJECTIVES
 from optuna_ctpe.cli.options import DEFAULT_LATENCY_BATCH
 from optuna_ctpe.cli.options import DEFAULT_LATENCY_RUNTIME
 from optuna_ctpe.cli.options import DEFAULT_LATENCY_SOURCE
 from optuna_ctpe.cli.options import DEFAULT_SIZE_BUDGET
 from optuna_ctpe.cli.options import DEFAULTS
-from optuna_ctpe.cli.options import LATENCY_OBJECTIVES
 from optuna_ctpe.cli.options import show_grid
 from optuna_ctpe.cli.options import UsageError
 
@@ -40,7 +43,8 @@ class Settings:
     Attributes:
         task: ``module:factory`` of the task.
         seed: Seed of the task (data split, training) and of the sensitivity probes.
-        objective: ``"pareto"`` (maximise accuracy, minimise size), ``"budget"`` (maximise
+        objective: The name of one of :data:`~optuna_ctpe.cli.objectives.OBJECTIVES`:
+            ``"pareto"`` (maximise accuracy, minimise size), ``"budget"`` (maximise
             accuracy subject to ``size <= size_budget``), ``"latency-budget"`` (maximise
             accuracy subject to ``latency <= latency_budget_ms``, and to the size budget if
             one is given) or ``"pareto-latency"`` (maximise accuracy, minimise latency and
@@ -90,7 +94,7 @@ class Settings:
         }
         values["bits"] = tuple(values["bits"])
         values["widths"] = tuple(values["widths"])
-        if values["objective"] in LATENCY_OBJECTIVES and values["latency_runtime"] is None:
+        if objective_kind(values["objective"]).latency and values["latency_runtime"] is None:
             # Latency studies stored before --latency-runtime were all timed on onnxruntime.
             values["latency_runtime"] = DEFAULT_LATENCY_RUNTIME
         return cls(**values)
@@ -102,24 +106,25 @@ class Settings:
         return data
 
     @property
+    def kind(self) -> ObjectiveKind:
+        """The study's objective: its row of :data:`~optuna_ctpe.cli.objectives.OBJECTIVES`."""
+        return objective_kind(self.objective)
+
+    @property
     def has_latency(self) -> bool:
         """Whether trials measure latency (a latency objective)."""
-        return self.objective in LATENCY_OBJECTIVES
+        return self.kind.latency
 
     @property
     def metric_names(self) -> list[str]:
         """The names of the study's objectives, as optuna-dashboard shows them."""
-        if self.objective == "pareto":
-            return [_attrs.ACCURACY, _attrs.SIZE_KB]
-        if self.objective == "pareto-latency":
-            return [_attrs.ACCURACY, _attrs.LATENCY_MS, _attrs.SIZE_KB]
-        return [_attrs.ACCURACY]
+        return list(self.kind.metrics)
 
     @property
     def directions(self) -> list[str]:
         """The study's directions: accuracy up, and latency and size down for the Pareto
         objectives."""
-        return ["maximize"] + ["minimize"] * (len(self.metric_names) - 1)
+        return list(self.kind.directions)
 
 
 #: The settings of the latency objectives only.
@@ -170,12 +175,13 @@ def resolve(
 
 def _new_settings(requested: Mapping[str, Any]) -> Settings:
     values = {k: (DEFAULTS[k] if v is None else v) for k, v in requested.items()}
-    objective = values["objective"]
-    if objective == "budget" and values["size_budget"] is None:
+    kind = objective_kind(values["objective"])
+    if kind.size_budget == "default" and values["size_budget"] is None:
         values["size_budget"] = DEFAULT_SIZE_BUDGET
-    if objective in ("pareto", "pareto-latency") and values["size_budget"] is not None:
-        raise UsageError("--size-budget applies to --objective budget only.")
-    if objective not in LATENCY_OBJECTIVES:
+    if kind.size_budget == "none" and values["size_budget"] is not None:
+        bounded = " or ".join(n for n, k in OBJECTIVES.items() if k.size_budget == "default")
+        raise UsageError(f"--size-budget applies to --objective {bounded} only.")
+    if not kind.latency:
         given = [_OPTION[k] for k in _LATENCY_FIELDS if values.get(k) is not None]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
@@ -183,10 +189,11 @@ def _new_settings(requested: Mapping[str, Any]) -> Settings:
                 f"{', '.join(given)} {verb} to --objective {' or '.join(LATENCY_OBJECTIVES)} only."
             )
         return Settings(**values)
-    if objective == "latency-budget" and values["latency_budget_ms"] is None:
-        raise UsageError("--objective latency-budget needs --latency-budget MS.")
-    if objective != "latency-budget" and values["latency_budget_ms"] is not None:
-        raise UsageError("--latency-budget applies to --objective latency-budget only.")
+    if kind.latency_budget and values["latency_budget_ms"] is None:
+        raise UsageError(f"--objective {kind.name} needs --latency-budget MS.")
+    if not kind.latency_budget and values["latency_budget_ms"] is not None:
+        bounded = " or ".join(n for n, k in OBJECTIVES.items() if k.latency_budget)
+        raise UsageError(f"--latency-budget applies to --objective {bounded} only.")
     if values["latency_runtime"] is None:
         values["latency_runtime"] = DEFAULT_LATENCY_RUNTIME
     if values["latency_runtime"] == "torch":

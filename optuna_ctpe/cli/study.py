@@ -35,7 +35,6 @@ import warnings
 import optuna
 
 from optuna_ctpe import _attrs
-from optuna_ctpe.cli.objective import LatencyMeter
 from optuna_ctpe.cli.objective import model_metrics
 from optuna_ctpe.cli.objective import set_up_latency
 from optuna_ctpe.cli.objective import stored_latency
@@ -45,6 +44,7 @@ from optuna_ctpe.cli.settings import Settings
 from optuna_ctpe.cli.settings import stored_settings
 from optuna_ctpe.cli.storage import owner_is_dead
 from optuna_ctpe.cli.storage import worker_id
+from optuna_ctpe.deploy.latency_meter import LatencyMeter
 from optuna_ctpe.search_space import HessianSearchSpace
 from optuna_ctpe.tasks import Task
 

@@ -13,7 +13,9 @@
   onnxruntime's CPU provider, of whole exported models (:class:`ModelTimer`) or predicted by a
   per-layer lookup table (:func:`measure_latency_table`, :class:`LatencyTable`);
   :mod:`~optuna_ctpe.deploy.torch_runtime`: :class:`TorchRuntime`, whole torchao models timed
-  in PyTorch (CUDA when there is a GPU, else the CPU).
+  in PyTorch (CUDA when there is a GPU, else the CPU);
+  :mod:`~optuna_ctpe.deploy.latency_meter`: :class:`LatencyMeter`, a configuration's latency
+  as one number for an objective (a table's prediction, or its model timed).
 
 Names are imported lazily (PEP 562): ``import optuna_ctpe.deploy`` imports neither torch nor
 any exporter's dependencies until a name is used. Requires the ``torch`` and ``deploy`` extras.
@@ -27,6 +29,7 @@ from typing import Any
 
 # Public name -> the module that defines it.
 _LAZY = {
+    "LatencyMeter": "optuna_ctpe.deploy.latency_meter",
     "LatencyTable": "optuna_ctpe.deploy.latency_table",
     "ModelTimer": "optuna_ctpe.deploy.latency",
     "OnnxExport": "optuna_ctpe.deploy.onnx",

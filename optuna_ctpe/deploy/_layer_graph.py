@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from optuna_ctpe.deploy.latency import OrtRuntime
     from optuna_ctpe.deploy.latency import Timing
-    from optuna_ctpe.search_space import HessianSearchSpace
+    from optuna_ctpe.space.records import SpaceSpec
 
 
 #: The IR version of the graphs: the first that opset 21 needs, which onnxruntime 1.32 reads.
@@ -67,18 +67,18 @@ class Cell:
     input_shape: tuple[int, ...]
 
 
-def layer_groups(space: HessianSearchSpace) -> dict[str, tuple[str, ...]]:
+def layer_groups(spec: SpaceSpec) -> dict[str, tuple[str, ...]]:
     """Layer name -> the width groups pruning its weight (either dimension), for every layer."""
-    groups: dict[str, tuple[str, ...]] = {name: () for name in space.sensitivities}
-    for tensor in space.tensors:
+    groups: dict[str, tuple[str, ...]] = {name: () for name in spec.layers}
+    for tensor in spec.tensors:
         if tensor.layer in groups:
             found = (tensor.out_group, tensor.in_group)
             groups[tensor.layer] = tuple(dict.fromkeys(g for g in found if g is not None))
     return groups
 
 
-def layer_cells(space: HessianSearchSpace, model: torch.nn.Module, inputs: Any) -> list[Cell]:
-    """Every layer of ``space`` at every combination of ``space.widths`` over its groups.
+def layer_cells(spec: SpaceSpec, model: torch.nn.Module, inputs: Any) -> list[Cell]:
+    """Every layer of ``spec`` at every combination of ``spec.widths`` over its groups.
 
     The model is pruned once per distinct combination (the other groups at full width) and run
     on ``inputs``, whose shapes the layers' inputs then have.
@@ -89,23 +89,25 @@ def layer_cells(space: HessianSearchSpace, model: torch.nn.Module, inputs: Any) 
     """
     import torch
 
-    from optuna_ctpe.deploy.onnx import _arguments
+    from optuna_ctpe.deploy.onnx import call_arguments
+    from optuna_ctpe.nn.apply import apply_config
     from optuna_ctpe.nn.layers import layer_type
     from optuna_ctpe.nn.layers import resolve_layers
+    from optuna_ctpe.space.params import uniform_config
 
-    groups = layer_groups(space)
+    groups = layer_groups(spec)
     # Width assignment -> the (layer, ratios) cells it serves.
     wanted: dict[tuple[tuple[str, float], ...], list[tuple[str, tuple[float, ...]]]] = {}
     for name, names in groups.items():
-        for ratios in itertools.product(space.widths, repeat=len(names)):
+        for ratios in itertools.product(spec.widths, repeat=len(names)):
             key = tuple(sorted(zip(names, ratios)))
             wanted.setdefault(key, []).append((name, tuple(float(r) for r in ratios)))
-    full = space.uniform(max(space.bits))
-    args, kwargs = _arguments(inputs)
+    full = uniform_config(spec, max(spec.bits))
+    args, kwargs = call_arguments(inputs)
     cells = []
     for assignment, served in wanted.items():
         config = type(full)(full.bits, {**full.widths, **dict(assignment)})
-        net = space.prune(model, config, inputs).cpu().eval()
+        net = apply_config(spec, model, config, inputs, quantize=False).cpu().eval()
         layers = resolve_layers(net, [name for name, _ in served], "space")
         shapes: dict[str, tuple[int, ...]] = {}
         hooks = [
@@ -249,7 +251,7 @@ def time_cell(
         Bit-width (and :data:`FLOAT_BITS`) -> the timing of its graph, and the call's timing.
     """
     from optuna_ctpe.deploy.latency import time_calls
-    from optuna_ctpe.deploy.latency_table import FLOAT_BITS
+    from optuna_ctpe.space.size import FLOAT_BITS
 
     graphs: dict[Any, bytes] = {
         "call": _identity_graph(cell.input_shape, opset).SerializeToString(),

@@ -50,9 +50,16 @@ from torch import nn
 
 from optuna_ctpe.deploy._codec import decode
 from optuna_ctpe.deploy._codec import encode
+from optuna_ctpe.nn.apply import apply_config
 from optuna_ctpe.nn.quantize import resolve_quantized_layers
-from optuna_ctpe.search_space import HessianSearchSpace
-from optuna_ctpe.search_space import QuantConfig
+from optuna_ctpe.space import io
+from optuna_ctpe.space.records import check_config
+from optuna_ctpe.space.records import HasSpec
+from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.records import spec_of
+from optuna_ctpe.space.records import SpaceSpec
+from optuna_ctpe.space.size import fp32_bits
+from optuna_ctpe.space.size import size_bits
 
 
 __all__ = [
@@ -112,7 +119,7 @@ class PackedFile:
 
 
 def save_packed(
-    space: HessianSearchSpace,
+    space: SpaceSpec | HasSpec,
     model: nn.Module,
     config: QuantConfig,
     path: str | os.PathLike[str],
@@ -144,7 +151,8 @@ def save_packed(
             task.evaluate(net)  # exactly task.evaluate(space.apply(task.model, config, ...))
 
     Args:
-        space: The search space ``config`` belongs to.
+        space: The search space ``config`` belongs to, or its
+            :class:`~optuna_ctpe.space.records.SpaceSpec`.
         model: The original float model the space was measured on (not modified).
         config: The configuration to store.
         path: The file to write (replaced atomically if it exists).
@@ -163,13 +171,14 @@ def save_packed(
             than the pruned model, a quantized weight is not integers times per-channel scales,
             or a state-dict entry is not a plain tensor.
     """
-    accounted = space.size(config)  # checks that config fits the space
+    spec = spec_of(space)
+    accounted = size_bits(spec, check_config(spec, config))
     document_metadata = _checked_metadata(metadata)
     if configured is None:
-        net = space.apply(model, config, example_inputs)
+        net = apply_config(spec, model, config, example_inputs)
     else:
         net = configured
-        reference = space.prune(model, config, example_inputs)
+        reference = apply_config(spec, model, config, example_inputs, quantize=False)
         _check_shapes(_shapes(reference), _shapes(net), "the pruned model", "configured")
     tensors, quantized, aliases = _encode(net, config)
     document = {
@@ -180,7 +189,7 @@ def save_packed(
         "aliases": aliases,
         "original_shapes": _shapes(model),
         "metadata": document_metadata,
-        "search_space": json.loads(space.to_json()),
+        "search_space": json.loads(io.to_json(spec)),
     }
     document["sha256"] = _sha256(tensors, document)
     out = Path(path)
@@ -190,7 +199,7 @@ def save_packed(
         file_bytes=out.stat().st_size,
         header_bytes=_header_bytes(out),
         accounted_bytes=accounted / 8,
-        fp32_bytes=space.fp32_bits / 8,
+        fp32_bytes=fp32_bits(spec) / 8,
     )
 
 
@@ -220,10 +229,10 @@ def load_packed(
             layer and both module types).
     """
     document, tensors = _read(Path(path))
-    space = HessianSearchSpace.from_json(document["search_space"])
+    spec = io.from_json(document["search_space"])
     config = QuantConfig(document["config"]["bits"], document["config"]["widths"])
     _check_shapes(document["original_shapes"], _shapes(model), "the artifact", "model")
-    net = space.prune(model, config, example_inputs)
+    net = apply_config(spec, model, config, example_inputs, quantize=False)
     modules = dict(net.named_modules())
     state: dict[str, torch.Tensor] = {}
     for key, info in document["quantized"].items():

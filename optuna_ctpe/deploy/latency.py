@@ -41,12 +41,14 @@ import numpy as np
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.records import spec_of
 
 
 if TYPE_CHECKING:
     import torch
 
-    from optuna_ctpe.search_space import HessianSearchSpace
+    from optuna_ctpe.space.records import HasSpec
+    from optuna_ctpe.space.records import SpaceSpec
 
 
 __all__ = [
@@ -104,7 +106,7 @@ class ModelRuntime(Protocol):
 
     def time_model(
         self,
-        space: HessianSearchSpace,
+        space: SpaceSpec | HasSpec,
         model: torch.nn.Module,
         config: QuantConfig | None,
         example_inputs: Any,
@@ -173,7 +175,7 @@ class OrtRuntime:
 
     def time_model(
         self,
-        space: HessianSearchSpace,
+        space: SpaceSpec | HasSpec,
         model: torch.nn.Module,
         config: QuantConfig | None,
         example_inputs: Any,
@@ -186,7 +188,8 @@ class OrtRuntime:
         writes it (None: the float model exported as it is), on ``inputs``.
 
         Args:
-            space: The search space ``config`` belongs to.
+            space: The search space ``config`` belongs to, or its
+                :class:`~optuna_ctpe.space.records.SpaceSpec`.
             model: The float model the space was measured on.
             config: The configuration, or None for the float model.
             example_inputs: What the exporter traces the model on.
@@ -353,7 +356,8 @@ class ModelTimer:
             print(timer(space.uniform(4)).median_ms, timer.fp32().median_ms)
 
     Args:
-        space: The search space the configurations belong to.
+        space: The search space the configurations belong to, or its
+            :class:`~optuna_ctpe.space.records.SpaceSpec`.
         model: The float model the space was measured on.
         example_inputs: The model's inputs (see :func:`export_onnx`).
         batch: Rows of the timed input, an integer >= 1.
@@ -365,7 +369,7 @@ class ModelTimer:
 
     def __init__(
         self,
-        space: HessianSearchSpace,
+        space: SpaceSpec | HasSpec,
         model: torch.nn.Module,
         example_inputs: Any,
         *,
@@ -376,7 +380,7 @@ class ModelTimer:
     ) -> None:
         if example_inputs is None:
             raise ValueError("example_inputs is required: the exporter traces the model on them.")
-        self._space = space
+        self._spec = spec_of(space)
         self._model = model
         self._example = example_inputs
         self.batch = check_integer(batch, "batch", minimum=1)
@@ -407,7 +411,7 @@ class ModelTimer:
 
     def _measure(self, config: QuantConfig | None) -> Timing:
         return self.runtime.time_model(
-            self._space,
+            self._spec,
             self._model,
             config,
             self._example,
@@ -418,7 +422,7 @@ class ModelTimer:
 
 
 def _exported(
-    space: HessianSearchSpace, model: torch.nn.Module, config: QuantConfig, example_inputs: Any
+    space: SpaceSpec | HasSpec, model: torch.nn.Module, config: QuantConfig, example_inputs: Any
 ) -> bytes:
     """``config``'s model as :func:`~optuna_ctpe.deploy.onnx.export_onnx` writes it."""
     from optuna_ctpe.deploy.onnx import export_onnx
@@ -435,13 +439,13 @@ def float_model_bytes(
     """The float model as a serialized ONNX graph, exported as :func:`export_onnx` exports
     (dynamo, a dynamic batch, no per-node metadata) but with every weight float32."""
     from optuna_ctpe.deploy._onnx_graph import strip_node_metadata
-    from optuna_ctpe.deploy.onnx import _arguments
-    from optuna_ctpe.deploy.onnx import _export
+    from optuna_ctpe.deploy.onnx import call_arguments
     from optuna_ctpe.deploy.onnx import DEFAULT_OPSET
+    from optuna_ctpe.deploy.onnx import export_proto
 
     # A copy on the CPU in eval mode: the model itself is left as it is.
     net = copy.deepcopy(model).cpu().eval()
-    args, kwargs = _arguments(example_inputs)
-    proto = _export(net, args, kwargs, DEFAULT_OPSET if opset is None else opset, True)
+    args, kwargs = call_arguments(example_inputs)
+    proto = export_proto(net, args, kwargs, DEFAULT_OPSET if opset is None else opset, True)
     strip_node_metadata(proto.graph)
     return proto.SerializeToString()

@@ -30,20 +30,22 @@ from typing import TYPE_CHECKING
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe._validation import check_real
+from optuna_ctpe.space.records import HasSpec
 from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.records import spec_of
+from optuna_ctpe.space.records import SpaceSpec
+from optuna_ctpe.space.size import FLOAT_BITS
 
 
 if TYPE_CHECKING:
     import torch
 
     from optuna_ctpe.deploy.latency import OrtRuntime
-    from optuna_ctpe.search_space import HessianSearchSpace
 
 
 __all__ = ["FLOAT_BITS", "LatencyTable", "LayerLatency", "measure_latency_table"]
 
-#: The bits of a layer's float32 entry.
-FLOAT_BITS = 32
+# FLOAT_BITS (the bits of a layer's float32 entry) is optuna_ctpe.space.size's, re-exported.
 _FORMAT = "optuna-ctpe latency table"
 _VERSION = 1
 
@@ -226,7 +228,7 @@ class LatencyTable:
 
 
 def measure_latency_table(
-    space: HessianSearchSpace,
+    space: SpaceSpec | HasSpec,
     model: torch.nn.Module,
     example_inputs: Any,
     *,
@@ -247,7 +249,7 @@ def measure_latency_table(
     machine's load falls on all of a layer's choices alike.
 
     Args:
-        space: The search space.
+        space: The search space, or its :class:`~optuna_ctpe.space.records.SpaceSpec`.
         model: The float model the space was measured on.
         example_inputs: The model's inputs: a tensor, a tuple or a mapping (see
             :func:`~optuna_ctpe.deploy.onnx.export_onnx`).
@@ -282,21 +284,22 @@ def measure_latency_table(
     warmup = check_integer(warmup, "warmup", minimum=0)
     runtime = OrtRuntime() if runtime is None else runtime
     opset = DEFAULT_OPSET if opset is None else check_integer(opset, "opset", minimum=MIN_OPSET)
-    cells = layer_cells(space, model, batched_inputs(example_inputs, batch))
-    entries: dict[str, dict[EntryKey, float]] = {name: {} for name in space.sensitivities}
+    spec = spec_of(space)
+    cells = layer_cells(spec, model, batched_inputs(example_inputs, batch))
+    entries: dict[str, dict[EntryKey, float]] = {name: {} for name in spec.layers}
     groups: dict[str, tuple[str, ...]] = {}
     noises: list[float] = []
     for cell in cells:
         groups[cell.layer] = cell.groups
         # 8 bits always: the uniform 8-bit baseline of reports.
-        bits = sorted({*space.bits, 8, space.fixed_bits.get(cell.layer, 8)})
+        bits = sorted({*spec.bits, 8, spec.fixed_bits.get(cell.layer, 8)})
         timings, call = time_cell(cell, bits, runtime, opset, repeats=repeats, warmup=warmup)
         for b, timing in timings.items():
             # The call's own cost is paid once per model, in the remainder, not per layer.
             entries[cell.layer][(b, cell.ratios)] = max(0.0, timing.median_ms - call.median_ms)
         noises += [t.noise for t in timings.values()]
     timer = ModelTimer(
-        space, model, example_inputs, batch=batch, runtime=runtime, repeats=repeats, warmup=warmup
+        spec, model, example_inputs, batch=batch, runtime=runtime, repeats=repeats, warmup=warmup
     )
     fp32 = timer.fp32()
     noises.append(fp32.noise)

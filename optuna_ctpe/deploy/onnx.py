@@ -45,16 +45,21 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from optuna_ctpe._validation import check_integer
+from optuna_ctpe.nn.apply import apply_config
 from optuna_ctpe.nn.layers import resolve_layers
+from optuna_ctpe.space.records import check_config
 from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.records import spec_of
+from optuna_ctpe.space.size import size_bits
 
 
 if TYPE_CHECKING:
     from optuna_ctpe.deploy._onnx_graph import OnnxLayer
-    from optuna_ctpe.search_space import HessianSearchSpace
+    from optuna_ctpe.space.records import HasSpec
+    from optuna_ctpe.space.records import SpaceSpec
 
 
-__all__ = ["DEFAULT_OPSET", "OnnxExport", "export_onnx"]
+__all__ = ["DEFAULT_OPSET", "OnnxExport", "call_arguments", "export_onnx", "export_proto"]
 
 #: The default ONNX opset, the first with int4 and int16 DequantizeLinear inputs.
 DEFAULT_OPSET = 21
@@ -102,7 +107,7 @@ class OnnxExport:
 
 
 def export_onnx(
-    space: HessianSearchSpace,
+    space: SpaceSpec | HasSpec,
     model: nn.Module,
     config: QuantConfig,
     path: str | os.PathLike[str],
@@ -194,14 +199,15 @@ def export_onnx(
     from optuna_ctpe.deploy._onnx_graph import quantize_graph
     from optuna_ctpe.deploy._onnx_graph import strip_node_metadata
 
+    spec = spec_of(space)
     if configured is None:
-        configured = space.apply(model, config, example_inputs)
+        configured = apply_config(spec, model, config, example_inputs)
     elif not isinstance(configured, nn.Module):
         raise ValueError(f"configured must be a torch.nn.Module, got {type(configured).__name__}.")
     net = configured.cpu().eval()
-    args, kwargs = _arguments(example_inputs)
+    args, kwargs = call_arguments(example_inputs)
     weights = _integer_weights(net, config)
-    proto = _export(net, args, kwargs, opset, dynamic_batch)
+    proto = export_proto(net, args, kwargs, opset, dynamic_batch)
     strip_node_metadata(proto.graph)
     layers = quantize_graph(proto, weights, opset=opset, accuracy_level=accuracy_level)
     left = [name for name, layer in layers.items() if layer.operator == "float"]
@@ -219,7 +225,7 @@ def export_onnx(
     return OnnxExport(
         path=path,
         file_bytes=path.stat().st_size,
-        accounted_bytes=space.size(config) / 8,
+        accounted_bytes=size_bits(spec, check_config(spec, config)) / 8,
         opset=opset,
         layers=layers,
         max_abs_diff=abs_diff,
@@ -237,8 +243,26 @@ def _require(module: str) -> Any:
         raise ImportError(f"export_onnx needs {_INSTALL_HINT}: {e}", name=module) from e
 
 
-def _arguments(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional and keyword inputs on the CPU, from a tensor, a tuple or a mapping."""
+def call_arguments(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword inputs on the CPU, from a tensor, a tuple or a mapping: how
+    every exporter and timer of :mod:`optuna_ctpe.deploy` calls a model on example inputs.
+
+    Example:
+        .. code-block:: python
+
+            import torch
+            from optuna_ctpe.deploy.onnx import call_arguments
+
+            call_arguments({"input_ids": torch.ones(1, 8, dtype=torch.long)})
+            # ((), {"input_ids": tensor([[1, 1, 1, 1, 1, 1, 1, 1]])})
+
+    Args:
+        example_inputs: A tensor (one positional input), a tuple or list of positional inputs,
+            or a mapping of keyword inputs.
+
+    Returns:
+        ``(args, kwargs)`` with every tensor moved to the CPU.
+    """
     if isinstance(example_inputs, Mapping):
         args: tuple[Any, ...] = ()
         kwargs = dict(example_inputs)
@@ -277,14 +301,25 @@ def _integer_weights(net: nn.Module, config: QuantConfig) -> dict[str, Any]:
     return weights
 
 
-def _export(
+def export_proto(
     net: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     opset: int,
     dynamic_batch: bool,
 ) -> Any:
-    """The ONNX ModelProto of ``net`` traced on the inputs (the dynamo exporter)."""
+    """The ONNX ``ModelProto`` of ``net`` traced on the inputs by the dynamo exporter, with the
+    weights as they are (no integer storage: :func:`export_onnx` adds that).
+
+    Args:
+        net: The model, on the CPU, in the mode to export (eval for inference).
+        args, kwargs: Its inputs, as :func:`call_arguments` returns them.
+        opset: The default-domain ONNX opset.
+        dynamic_batch: Let the first dimension of every input vary.
+
+    Raises:
+        ImportError: If ``onnxscript`` (the exporter's dependency) is missing.
+    """
     dynamic = None
     if dynamic_batch:
 

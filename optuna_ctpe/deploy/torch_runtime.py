@@ -41,7 +41,8 @@ from optuna_ctpe.space.records import QuantConfig
 
 
 if TYPE_CHECKING:
-    from optuna_ctpe.search_space import HessianSearchSpace
+    from optuna_ctpe.space.records import HasSpec
+    from optuna_ctpe.space.records import SpaceSpec
 
 
 __all__ = ["TorchRuntime"]
@@ -139,7 +140,7 @@ class TorchRuntime:
 
     def model(
         self,
-        space: HessianSearchSpace,
+        space: SpaceSpec | HasSpec,
         model: torch.nn.Module,
         config: QuantConfig | None,
         example_inputs: Any = None,
@@ -147,7 +148,8 @@ class TorchRuntime:
         """``config``'s model as this runtime times it, on its device and dtype, in eval mode.
 
         Args:
-            space: The search space ``config`` belongs to.
+            space: The search space ``config`` belongs to, or its
+                :class:`~optuna_ctpe.space.records.SpaceSpec`.
             model: The float model the space was measured on (not modified).
             config: The configuration (quantized by
                 :func:`~optuna_ctpe.deploy.torchao.quantize_with_torchao`), or None for a
@@ -168,7 +170,7 @@ class TorchRuntime:
 
     def time_model(
         self,
-        space: HessianSearchSpace,
+        space: SpaceSpec | HasSpec,
         model: torch.nn.Module,
         config: QuantConfig | None,
         example_inputs: Any,
@@ -180,7 +182,8 @@ class TorchRuntime:
         """The latency of ``config``'s model (:meth:`model`) on ``inputs``.
 
         Args:
-            space: The search space ``config`` belongs to.
+            space: The search space ``config`` belongs to, or its
+                :class:`~optuna_ctpe.space.records.SpaceSpec`.
             model: The float model the space was measured on.
             config: The configuration, or None for the float model.
             example_inputs: What the model is pruned (traced) on.
@@ -204,7 +207,7 @@ class TorchRuntime:
 
     def _arguments(self, inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Positional and keyword inputs on the device, floating ones in the dtype."""
-        from optuna_ctpe.deploy.onnx import _arguments
+        from optuna_ctpe.deploy.onnx import call_arguments
 
         def moved(value: Any) -> Any:
             if not isinstance(value, torch.Tensor):
@@ -212,7 +215,7 @@ class TorchRuntime:
             dtype = self.dtype if value.is_floating_point() else value.dtype
             return value.to(device=self.device, dtype=dtype)
 
-        args, kwargs = _arguments(inputs)
+        args, kwargs = call_arguments(inputs)
         return pytree.tree_map(moved, args), pytree.tree_map(moved, kwargs)
 
 

@@ -34,11 +34,13 @@ from torch import nn
 
 from optuna_ctpe.nn.layers import resolve_layers
 from optuna_ctpe.nn.quantize import quantize_weight
+from optuna_ctpe.nn.apply import apply_config
 from optuna_ctpe.space.records import QuantConfig
 
 
 if TYPE_CHECKING:
-    from optuna_ctpe.search_space import HessianSearchSpace
+    from optuna_ctpe.space.records import HasSpec
+    from optuna_ctpe.space.records import SpaceSpec
 
 
 __all__ = ["quantize_with_torchao", "torchao_config"]
@@ -139,7 +141,7 @@ def torchao_config(
 
 
 def quantize_with_torchao(
-    space: HessianSearchSpace,
+    space: SpaceSpec | HasSpec,
     model: nn.Module,
     config: QuantConfig,
     example_inputs: Any = None,
@@ -170,7 +172,8 @@ def quantize_with_torchao(
             print(task.evaluate(net))  # on a GPU: device="cuda", dtype=torch.bfloat16
 
     Args:
-        space: The search space ``config`` belongs to.
+        space: The search space ``config`` belongs to, or its
+            :class:`~optuna_ctpe.space.records.SpaceSpec`.
         model: The float model the space was measured on.
         config: The configuration.
         example_inputs: Inputs for dependency tracing; required when a width is below 1.
@@ -187,7 +190,8 @@ def quantize_with_torchao(
     device = _check_device(device)
     dtype = _check_dtype(dtype)
     _torchao_quantization()
-    net = space.prune(model, config, example_inputs).to(device=device, dtype=dtype).eval()
+    net = apply_config(space, model, config, example_inputs, quantize=False)
+    net = net.to(device=device, dtype=dtype).eval()
     with warnings.catch_warnings():
         # Named once here, as what happens to them: fake-quantized below.
         warnings.filterwarnings("ignore", message="torchao has no weight-only configuration")

@@ -17,6 +17,27 @@
 * :mod:`~optuna_ctpe.nn.layers`: the supported layer types (each with its output-channel axis),
   how layers are named, and the mode-preserving context.
 
+* :mod:`~optuna_ctpe.nn.width_calibration`: width choices priced by their measured loss
+  increase, and a configuration's measured loss increase;
+* :mod:`~optuna_ctpe.nn.finetune`: quantization-aware fine-tuning of a configured model.
+
 Every module here imports torch; this package's ``__init__`` does not, so that importing a
-sibling never costs more than it needs. Requires the ``torch`` extra.
+sibling never costs more than it needs, and the names of the estimators (which the command
+line's parser offers before torch is imported) live here. Requires the ``torch`` extra.
 """
+
+from __future__ import annotations
+
+from typing import get_args
+from typing import Literal
+
+
+__all__ = ["ESTIMATOR_NAMES", "EstimatorName"]
+
+#: The names ``HessianSearchSpace.from_model(estimator=)`` and ``--estimator`` take, ``"auto"``
+#: (:func:`optuna_ctpe.nn.sensitivity.resolve_estimator`) or one of the four estimators of
+#: :data:`optuna_ctpe.nn.sensitivity.ESTIMATORS`.
+EstimatorName = Literal["auto", "hutchinson", "fisher", "ggn", "split"]
+
+#: Every estimator name, ``"auto"`` first (the one registry of them).
+ESTIMATOR_NAMES: tuple[str, ...] = get_args(EstimatorName)

@@ -35,13 +35,19 @@ from optuna_ctpe.nn.quantize import quantize_model
 from optuna_ctpe.nn.quantize import quantize_weight
 from optuna_ctpe.nn.quantize import resolve_quantized_layers
 from optuna_ctpe.nn.width import prune_widths
+from optuna_ctpe.space.records import check_config
+from optuna_ctpe.space.records import HasSpec
 from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.records import spec_of
+from optuna_ctpe.space.records import SpaceSpec
 
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
     "WeightCache",
+    "apply_config",
+    "applied_config",
     "check_model",
     "configured_copy",
     "configured_in_place",
@@ -89,6 +95,78 @@ def _pruned(
     if example_inputs is None:
         raise ValueError("example_inputs is required to prune widths below 1.")
     return prune_widths(model, example_inputs, pruned)
+
+
+def apply_config(
+    space: SpaceSpec | HasSpec,
+    model: nn.Module,
+    config: QuantConfig,
+    example_inputs: Any = None,
+    *,
+    quantize: bool = True,
+) -> nn.Module:
+    """:meth:`HessianSearchSpace.apply <optuna_ctpe.HessianSearchSpace.apply>` (or, without
+    ``quantize``, :meth:`~optuna_ctpe.HessianSearchSpace.prune`) as a function of the space's
+    records: ``config`` checked against the space, then :func:`configured_copy`.
+
+    Example:
+        .. code-block:: python
+
+            from optuna_ctpe import HessianSearchSpace
+            from optuna_ctpe.nn.apply import apply_config
+            from optuna_ctpe.tasks.digits import digits_task
+
+            task = digits_task(seed=0)
+            space = HessianSearchSpace.from_model(
+                task.model, task.loss_fn, task.calibration_batches, max_probes=20
+            )
+            net = apply_config(space.spec, task.model, space.uniform(4))
+            task.evaluate(net)  # the same as task.evaluate(space.apply(task.model, ...))
+
+    Args:
+        space: A :class:`~optuna_ctpe.HessianSearchSpace` or its
+            :class:`~optuna_ctpe.space.records.SpaceSpec`.
+        model: The model the space was measured on; it is not modified.
+        config: A configuration of the space.
+        example_inputs: Inputs for dependency tracing; required when a width is below 1.
+        quantize: Quantize the weights, or only prune (a deep copy even at full widths).
+
+    Raises:
+        ValueError: If ``config`` does not fit the space, ``model`` is not the measured one, or
+            a width below 1 is requested without ``example_inputs``.
+    """
+    spec = spec_of(space)
+    config = check_config(spec, config)
+    return configured_copy(model, spec.layers, config, example_inputs, quantize=quantize)
+
+
+def applied_config(
+    space: SpaceSpec | HasSpec,
+    model: nn.Module,
+    config: QuantConfig,
+    example_inputs: Any = None,
+    *,
+    cache: WeightCache | None = None,
+) -> contextlib.AbstractContextManager[nn.Module]:
+    """:meth:`HessianSearchSpace.applied <optuna_ctpe.HessianSearchSpace.applied>` as a
+    function of the space's records: ``config`` checked against the space, then
+    :func:`configured_in_place`.
+
+    Args:
+        space: A :class:`~optuna_ctpe.HessianSearchSpace` or its
+            :class:`~optuna_ctpe.space.records.SpaceSpec`.
+        model: The model the space was measured on; configured only inside the block.
+        config: A configuration of the space.
+        example_inputs: Inputs for dependency tracing; required when a width is below 1.
+        cache: Quantized weights of ``model`` kept across calls; None quantizes afresh.
+
+    Raises:
+        ValueError: If ``config`` does not fit the space, ``model`` is not the measured one, or
+            a width below 1 is requested without ``example_inputs``.
+    """
+    spec = spec_of(space)
+    config = check_config(spec, config)
+    return configured_in_place(model, spec.layers, config, example_inputs, cache=cache)
 
 
 def configured_copy(

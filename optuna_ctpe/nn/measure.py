@@ -70,7 +70,7 @@ def measure(
             supported layer.
         example_inputs: Inputs for tracing channel dependencies, or None (bits only).
         keep_first_last_bits: Bit-width the first and last layers are fixed to, or None.
-        estimator: One of :data:`optuna_ctpe.nn.sensitivity.ESTIMATOR_NAMES`; ``"auto"`` is
+        estimator: One of :data:`optuna_ctpe.nn.ESTIMATOR_NAMES`; ``"auto"`` is
             resolved by :func:`~optuna_ctpe.nn.sensitivity.resolve_estimator`.
         include_embeddings: Also quantize ``nn.Embedding`` tables (per row) and layers tied to
             them (an LM head); off by default.

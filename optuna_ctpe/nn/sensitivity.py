@@ -1,4 +1,4 @@
-"""Per-layer Hessian traces (Hutchinson) and empirical-Fisher traces of PyTorch models.
+"""The face of the four per-layer trace estimators of PyTorch models, and choosing one.
 
 HAWQ-V2 (Dong et al., 2020) measures how sensitive a layer is to a weight perturbation ``ΔW`` by
 the second-order change of the loss, averaged over directions:
@@ -27,7 +27,7 @@ probes, where Hutchinson needs about 100 for 0.94; at a least-squares loss whose
 zero (the MiniLM task) the GGN is the Hessian; elsewhere near a minimum it is the positive
 part of the Hessian that HAWQ's second-order model needs, without negative traces.
 
-Both evaluate the model in eval mode (batch norm uses its running statistics, dropout is off, so
+All four evaluate the model in eval mode (batch norm uses its running statistics, dropout is off, so
 the loss is a deterministic function of the weights) and leave the model exactly as they found
 it: parameters, ``.grad`` fields, ``requires_grad`` flags and train/eval modes.
 
@@ -42,6 +42,7 @@ from collections.abc import Mapping
 import logging
 from typing import Any
 
+from optuna_ctpe.nn import ESTIMATOR_NAMES
 from optuna_ctpe.nn.fisher import empirical_fisher_traces
 from optuna_ctpe.nn.ggn import ggn_misfit
 from optuna_ctpe.nn.ggn import ggn_traces
@@ -69,18 +70,22 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-#: Estimator name (as ``HessianSearchSpace.from_model(estimator=)`` and the CLI's
-#: ``--estimator`` take it) -> the function.
+#: The function of each estimator by name, for every name of
+#: :data:`optuna_ctpe.nn.ESTIMATOR_NAMES` (the one registry of names, torch-free for the
+#: command line's parser; re-exported here) but ``"auto"``.
 ESTIMATORS: Mapping[str, Callable[..., dict[str, LayerTrace]]] = {
     "hutchinson": hutchinson_traces,
     "fisher": empirical_fisher_traces,
     "ggn": ggn_traces,
     "split": split_traces,
 }
-
-
-#: Every name ``estimator=`` takes: ``"auto"`` and the keys of :data:`ESTIMATORS`.
-ESTIMATOR_NAMES = ("auto", *ESTIMATORS)
+# The registry of names (optuna_ctpe.nn, torch-free for the CLI's parser) and the functions
+# must agree; ESTIMATOR_NAMES is re-exported here, where it was defined before 0.2.
+if set(ESTIMATOR_NAMES) != {"auto", *ESTIMATORS}:
+    raise ImportError(
+        f"optuna_ctpe.nn.ESTIMATOR_NAMES {ESTIMATOR_NAMES} and the estimators "
+        f"{sorted(ESTIMATORS)} disagree."
+    )
 
 
 def estimator(name: Any) -> Callable[..., dict[str, LayerTrace]]:

@@ -29,20 +29,19 @@ from collections.abc import Sequence
 import dataclasses
 import math
 from typing import Any
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from optuna_ctpe.nn.apply import applied_config
 from optuna_ctpe.nn.apply import WeightCache
 from optuna_ctpe.nn.layers import eval_mode
 from optuna_ctpe.nn.width import prune_widths
+from optuna_ctpe.space.records import HasSpec
 from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.records import spec_of
+from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.records import WidthGroupSensitivity
-
-
-if TYPE_CHECKING:
-    from optuna_ctpe.search_space import HessianSearchSpace
 
 
 __all__ = ["calibrate_groups", "calibration_loss", "loss_increase_meter"]
@@ -138,7 +137,7 @@ def calibrate_groups(
 
 
 def loss_increase_meter(
-    space: HessianSearchSpace,
+    space: SpaceSpec | HasSpec,
     model: nn.Module,
     loss_fn: Any,
     batches: Sequence[Any],
@@ -147,9 +146,10 @@ def loss_increase_meter(
     """``measure(config)``: the :func:`calibration_loss` of ``model`` under ``config`` minus the
     unconfigured model's, for :meth:`~optuna_ctpe.HessianSearchSpace.warm_starts`.
 
-    The unconfigured loss is computed once, here. Each call configures ``model`` with
-    :meth:`~optuna_ctpe.HessianSearchSpace.applied` (in place when no width is below 1, with
-    one weight cache across calls) and runs ``batches`` once.
+    The unconfigured loss is computed once, here. Each call configures ``model`` as
+    :meth:`~optuna_ctpe.HessianSearchSpace.applied` does
+    (:func:`optuna_ctpe.nn.apply.applied_config`: in place when no width is below 1, with one
+    weight cache across calls) and runs ``batches`` once.
 
     Example:
         .. code-block:: python
@@ -164,7 +164,8 @@ def loss_increase_meter(
             measure(space.uniform(8))  # about 0: 8 bits barely move the loss
 
     Args:
-        space: The search space measured on ``model``.
+        space: The search space measured on ``model``, or its
+            :class:`~optuna_ctpe.space.records.SpaceSpec`.
         model: The trained model; configured only inside each call, then restored.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         batches: The calibration batches.
@@ -175,11 +176,12 @@ def loss_increase_meter(
         ValueError: If ``batches`` is empty or the loss of ``model`` is not finite; a call, if
             its configuration does not fit ``space`` or its loss is not finite.
     """
+    spec = spec_of(space)
     base = calibration_loss(model, loss_fn, batches)
     cache = WeightCache()
 
     def measure(config: QuantConfig) -> float:
-        with space.applied(model, config, example_inputs, cache=cache) as net:
+        with applied_config(spec, model, config, example_inputs, cache=cache) as net:
             return calibration_loss(net, loss_fn, batches) - base
 
     return measure

@@ -38,8 +38,11 @@ SCHEMA = "optuna-ctpe/hessian-search-space"
 SCHEMA_VERSION = 1
 
 
-def to_json(spec: SpaceSpec, choices: Choices) -> str:
-    """The JSON text of a space: its inputs and the choices they give."""
+def to_json(spec: SpaceSpec, choices: Choices | None = None) -> str:
+    """The JSON text of a space: its inputs and the choices they give (``choices``, or those
+    the pruning rule gives ``spec`` when None)."""
+    if choices is None:
+        choices = prune(spec, omega_table(spec, upper=True))
     data = {
         "schema": SCHEMA,
         "version": SCHEMA_VERSION,

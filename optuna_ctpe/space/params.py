@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from optuna_ctpe._validation import check_ratio
+from optuna_ctpe.space.records import check_bit
 from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.records import SpaceSpec
 
 
 BITS_PREFIX = "bits:"
@@ -86,3 +89,18 @@ def extreme_config(choices: Choices, pick: Any) -> QuantConfig:
     the space and ``max`` the safest.
     """
     return config_from_params(choices, {name: pick(c) for name, c in choices.items()})
+
+
+def uniform_config(spec: SpaceSpec, bits: Any, width: Any = 1.0) -> QuantConfig:
+    """Every searched layer of ``spec`` at ``bits`` and every group at ``width``; fixed layers
+    keep their fixed bit-width. The result need not lie in the pruned space.
+
+    Raises:
+        ValueError: If ``bits`` is not a bit-width in [2, 16] or ``width`` not a ratio in (0, 1].
+    """
+    bits = check_bit(bits, "bits")
+    width = check_ratio(width, "width")
+    return QuantConfig(
+        {n: spec.fixed_bits.get(n, bits) for n in spec.layers},
+        dict.fromkeys(spec.groups, width),
+    )

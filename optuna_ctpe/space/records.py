@@ -17,6 +17,7 @@ from dataclasses import field
 import math
 import types
 from typing import Any
+from typing import Protocol
 from typing import TypeVar
 
 from optuna_ctpe._validation import check_bits
@@ -470,6 +471,34 @@ def check_config(spec: SpaceSpec, config: Any) -> QuantConfig:
     for name, w in config.widths.items():
         check_ratio(w, f"config.widths[{name!r}]")
     return config
+
+
+class HasSpec(Protocol):
+    """Anything that carries a :class:`SpaceSpec`, such as :class:`~optuna_ctpe.HessianSearchSpace`.
+
+    The torch wings (:mod:`optuna_ctpe.nn`, :mod:`optuna_ctpe.deploy`) take a space as this
+    protocol, or as its :class:`SpaceSpec`, so they work on the records without importing the
+    face that holds them.
+    """
+
+    @property
+    def spec(self) -> SpaceSpec: ...
+
+
+def spec_of(space: SpaceSpec | HasSpec) -> SpaceSpec:
+    """The records of ``space``: a :class:`SpaceSpec` itself, or a search space's ``spec``.
+
+    Raises:
+        TypeError: If ``space`` is neither.
+    """
+    if isinstance(space, SpaceSpec):
+        return space
+    spec = getattr(space, "spec", None)
+    if not isinstance(spec, SpaceSpec):
+        raise TypeError(
+            f"space must be a HessianSearchSpace or a SpaceSpec, got {type(space).__name__}."
+        )
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------

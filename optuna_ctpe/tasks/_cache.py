@@ -21,7 +21,7 @@ from typing import Any
 import platformdirs
 import torch
 
-from optuna_ctpe.tasks import CACHE_ENV
+from optuna_ctpe.tasks._task import CACHE_ENV
 
 
 def default_cache_dir() -> Path:

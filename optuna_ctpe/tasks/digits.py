@@ -26,7 +26,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from optuna_ctpe._validation import check_integer
-from optuna_ctpe.tasks import Task
+from optuna_ctpe.tasks._task import Task
 from optuna_ctpe.tasks._cache import cached_state
 from optuna_ctpe.tasks._cache import default_cache_dir
 from optuna_ctpe.tasks._cache import single_threaded

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe.nn.layers import eval_mode
-from optuna_ctpe.tasks import Task
+from optuna_ctpe.tasks._task import Task
 from optuna_ctpe.tasks._texts import PARAPHRASE_PAIRS
 
 

@@ -5,6 +5,7 @@ timing with its cache, and the CLI settings of old studies."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -30,11 +31,14 @@ from optuna_ctpe.deploy.latency import batched_inputs  # noqa: E402
 from optuna_ctpe.deploy.latency import ModelTimer  # noqa: E402
 from optuna_ctpe.deploy.latency import OrtRuntime  # noqa: E402
 from optuna_ctpe.deploy.latency import time_calls  # noqa: E402
-from optuna_ctpe.deploy.latency_table import FLOAT_BITS  # noqa: E402
+from optuna_ctpe.deploy.latency_meter import LatencyMeter  # noqa: E402
+from optuna_ctpe.deploy.latency_meter import missing_packages  # noqa: E402
+from optuna_ctpe.deploy.latency_meter import runtime_named  # noqa: E402
 from optuna_ctpe.deploy.latency_table import LatencyTable  # noqa: E402
 from optuna_ctpe.deploy.latency_table import LayerLatency  # noqa: E402
 from optuna_ctpe.deploy.latency_table import measure_latency_table  # noqa: E402
 from optuna_ctpe.space.records import QuantConfig  # noqa: E402
+from optuna_ctpe.space.size import FLOAT_BITS  # noqa: E402
 from optuna_ctpe.tasks import Task  # noqa: E402
 from optuna_ctpe.tasks.digits import digits_task  # noqa: E402
 from _quiet import quiet  # noqa: E402
@@ -158,7 +162,7 @@ def test_one_layer_graphs_compute_what_the_layer_computes() -> None:
         example_inputs=x,
         max_probes=2,
     )
-    cells = {c.layer: c for c in layer_cells(space, model, x)}
+    cells = {c.layer: c for c in layer_cells(space.spec, model, x)}
     assert set(cells) == {"conv", "up", "seq", "head"}
     inputs: dict[str, torch.Tensor] = {}
 
@@ -213,7 +217,7 @@ def test_unsupported_layers_are_named() -> None:
         max_probes=2,
     )
     with pytest.raises(ValueError, match=r"in_proj_weight.*no one-layer latency graph"):
-        layer_cells(space, model, x)
+        layer_cells(space.spec, model, x)
 
 
 # -- the lookup table ----------------------------------------------------------------------------
@@ -331,6 +335,39 @@ def test_model_timer_caches_by_configuration(task: Task, space: HessianSearchSpa
         timer({"fc1": 4})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch must be a positive integer, got 0"):
         ModelTimer(space, task.model, task.example_inputs, batch=0)
+
+
+def test_latency_meter_reads_its_table_without_timing(
+    task: Task, space: HessianSearchSpace
+) -> None:
+    table = dataclasses.replace(_toy_table(), runtime={"runtime": "r"})
+    meter = LatencyMeter(space.spec, task.model, task.example_inputs, table=table)
+    config = QuantConfig({"a": 4, "b": 8}, {"g": 0.5})
+    assert meter(config) == table.predict(config) and meter.fp32() == table.fp32_ms
+    assert (meter.source, meter.runtime_name) == ("table", "r")
+    assert isinstance(meter.runtime, OrtRuntime)
+
+
+def test_latency_meter_times_whole_models_without_a_table(
+    task: Task, space: HessianSearchSpace
+) -> None:
+    meter = LatencyMeter(space, task.model, task.example_inputs, batch=2)
+    assert (meter.source, meter.runtime_name) == ("measured", "onnxruntime-cpu")
+    assert meter(space.uniform(4)) > 0 and meter.fp32() > 0
+
+
+def test_latency_meter_names_bad_arguments(task: Task, space: HessianSearchSpace) -> None:
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        LatencyMeter(space, task.model, task.example_inputs, runtime="tvm")
+    with pytest.raises(ValueError, match="batch must be a positive integer, got 0"):
+        LatencyMeter(space, task.model, task.example_inputs, batch=0)
+    with pytest.raises(TypeError, match="space must be a HessianSearchSpace or a SpaceSpec"):
+        LatencyMeter(object(), task.model, task.example_inputs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        missing_packages("tvm")
+    # The deploy extra is installed where these tests run.
+    assert missing_packages("onnxruntime") == ("ONNX models", [])
+    assert isinstance(runtime_named("onnxruntime"), OrtRuntime)
 
 
 # -- settings of studies created before the latency objectives -----------------------------------

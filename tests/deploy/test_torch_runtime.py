@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 from optuna_ctpe import _attrs  # noqa: E402
 from optuna_ctpe import HessianSearchSpace  # noqa: E402
 from optuna_ctpe.cli.objective import check_latency_extra  # noqa: E402
-from optuna_ctpe.cli.objective import LatencyMeter  # noqa: E402
+from optuna_ctpe.cli.objective import latency_meter  # noqa: E402
 from optuna_ctpe.cli.options import UsageError  # noqa: E402
 from optuna_ctpe.cli.root import build_parser  # noqa: E402
 from optuna_ctpe.cli.settings import resolve  # noqa: E402
@@ -266,7 +266,7 @@ def test_latency_meter_times_on_the_torch_runtime(task: Task, space: HessianSear
         lambda s: None,
     )
     check_latency_extra(settings)  # torchao is installed: nothing refused
-    meter = LatencyMeter(settings, space, task)
+    meter = latency_meter(settings, space, task)
     assert isinstance(meter.runtime, TorchRuntime) and meter.source == "measured"
     assert meter.runtime_name == ("torch-cuda" if torch.cuda.is_available() else "torch-cpu")
     assert meter(space.uniform(8)) > 0 and meter.fp32() > 0

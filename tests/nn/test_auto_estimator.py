@@ -100,6 +100,28 @@ def test_named_estimators_resolve_to_themselves_and_bad_names_are_refused() -> N
         estimator("auto")
 
 
+def test_one_registry_of_estimator_names() -> None:
+    # The torch-free registry (what the CLI's parser and from_model's signature read) names
+    # exactly the estimators there are, "auto" first.
+    import inspect
+    import typing
+
+    from optuna_ctpe import nn as ctpe_nn
+    from optuna_ctpe import search_space
+    from optuna_ctpe.cli.root import build_parser
+    from optuna_ctpe.nn.sensitivity import ESTIMATORS
+
+    assert ESTIMATOR_NAMES is ctpe_nn.ESTIMATOR_NAMES
+    assert ESTIMATOR_NAMES == ("auto", *ESTIMATORS)
+    assert typing.get_args(ctpe_nn.EstimatorName) == ESTIMATOR_NAMES
+    parameter = inspect.signature(HessianSearchSpace.from_model).parameters["estimator"]
+    assert parameter.annotation == "EstimatorName" and parameter.default == "auto"
+    assert search_space.EstimatorName is ctpe_nn.EstimatorName
+    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+    option = next(a for a in commands["sensitivity"]._actions if "--estimator" in a.option_strings)
+    assert tuple(option.choices) == ESTIMATOR_NAMES
+
+
 def test_from_model_defaults_to_auto() -> None:
     model, batches = _model(), _batches()
     kwargs = {"bits": (2, 4, 8), "keep_first_last_bits": None, "max_probes": 20, "rtol": 0.0}

@@ -221,6 +221,23 @@ def test_config_validation() -> None:
 # -- serialisation -----------------------------------------------------------------------------
 
 
+def test_records_behind_the_face() -> None:
+    # What the torch wings take instead of the face: the space's records, equal to what its
+    # methods compute on.
+    from optuna_ctpe.space import io
+    from optuna_ctpe.space.params import uniform_config
+    from optuna_ctpe.space.records import spec_of
+    from optuna_ctpe.space.records import SpaceSpec
+
+    space = _with_groups()
+    assert isinstance(space.spec, SpaceSpec)
+    assert spec_of(space) is space.spec and spec_of(space.spec) is space.spec
+    assert uniform_config(space.spec, 4, 0.5) == space.uniform(4, 0.5)
+    assert io.to_json(space.spec) == space.to_json()  # choices recomputed: the same JSON
+    with pytest.raises(TypeError, match="space must be a HessianSearchSpace or a SpaceSpec"):
+        spec_of({"bits": (4, 8)})
+
+
 def test_json_round_trip() -> None:
     spaces = [_three_layers(fixed_bits={"a": 8}), _with_groups(), _three_layers(budget=math.inf)]
     for space in spaces:
