@@ -16,7 +16,13 @@ import optuna
 import pytest
 
 
-sys.path.insert(0, str(Path(__file__).parent))
+# tests/ (the _worker helpers) and its wing folders are importable, so a module can share a
+# sibling wing's fixtures (test_hostile_inputs uses test_search_space's spaces, test_deploy_packed
+# test_transformers' tiny models) when it is run alone too.
+_TESTS = Path(__file__).parent
+_WINGS = sorted(p for p in _TESTS.iterdir() if p.is_dir() and p.name[0] not in "._")
+for _folder in (_TESTS, *_WINGS):
+    sys.path.insert(0, str(_folder))
 
 POSTGRES_ENV = "OPTUNA_CTPE_POSTGRES_URL"
 STORAGE_KINDS = ("journal", "sqlite", "postgres")
