@@ -11,14 +11,16 @@ loop (loading the task, measuring sensitivities) does the handler raise at once.
 
 The objective's own trial calls (``suggest``, ``set_user_attr``, ``report``, ``should_prune``)
 are bookkeeping too, so they stay deferred: they run SQLAlchemy on the storage, and a
-:class:`KeyboardInterrupt` raised at an arbitrary point in there can leave an SQLite read
-unfinished on its connection. Optuna keeps the exception's traceback, and with it that
-connection, while it tells the trial FAIL, so the tell waits on the database lock for the whole
-busy timeout (120 s, :func:`~optuna_ctpe.cli.storage.open_storage`), then fails and leaves the
-trial RUNNING. Storage calls made from inside a computation are wrapped in :func:`shielded`.
+:class:`KeyboardInterrupt` raised at an arbitrary point in there (seen: while SQLAlchemy loads
+rows) can leave one of this process's connections holding an SQLite lock. Optuna keeps the
+exception's traceback, and with it that connection, while it tells the trial FAIL, so the tell
+waits on the lock for the whole busy timeout (120 s,
+:func:`~optuna_ctpe.cli.storage.open_storage`), then fails and leaves the trial RUNNING.
+Storage calls made from inside a computation are wrapped in :func:`shielded`.
 
-With ``n_jobs > 1`` the main thread only waits for worker threads, so raising there is always
-safe; the workers see the recorded signal at their next safe point.
+With ``n_jobs > 1`` the main thread first runs the enqueued (warm-start) trials, deferred like
+a sequential study, then only waits for worker threads, so raising there is always safe; the
+workers see the recorded signal at their next safe point.
 
 A recorded signal is also what makes the stop reliable: a handler's exception raised while the
 interpreter runs a finaliser (a ``__del__``) is printed as "Exception ignored" and lost, but the
