@@ -45,6 +45,7 @@ from optuna_ctpe.cli.options import UsageError
 from optuna_ctpe.cli.settings import Settings
 from optuna_ctpe.cli.signals import check_interrupted
 from optuna_ctpe.cli.signals import interruptible
+from optuna_ctpe.cli.signals import shielded
 from optuna_ctpe.cli.storage import worker_id
 from optuna_ctpe.deploy.latency_meter import LatencyMeter
 from optuna_ctpe.deploy.latency_meter import missing_packages
@@ -250,8 +251,7 @@ class Objective:
         self._models = _WorkingCopies(task.model) if settings.finetune_epochs == 0 else None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        with interruptible():
-            return self._evaluate(trial)
+        return self._evaluate(trial)
 
     def _evaluate(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         # Tag the trial with this process first, so that if the process dies, the next worker
@@ -261,7 +261,10 @@ class Objective:
         )
         trial.set_user_attr(_attrs.SAMPLER, self._sampler_name)
         config = self._space.suggest(trial)
-        accuracy = self._score(config, trial)
+        # Only the computation is interruptible: a signal raised inside the trial's storage calls
+        # around it can lock an SQLite study (optuna_ctpe.cli.signals).
+        with interruptible():
+            accuracy = self._score(config, trial)
         size_bits = self._space.size(config)
         for key, value in model_metrics(self._space, accuracy, size_bits).items():
             trial.set_user_attr(key, value)
@@ -269,7 +272,8 @@ class Objective:
         trial.set_user_attr(_attrs.SIZE_KB, size_kb)
         latency = None
         if self._latency is not None:
-            latency = self._latency(config)
+            with interruptible():
+                latency = self._latency(config)
             trial.set_user_attr(_attrs.LATENCY_MS, latency)
             trial.set_user_attr(_attrs.LATENCY_SOURCE, self._latency.source)
             trial.set_user_attr(_attrs.LATENCY_RUNTIME, self._latency.runtime_name)
@@ -316,8 +320,10 @@ class Objective:
         def on_epoch(epoch: int, accuracy: float) -> None:
             check_interrupted()  # fine-tuning is the long part of a trial: stop between epochs
             if single:
-                trial.report(accuracy, epoch)
-                if trial.should_prune():
+                with shielded():  # storage calls, inside the interruptible fine-tuning
+                    trial.report(accuracy, epoch)
+                    prune = trial.should_prune()
+                if prune:
                     raise optuna.TrialPruned(f"accuracy {accuracy:.4f} after epoch {epoch}")
 
         return on_epoch

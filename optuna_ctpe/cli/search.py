@@ -409,12 +409,14 @@ def _optimize(
         n_trials = DEFAULT_N_TRIALS
     callbacks, close_bar = _progress_bar(n_trials, not args.no_progress)
     callbacks.append(_stop_if_interrupted)
-    # Sequentially, the main thread runs the trials' bookkeeping: defer signals outside the
-    # objective. With threads it only waits for them, and may be interrupted anywhere.
+    # While the main thread runs trials (all of them, or with threads the enqueued ones first)
+    # it runs their bookkeeping: defer signals outside the objective's computation. With threads
+    # it then only waits for them, and may be interrupted anywhere.
     loop = deferred() if args.n_jobs == 1 else contextlib.nullcontext()
     try:
-        with loop:
+        with deferred():
             n_trials = _run_enqueued_sequentially(study, objective, n_trials, args, callbacks)
+        with loop:
             if n_trials is None or n_trials > 0:
                 study.optimize(
                     objective,

@@ -3,13 +3,24 @@
 Optuna handles a :class:`KeyboardInterrupt` raised inside the objective cleanly: the trial is
 marked FAIL and ``optimize`` unwinds. Raised anywhere else, for example between the creation of
 a trial in ``study.ask()`` and the start of the objective, it leaves that trial RUNNING forever.
-So while a study runs sequentially, both signals are *deferred* outside the objective: the
-handler records the signal, and the search raises it at the next safe point (the start of the
-next objective call, a fine-tuning epoch, the end of a trial). Inside the objective, and outside
-the optimisation loop (loading the task, measuring sensitivities), the handler raises at once.
+So while a study runs trials in the main thread, both signals are *deferred*: the handler
+records the signal, and the search raises it at the next safe point (the start of the
+objective's computation, a fine-tuning epoch, the end of a trial). Only inside the objective's
+computation (:func:`interruptible`: scoring a model, timing it) and outside the optimisation
+loop (loading the task, measuring sensitivities) does the handler raise at once.
 
-With ``n_jobs > 1`` the main thread only waits for worker threads, so raising there is always
-safe; the workers see the recorded signal at their next safe point.
+The objective's own trial calls (``suggest``, ``set_user_attr``, ``report``, ``should_prune``)
+are bookkeeping too, so they stay deferred: they run SQLAlchemy on the storage, and a
+:class:`KeyboardInterrupt` raised at an arbitrary point in there (seen: while SQLAlchemy loads
+rows) can leave one of this process's connections holding an SQLite lock. Optuna keeps the
+exception's traceback, and with it that connection, while it tells the trial FAIL, so the tell
+waits on the lock for the whole busy timeout (120 s,
+:func:`~optuna_ctpe.cli.storage.open_storage`), then fails and leaves the trial RUNNING.
+Storage calls made from inside a computation are wrapped in :func:`shielded`.
+
+With ``n_jobs > 1`` the main thread first runs the enqueued (warm-start) trials, deferred like
+a sequential study, then only waits for worker threads, so raising there is always safe; the
+workers see the recorded signal at their next safe point.
 
 A recorded signal is also what makes the stop reliable: a handler's exception raised while the
 interpreter runs a finaliser (a ``__del__``) is printed as "Exception ignored" and lost, but the
@@ -25,7 +36,14 @@ import threading
 from types import FrameType
 
 
-__all__ = ["Terminated", "check_interrupted", "deferred", "handle_signals", "interruptible"]
+__all__ = [
+    "Terminated",
+    "check_interrupted",
+    "deferred",
+    "handle_signals",
+    "interruptible",
+    "shielded",
+]
 
 
 class Terminated(KeyboardInterrupt):
@@ -36,8 +54,8 @@ class Terminated(KeyboardInterrupt):
 class _State:
     def __init__(self) -> None:
         self.pending: int | None = None  # the signal received, if any
-        self.defer = False  # inside a sequential optimisation loop
-        self.in_objective = False  # inside the objective of that loop
+        self.defer = False  # the main thread runs trials (their bookkeeping)
+        self.in_objective = False  # inside the objective's computation, where raising is safe
 
 
 _state = _State()
@@ -77,7 +95,8 @@ def handle_signals() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Defer signals outside :func:`interruptible` blocks (around a sequential ``optimize``)."""
+    """Defer signals outside :func:`interruptible` blocks (around trials run in the main
+    thread)."""
     _state.defer = True
     try:
         yield
@@ -88,13 +107,34 @@ def deferred() -> Iterator[None]:
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """The objective's body: a pending signal raises on entry, a new one raises at once."""
+    """The objective's computation: a pending signal raises on entry, a new one raises at once.
+
+    Keep the trial's storage calls out of it (or inside :func:`shielded`): see the module.
+    """
     check_interrupted()
+    with _raising(True):
+        yield
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Storage calls inside an :func:`interruptible` block (an epoch's ``report`` and
+    ``should_prune``): a signal arriving meanwhile is recorded, and raised on exit."""
+    with _raising(False):
+        yield
+    check_interrupted()
+
+
+@contextlib.contextmanager
+def _raising(at_once: bool) -> Iterator[None]:
+    """Whether the handler raises in the main thread during the block; restored after."""
     if threading.current_thread() is not threading.main_thread():
         yield  # a worker thread; signals are raised in the main thread
         return
-    _state.in_objective = True
+    outer = _state.in_objective
     try:
+        # Set inside the try: a signal raised just before the assignment still restores it.
+        _state.in_objective = at_once
         yield
     finally:
-        _state.in_objective = False
+        _state.in_objective = outer
