@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
 import contextlib
+import copy
 from typing import Any
 import warnings
 
@@ -36,6 +37,8 @@ from torch import nn
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe.nn.apply import _Entry
+from optuna_ctpe.nn.apply import check_model
+from optuna_ctpe.nn.apply import configured_copy
 from optuna_ctpe.nn.apply import DEFAULT_CACHE_BYTES
 from optuna_ctpe.nn.gptq import collect_hessians
 from optuna_ctpe.nn.gptq import GPTQSettings
@@ -54,9 +57,14 @@ from optuna_ctpe.space.formats import as_format
 from optuna_ctpe.space.formats import FormatFallbackWarning
 from optuna_ctpe.space.formats import group_fallback
 from optuna_ctpe.space.formats import WeightFormat
+from optuna_ctpe.space.records import check_config
+from optuna_ctpe.space.records import HasSpec
+from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.records import spec_of
+from optuna_ctpe.space.records import SpaceSpec
 
 
-__all__ = ["FormatQuantizer", "formats_in_place"]
+__all__ = ["FormatQuantizer", "apply_formats", "applied_formats", "format_errors", "formats_in_place"]
 
 
 class FormatQuantizer:
@@ -220,6 +228,17 @@ class FormatQuantizer:
         if entry is not None:
             self._nbytes -= entry.quantized.numel() * entry.quantized.element_size()
 
+    def like(self, model: nn.Module) -> FormatQuantizer:
+        """A new, empty quantizer of ``model`` (a width-pruned copy, say) with this one's
+        calibration batches, forward, GPTQ settings and memory limit."""
+        return FormatQuantizer(
+            model,
+            calibration_batches=self._batches,
+            forward=self._forward,
+            settings=self.settings,
+            max_bytes=self.max_bytes,
+        )
+
     def clear(self) -> None:
         """Drop every quantized tensor and the Hessians (collected again when next needed)."""
         self._entries.clear()
@@ -285,3 +304,78 @@ def formats_in_place(
             if param._version != version:
                 quantizer.discard(key)  # written to inside the block: the stored tensor is spoilt
             param.data = original
+
+
+def format_errors(
+    quantizer: FormatQuantizer, layers: Iterable[LayerWeight], formats: Iterable[str]
+) -> dict[str, dict[str, float]]:
+    """Layer name -> {format name: ``‖Q_f(W) − W‖²``}, with ``Q_f(W)`` the weight ``quantizer``
+    actually produces in each format (GPTQ's output for a GPTQ format): the weight change of a
+    format's Ω (:mod:`optuna_ctpe.space.omega`).
+
+    Args:
+        quantizer: The store of quantized weights of the model the layers belong to.
+        layers: The layers.
+        formats: The format names.
+    """
+    names = list(formats)
+    out: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.weight.detach().double()
+            out[layer.name] = {
+                f: float((quantizer.get(layer, f).double() - weight).pow(2).sum()) for f in names
+            }
+    return out
+
+
+@contextlib.contextmanager
+def applied_formats(
+    space: SpaceSpec | HasSpec,
+    model: nn.Module,
+    config: QuantConfig,
+    quantizer: FormatQuantizer,
+    example_inputs: Any = None,
+) -> Iterator[nn.Module]:
+    """``model`` configured to a format configuration inside the block, as it was after.
+
+    With every width at 1, ``model`` itself with each layer's weight in its format
+    (:func:`formats_in_place`, each (layer, format) from ``quantizer``'s store); otherwise a
+    width-pruned copy quantized by a quantizer of its own (:meth:`FormatQuantizer.like`: GPTQ
+    then collects the pruned model's Hessians, one calibration pass per call).
+
+    Args:
+        space: A :class:`~optuna_ctpe.HessianSearchSpace` or its
+            :class:`~optuna_ctpe.space.records.SpaceSpec` (a format space).
+        model: The model the space was measured on.
+        config: A configuration of the space.
+        quantizer: ``model``'s store of quantized weights.
+        example_inputs: Inputs for dependency tracing; required when a width is below 1.
+
+    Raises:
+        ValueError: If ``config`` does not fit the space, ``model`` is not the measured one or
+            not ``quantizer``'s, or a width below 1 is requested without ``example_inputs``.
+    """
+    spec = spec_of(space)
+    config = check_config(spec, config)
+    if any(w < 1 for w in config.widths.values()):
+        pruned = configured_copy(model, spec.layers, config, example_inputs, quantize=False)
+        with formats_in_place(pruned, config.formats, quantizer.like(pruned)) as net:
+            yield net
+        return
+    check_model(model, spec.layers)
+    with formats_in_place(model, config.formats, quantizer) as net:
+        yield net
+
+
+def apply_formats(
+    space: SpaceSpec | HasSpec,
+    model: nn.Module,
+    config: QuantConfig,
+    quantizer: FormatQuantizer,
+    example_inputs: Any = None,
+) -> nn.Module:
+    """A width-pruned copy of ``model`` with each layer's weight in its format of ``config``;
+    ``model`` is not modified. The arguments and errors are :func:`applied_formats`'."""
+    with applied_formats(space, model, config, quantizer, example_inputs) as net:
+        return copy.deepcopy(net)
