@@ -230,6 +230,7 @@ class HessianSearchSpace:
         traces: Mapping[str, LayerTrace] | None = None,
         calibrate_widths: bool = False,
         formats: Sequence[Any] | None = None,
+        format_error: str = "output",
     ) -> HessianSearchSpace:
         """Measure ``model``'s sensitivities and build the pruned space (needs torch).
 
@@ -292,6 +293,11 @@ class HessianSearchSpace:
                 :class:`~optuna_ctpe.nn.formats.FormatQuantizer` of ``model`` calibrated on
                 ``batches`` through ``loss_fn`` (GPTQ's Hessians: one pass), which the space
                 keeps for :meth:`apply` and :meth:`applied`. None: a bit-width space.
+            format_error: How a format's weight change is read, with ``formats``:
+                ``"output"`` (the default), the layer's output error on the calibration inputs
+                in units of ``‖ΔW‖²``, or ``"weight"``, ``‖ΔW‖²`` itself, which ranks every GPTQ
+                format below round to nearest on its grid
+                (:func:`optuna_ctpe.nn.formats.format_errors` says why).
 
         Raises:
             ValueError: On a bad grid, an unknown layer name, an unknown ``estimator`` or a NaN
@@ -329,6 +335,7 @@ class HessianSearchSpace:
             calibrate_widths=calibrate_widths,
             formats=formats,
             quantizer=quantizer,
+            format_error=format_error,
         )
         space = cls(**records, budget=budget, trace_z=trace_z)
         space._quantizer = quantizer
@@ -368,16 +375,19 @@ class HessianSearchSpace:
     ) -> FormatQuantizer:
         """The store of ``model``'s weights in each format that :meth:`apply` and
         :meth:`applied` use in a format space (needs torch): the one :meth:`from_model` made,
-        or, for a space loaded from JSON or a study, one made here on first call and kept.
+        or, for a space loaded from JSON or a study, one made here and kept.
 
         Args:
             model: The model the space was measured on.
-            calibration_batches: Batches for GPTQ's Hessians, when the quantizer is made here
-                (None refuses GPTQ formats); not read when one is kept for ``model``.
+            calibration_batches: Batches for GPTQ's Hessians. Given, a new quantizer of
+                ``model`` is made with them and kept (call this once before the search of a
+                loaded space); None returns the kept one of ``model``, or makes one without
+                them, which refuses GPTQ formats.
             forward: ``forward(model, batch)``, e.g. the task's ``loss_fn``; see
                 :class:`~optuna_ctpe.nn.formats.FormatQuantizer`.
         """
-        if self._quantizer is None or self._quantizer.model is not model:
+        stale = self._quantizer is None or self._quantizer.model is not model
+        if stale or calibration_batches is not None:
             from optuna_ctpe.nn.formats import FormatQuantizer
 
             self._quantizer = FormatQuantizer(
@@ -722,8 +732,8 @@ class HessianSearchSpace:
         """The configuration with every searched layer at ``bits`` and every group at ``width``.
 
         In a format space ``bits`` is a format (a name, a record, or a bit-width meaning its
-        legacy format). Fixed layers keep their fixed bit-width. The result need not lie in the pruned space
-        (use it as a reference point, e.g. uniform 8-bit).
+        legacy format). Fixed layers keep their fixed bit-width. The result need not lie in the
+        pruned space (use it as a reference point, e.g. uniform 8-bit).
         """
         return _params.uniform_config(self._spec, bits, width)
 

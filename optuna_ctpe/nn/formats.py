@@ -64,7 +64,14 @@ from optuna_ctpe.space.records import spec_of
 from optuna_ctpe.space.records import SpaceSpec
 
 
-__all__ = ["FormatQuantizer", "apply_formats", "applied_formats", "format_errors", "formats_in_place"]
+__all__ = [
+    "FormatQuantizer",
+    "apply_formats",
+    "applied_formats",
+    "FORMAT_ERRORS",
+    "format_errors",
+    "formats_in_place",
+]
 
 
 class FormatQuantizer:
@@ -306,26 +313,66 @@ def formats_in_place(
             param.data = original
 
 
+#: How :func:`format_errors` measures a format's weight change.
+FORMAT_ERRORS = ("output", "weight")
+
+
 def format_errors(
-    quantizer: FormatQuantizer, layers: Iterable[LayerWeight], formats: Iterable[str]
+    quantizer: FormatQuantizer,
+    layers: Iterable[LayerWeight],
+    formats: Iterable[str],
+    metric: str = "output",
 ) -> dict[str, dict[str, float]]:
-    """Layer name -> {format name: ``‖Q_f(W) − W‖²``}, with ``Q_f(W)`` the weight ``quantizer``
-    actually produces in each format (GPTQ's output for a GPTQ format): the weight change of a
-    format's Ω (:mod:`optuna_ctpe.space.omega`).
+    """Layer name -> {format name: the squared size of the weight change ``Δ = Q_f(W) − W``},
+    with ``Q_f(W)`` the weight ``quantizer`` actually produces in each format (GPTQ's output
+    for a GPTQ format): the ``‖ΔW‖²`` of a format's Ω (:mod:`optuna_ctpe.space.omega`).
+
+    ``"weight"`` is ``‖Δ‖²``, HAWQ-V2's reading (an input Hessian proportional to the identity).
+    It cannot rank GPTQ: GPTQ *raises* the weight error to lower the layer's output error
+    ``tr(Δ H Δᵀ)`` (``H = 2 X Xᵀ / N``, its calibration inputs), so on the weight error every
+    GPTQ format looks worse than round to nearest on its grid, is dominated at the same size,
+    and would be pruned from every layer. ``"output"`` (the default) is that output error
+    rescaled to the units of ``‖Δ‖²``: ``tr(Δ H Δᵀ) · n / tr(H)`` for rows of ``n`` inputs,
+    which equals ``‖Δ‖²`` when ``H`` is a multiple of the identity, so Ω keeps its meaning
+    (trace × squared change) and layers stay comparable. A layer without input vectors (an
+    embedding, a grouped or transposed convolution: :func:`~optuna_ctpe.nn.gptq.gptq_unsupported`)
+    or whose inputs are all zero is measured by ``"weight"``.
 
     Args:
-        quantizer: The store of quantized weights of the model the layers belong to.
+        quantizer: The store of quantized weights of the model the layers belong to; with
+            ``"output"`` it needs calibration batches (its Hessians, one pass, shared with
+            GPTQ).
         layers: The layers.
         formats: The format names.
+        metric: ``"output"`` or ``"weight"``.
+
+    Raises:
+        ValueError: On another ``metric``, or ``"output"`` without calibration batches.
     """
+    if metric not in FORMAT_ERRORS:
+        raise ValueError(f"metric must be one of {list(FORMAT_ERRORS)}, got {metric!r}.")
     names = list(formats)
+    layers = list(layers)
+    hessians = {}
+    if metric == "output" and any(gptq_unsupported(layer) is None for layer in layers):
+        hessians = quantizer.hessians()
     out: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for layer in layers:
             weight = layer.weight.detach().double()
-            out[layer.name] = {
-                f: float((quantizer.get(layer, f).double() - weight).pow(2).sum()) for f in names
-            }
+            h = hessians.get(layer.name) if gptq_unsupported(layer) is None else None
+            matrix = None if h is None or h.count == 0 else h.matrix()
+            scale = 0.0 if matrix is None else float(matrix.diagonal().sum())
+            errors = {}
+            for f in names:
+                delta = quantizer.get(layer, f).double() - weight
+                if scale > 0:
+                    rows = as_rows(delta, layer.out_axis).to(matrix.device, torch.float64)
+                    output = float(((rows @ matrix) * rows).sum())
+                    errors[f] = max(0.0, output) * matrix.shape[0] / scale
+                else:
+                    errors[f] = float(delta.pow(2).sum())
+            out[layer.name] = errors
     return out
 
 

@@ -60,6 +60,7 @@ def measure(
     calibrate_widths: bool = False,
     formats: Sequence[Any] | None = None,
     quantizer: FormatQuantizer | None = None,
+    format_error: str = "output",
     **estimator_kwargs: Any,
 ) -> dict[str, Any]:
     """Measure ``model`` into the keyword arguments of :class:`~optuna_ctpe.HessianSearchSpace`.
@@ -91,6 +92,8 @@ def measure(
             None measures ``bits``, as always.
         quantizer: ``model``'s :class:`~optuna_ctpe.nn.formats.FormatQuantizer`, required with
             ``formats`` (GPTQ formats need its calibration batches).
+        format_error: How a format's weight change is measured, ``"output"`` or ``"weight"``
+            (:func:`optuna_ctpe.nn.formats.format_errors`).
         **estimator_kwargs: ``seed``, ``max_probes``, ``min_probes``, ``rtol`` and ``progress``
             of the estimator.
 
@@ -151,7 +154,7 @@ def measure(
         }  # fmt: skip
     else:
         assert quantizer is not None  # checked above
-        errors = format_errors(quantizer, measured, format_names)
+        errors = format_errors(quantizer, measured, format_names, format_error)
     return {
         "layers": _layer_sensitivities(measured, traces, mean_trace, errors),
         "groups": groups,

@@ -38,7 +38,9 @@ def _check_meaning(space: HessianSearchSpace, expected: dict) -> None:
     )
     # Bit-widths stay integers with their old parameter names: no format names leak in.
     assert all(
-        isinstance(c, int) for name, d in space.distributions.items() if name.startswith("bits:")
+        isinstance(c, int)
+        for name, d in space.distributions.items()
+        if name.startswith("bits:")
         for c in d.choices
     )
     assert [space.size(c) for c in CONFIGS] == expected["sizes"]
