@@ -106,7 +106,9 @@ def run_seed(seed: int, targets: list[float], trials: int) -> dict[tuple[float, 
                 for params in space.warm_starts(size_bits=target, n=2):
                     study.enqueue_trial(params)
 
-            def objective(trial: optuna.Trial, space: HessianSearchSpace = space) -> float:
+            def objective(
+                trial: optuna.Trial, space: HessianSearchSpace = space, target: int = target
+            ) -> float:
                 config = space.suggest(trial)
                 feasible = space.size(config) <= target
                 trial.set_user_attr("feasible", feasible)

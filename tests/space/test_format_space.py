@@ -245,3 +245,20 @@ def test_fixed_layers_take_their_legacy_format() -> None:
 def test_formats_need_tensors_with_channel_counts() -> None:
     with pytest.raises(ValueError, match="without its channel count"):
         HessianSearchSpace(_layers(), formats=FORMATS)
+
+
+def test_a_bit_width_space_keeps_a_uniform_bit_width_when_asked() -> None:
+    layers = [
+        LayerSensitivity("a", 5.0, 100, {2: 4.0, 3: 1.0, 4: 0.25, 8: 0.001}),
+        LayerSensitivity("b", 0.1, 100, {2: 4.0, 3: 1.0, 4: 0.25, 8: 0.001}),
+    ]
+    space = HessianSearchSpace(layers, bits=(2, 3, 4, 8), budget=0.2)
+    assert 3 not in space.choices["bits:a"]
+    assert space.uniform_formats(size_bits=600) == [3, 2]  # 2 x 100 weights, no scales
+    kept = space.keeping([3])
+    assert all(3 in kept.choices[f"bits:{n}"] for n in "ab")
+    assert kept.to_params(kept.uniform(3)) == {"bits:a": 3, "bits:b": 3}
+    # Stored: version 2, and read back with the same choices.
+    assert HessianSearchSpace.from_json(kept.to_json()).choices == kept.choices
+    # Without always_kept the space is written as version 1, as 0.1.x wrote it.
+    assert json.loads(space.to_json())["version"] == 1
