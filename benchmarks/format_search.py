@@ -83,7 +83,10 @@ def run_seed(seed: int, targets: list[float], trials: int) -> dict[tuple[float, 
         return cache[config]
 
     out: dict[tuple[float, str], float] = {}
+    with torch.no_grad():
+        fp32 = float(task.evaluate(task.model))
     for bpw in targets:
+        out[(bpw, "fp32 (reference)")] = fp32
         target = size_target(space0, bpw)
         for family, names in FAMILIES.items():
             fits = [f for f in names if space0.size(space0.uniform(f)) <= target]
@@ -133,7 +136,7 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
     per_seed = [run_seed(s, args.targets, args.trials) for s in args.seeds]
-    methods = [f"uniform {f}" for f in FAMILIES] + ["ctpe (full)", "tpe"]
+    methods = ["fp32 (reference)", *(f"uniform {f}" for f in FAMILIES), "ctpe (full)", "tpe"]
     rows = []
     for bpw in args.targets:
         for m in methods:

@@ -279,8 +279,8 @@ class SpaceSpec:
 
     @property
     def grid(self) -> tuple[Any, ...]:
-        """A layer's choices before pruning: the format names of a format space, else the
-        bit-widths (ascending in size either way)."""
+        """The choices of a layer before pruning, which are the format names of a format space,
+        else the bit-widths (ascending in size either way)."""
         return self.formats if self.formats else self.bits
 
     def fixed_choice(self, layer: str) -> Any:
