@@ -26,6 +26,13 @@ calibration: its predicted and measured loss increase and its validation error.
 
 Run ``python benchmarks/omega_prediction.py`` from the repository root (``--models`` among
 digits, resnet18, mobilenet_v2); it writes ``benchmarks/results/omega_prediction.{md,json,png}``.
+
+``--formats`` measures instead the two readings of a weight format's change
+(``from_model(formats=..., format_error="output" | "weight")``, see
+:func:`optuna_ctpe.nn.formats.format_errors`) on :data:`FORMAT_GRID`: (e) single-layer formats,
+one layer in a format and every other weight float, and (f) whole-model configurations, a
+random format per layer; predicted Ω/2 of each reading against the measured calibration-loss
+increase. It writes ``benchmarks/results/omega_prediction_formats.md``.
 """
 
 from __future__ import annotations
@@ -65,6 +72,12 @@ FAMILIES = {
     "d": "whole-model bits+widths",
 }
 SIZE_RATIOS = (1 / 8, 1 / 16)
+#: The formats ``--formats`` measures: GPTQ and round to nearest on one grid, and today's.
+FORMAT_GRID = [
+    *(f"int{b}-g32-asym-gptq" for b in (2, 3, 4)),
+    *(f"int{b}-g32-asym-rtn" for b in (2, 3, 4)),
+    *(f"int{b}-pc-sym-rtn" for b in (2, 3, 4)),
+]
 
 
 def _spaces(task: Any) -> tuple[HessianSearchSpace, HessianSearchSpace, float, float]:
@@ -400,6 +413,78 @@ def plot(results: dict[str, Any], path: Any) -> None:
     plt.close(fig)
 
 
+def _calibration_loss(task: Any, net: Any) -> float:
+    with torch.no_grad():
+        return float(np.mean([float(task.loss_fn(net, b)) for b in task.calibration_batches]))
+
+
+def measure_formats(model: str, n: int, seed: int) -> dict[str, Any]:
+    """Families (e) and (f) of the module docstring under both readings of a format's change."""
+    from optuna_ctpe.nn.formats import formats_in_place
+
+    module, factory = MODELS[model]
+    task = getattr(importlib.import_module(module), factory)(seed=seed)
+    kwargs = {"formats": FORMAT_GRID, "estimator": "ggn", "keep_first_last_bits": None}
+    spaces = {
+        reading: HessianSearchSpace.from_model(
+            task.model, task.loss_fn, task.calibration_batches, format_error=reading, **kwargs
+        )
+        for reading in ("output", "weight")
+    }
+    quantizer = spaces["output"].format_quantizer(task.model)
+    l0 = _calibration_loss(task, task.model)
+    rng = np.random.default_rng(seed)
+    layers = list(spaces["output"].sensitivities)
+    changes = [{layer: f} for layer in layers for f in FORMAT_GRID]
+    changes += [{layer: FORMAT_GRID[rng.integers(len(FORMAT_GRID))] for layer in layers}
+                for _ in range(n)]  # fmt: skip
+    measured, predicted = [], {r: [] for r in spaces}
+    for change in changes:
+        with formats_in_place(task.model, change, quantizer) as net:
+            measured.append(_calibration_loss(task, net) - l0)
+        for reading, space in spaces.items():
+            omega = space.omega
+            predicted[reading].append(
+                sum(omega[f"format:{layer}"][f] for layer, f in change.items()) / 2
+            )
+    single = len(layers) * len(FORMAT_GRID)
+    meas = np.array(measured)
+    out: dict[str, Any] = {"l0": l0, "n_layers": len(layers)}
+    for reading, values in predicted.items():
+        pred = np.array(values)
+        for family, part in (("e", slice(0, single)), ("f", slice(single, None))):
+            out[f"{reading}/{family}"] = _correlations(pred[part], meas[part], meas[part])
+    return out
+
+
+def format_report(results: dict[str, Any], argv: list[str]) -> str:
+    """The Markdown of :func:`measure_formats`' results."""
+    header = report_header(
+        "Ω of weight formats: the output-error reading against the weight-error reading",
+        ["benchmarks/omega_prediction.py", *argv],
+        f"formats {FORMAT_GRID}; GGN traces; every layer searched.",
+    )
+    rows = []
+    for model, result in results.items():
+        for family, label in (("e", "single-layer formats"), ("f", "whole-model formats")):
+            for reading in ("output", "weight"):
+                c = result[f"{reading}/{family}"]
+                rows.append(
+                    [model, label, reading, str(c["n"]), _f(c.get("spearman_loss")),
+                     _f(c.get("pearson_loglog")), _f(c.get("factor"), ".3g")]
+                )  # fmt: skip
+    notes = (
+        "- Measured: the calibration-loss increase over FP32 (mean over the calibration "
+        "batches); predicted: Ω/2 of the changed layers under each reading.\n"
+        "- Spearman: rank correlation of predicted and measured; log-log Pearson over the "
+        "changes whose measured increase is positive; factor: median measured / predicted.\n\n"
+    )
+    table = markdown_table(
+        ["model", "family", "reading", "n", "Spearman", "log-log Pearson", "factor"], rows
+    )
+    return header + notes + table + "\n"
+
+
 def main() -> None:
     import sys
 
@@ -412,10 +497,20 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=NAME)
+    parser.add_argument("--formats", action="store_true", help="measure format readings")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     args.n = {k: int(v) for k, v in (item.split("=") for item in args.n.split(","))}
     torch.set_num_threads(1)
+    if args.formats:
+        found = {
+            model: measure_formats(model, args.n.get(model, args.n["default"]), args.seed)
+            for model in args.models.split(",")
+        }
+        text = format_report(found, args.argv)
+        (RESULTS_DIR / f"{NAME}_formats.md").write_text(text)
+        print(text)
+        return
     results = {}
     for model in args.models.split(","):
         results[model] = measure_model(model, args.n.get(model, args.n["default"]), args.seed)

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 
     from optuna_ctpe.deploy.artifact import PackedFile
     from optuna_ctpe.nn.apply import WeightCache
+    from optuna_ctpe.nn.formats import FormatQuantizer
     from optuna_ctpe.nn.traces import LayerTrace
 
 
@@ -134,6 +135,14 @@ class HessianSearchSpace:
             priors read it (an upper confidence bound, >= 0; see
             :mod:`optuna_ctpe.space.pruning`), so a layer whose trace is lost in its noise keeps
             its safer choices. 0 uses the point estimates.
+        formats: Weight formats (:mod:`optuna_ctpe.space.formats`: records, names such as
+            ``"int3-g128-asym-gptq"``, or bit-widths meaning their legacy format) of a format
+            space, whose parameters ``format:<layer>`` choose among format names, and whose
+            layers' ``errors`` are keyed by them; ``bits`` is then not read. None (the
+            default) is a bit-width space, exactly as before formats existed.
+        always_kept: Choices (format names, or bit-widths) pruning keeps in every searched
+            layer, so the uniform configurations they make stay in the space (see
+            :meth:`keeping`).
     """
 
     def __init__(
@@ -147,9 +156,22 @@ class HessianSearchSpace:
         budget: float = DEFAULT_BUDGET,
         fixed_bits: Mapping[str, int] | None = None,
         trace_z: float = DEFAULT_TRACE_Z,
+        formats: Sequence[Any] | None = None,
+        always_kept: Sequence[Any] = (),
     ) -> None:
         self._set_spec(
-            make_spec(layers, groups, tensors, bits, widths, budget, fixed_bits, trace_z)
+            make_spec(
+                layers,
+                groups,
+                tensors,
+                bits,
+                widths,
+                budget,
+                fixed_bits,
+                trace_z,
+                formats,
+                always_kept,
+            )
         )
 
     def _set_spec(self, spec: SpaceSpec) -> None:
@@ -160,11 +182,17 @@ class HessianSearchSpace:
         # The rule and the priors read Ω at the upper traces; sizes and warm starts the points.
         self._risk = omega_table(spec, upper=True)
         self._choices = pruning.prune(spec, self._risk)
+        # The store of quantized weights of a format space's model, made on first need.
+        self._quantizer: FormatQuantizer | None = getattr(self, "_quantizer", None)
 
     @classmethod
-    def _from_spec(cls, spec: SpaceSpec) -> HessianSearchSpace:
-        """A space over an already validated ``spec`` (no second validation)."""
+    def _from_spec(
+        cls, spec: SpaceSpec, quantizer: FormatQuantizer | None = None
+    ) -> HessianSearchSpace:
+        """A space over an already validated ``spec`` (no second validation), sharing
+        ``quantizer`` (the space it derives from keeps its quantized weights)."""
         space = cls.__new__(cls)
+        space._quantizer = quantizer
         space._set_spec(spec)
         return space
 
@@ -201,6 +229,8 @@ class HessianSearchSpace:
         progress: bool = False,
         traces: Mapping[str, LayerTrace] | None = None,
         calibrate_widths: bool = False,
+        formats: Sequence[Any] | None = None,
+        format_error: str = "output",
     ) -> HessianSearchSpace:
         """Measure ``model``'s sensitivities and build the pruned space (needs torch).
 
@@ -257,6 +287,17 @@ class HessianSearchSpace:
             calibrate_widths: Price each width ratio at its measured calibration-loss increase
                 where that exceeds the second-order Ω (one pruned forward pass over ``batches``
                 per group and ratio; :mod:`optuna_ctpe.nn.width_calibration`).
+            formats: Weight formats of a format space (names, records or bit-widths; see the
+                class), instead of ``bits``. Each layer's error in each format is that of the
+                weight the format actually produces, by one
+                :class:`~optuna_ctpe.nn.formats.FormatQuantizer` of ``model`` calibrated on
+                ``batches`` through ``loss_fn`` (GPTQ's Hessians: one pass), which the space
+                keeps for :meth:`apply` and :meth:`applied`. None: a bit-width space.
+            format_error: How a format's weight change is read, with ``formats``:
+                ``"output"`` (the default), the layer's output error on the calibration inputs
+                in units of ``‖ΔW‖²``, or ``"weight"``, ``‖ΔW‖²`` itself, which ranks every GPTQ
+                format below round to nearest on its grid
+                (:func:`optuna_ctpe.nn.formats.format_errors` says why).
 
         Raises:
             ValueError: On a bad grid, an unknown layer name, an unknown ``estimator`` or a NaN
@@ -267,6 +308,13 @@ class HessianSearchSpace:
         """
         from optuna_ctpe.nn.measure import measure
 
+        quantizer = None
+        if formats is not None:
+            from optuna_ctpe.nn.formats import FormatQuantizer
+
+            quantizer = FormatQuantizer(
+                model, calibration_batches=batches, forward=loss_fn, layers=layers
+            )
         records = measure(
             model,
             loss_fn,
@@ -285,8 +333,13 @@ class HessianSearchSpace:
             progress=progress,
             traces=traces,
             calibrate_widths=calibrate_widths,
+            formats=formats,
+            quantizer=quantizer,
+            format_error=format_error,
         )
-        return cls(**records, budget=budget, trace_z=trace_z)
+        space = cls(**records, budget=budget, trace_z=trace_z)
+        space._quantizer = quantizer
+        return space
 
     def apply(
         self, model: torch.nn.Module, config: QuantConfig, example_inputs: Any = None
@@ -297,15 +350,50 @@ class HessianSearchSpace:
         layer's weight is quantized per output channel along its type's axis
         (:data:`optuna_ctpe.nn.layers.LAYER_TYPES`); a tied tensor once, at its one bit-width.
         The copy is the caller's to keep or modify; to score many configurations of one model,
-        :meth:`applied` avoids the copy per configuration.
+        :meth:`applied` avoids the copy per configuration. In a format space each layer's
+        weight is the one its format produces, from :meth:`format_quantizer`
+        (:func:`optuna_ctpe.nn.formats.apply_formats`).
 
         Raises:
             ValueError: If ``config`` does not fit the space, or a width below 1 is requested
                 without ``example_inputs``.
         """
+        if self._spec.formats:
+            from optuna_ctpe.nn.formats import apply_formats
+
+            quantizer = self.format_quantizer(model)
+            return apply_formats(self._spec, model, config, quantizer, example_inputs)
         from optuna_ctpe.nn.apply import apply_config
 
         return apply_config(self._spec, model, config, example_inputs, quantize=True)
+
+    def format_quantizer(
+        self,
+        model: torch.nn.Module,
+        calibration_batches: Sequence[Any] | None = None,
+        forward: Callable[[torch.nn.Module, Any], Any] | None = None,
+    ) -> FormatQuantizer:
+        """The store of ``model``'s weights in each format that :meth:`apply` and
+        :meth:`applied` use in a format space (needs torch): the one :meth:`from_model` made,
+        or, for a space loaded from JSON or a study, one made here and kept.
+
+        Args:
+            model: The model the space was measured on.
+            calibration_batches: Batches for GPTQ's Hessians. Given, a new quantizer of
+                ``model`` is made with them and kept (call this once before the search of a
+                loaded space); None returns the kept one of ``model``, or makes one without
+                them, which refuses GPTQ formats.
+            forward: ``forward(model, batch)``, e.g. the task's ``loss_fn``; see
+                :class:`~optuna_ctpe.nn.formats.FormatQuantizer`.
+        """
+        stale = self._quantizer is None or self._quantizer.model is not model
+        if stale or calibration_batches is not None:
+            from optuna_ctpe.nn.formats import FormatQuantizer
+
+            self._quantizer = FormatQuantizer(
+                model, calibration_batches=calibration_batches, forward=forward
+            )
+        return self._quantizer
 
     def applied(
         self,
@@ -328,6 +416,9 @@ class HessianSearchSpace:
                 with space.applied(model, config, cache=cache) as net:
                     scores.append(evaluate(net))
 
+        In a format space each layer's weight is in its format, from :meth:`format_quantizer`'s
+        store (``cache`` is not read; :func:`optuna_ctpe.nn.formats.applied_formats`).
+
         Inside the block ``model`` holds quantized weights: no other thread may use it
         meanwhile (give each thread its own copy of the model and its own cache), and
         ``evaluate`` must not need the float model. See
@@ -343,6 +434,11 @@ class HessianSearchSpace:
             ValueError: If ``config`` does not fit the space, ``model`` is not the measured
                 one, or a width below 1 is requested without ``example_inputs``.
         """
+        if self._spec.formats:
+            from optuna_ctpe.nn.formats import applied_formats
+
+            quantizer = self.format_quantizer(model)
+            return applied_formats(self._spec, model, config, quantizer, example_inputs)
         from optuna_ctpe.nn.apply import applied_config
 
         return applied_config(self._spec, model, config, example_inputs, cache=cache)
@@ -377,6 +473,13 @@ class HessianSearchSpace:
         :meth:`size`'s (needs torch and safetensors): see
         :func:`optuna_ctpe.deploy.artifact.save_packed`, and
         :func:`~optuna_ctpe.deploy.artifact.load_packed` to load it."""
+        if config.formats:
+            # The packed writer stores bit-widths in the legacy format: a format configuration
+            # would be written as another model.
+            raise ValueError(
+                "formats are not yet exportable through the space; export a format "
+                "configuration with optuna_ctpe.deploy once it writes formats."
+            )
         from optuna_ctpe.deploy.artifact import save_packed
 
         kwargs = {"example_inputs": example_inputs, "metadata": metadata, "configured": configured}
@@ -411,6 +514,17 @@ class HessianSearchSpace:
     def bits(self) -> tuple[int, ...]:
         """The bit-width grid, ascending."""
         return self._spec.bits
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The format grid of a format space (names, smallest model first); empty for a
+        bit-width space."""
+        return self._spec.formats
+
+    @property
+    def always_kept(self) -> tuple[Any, ...]:
+        """The choices pruning keeps in every searched layer (:meth:`keeping`)."""
+        return self._spec.always_kept
 
     @property
     def widths(self) -> tuple[float, ...]:
@@ -494,7 +608,61 @@ class HessianSearchSpace:
 
     def with_budget(self, budget: float) -> HessianSearchSpace:
         """The same sensitivities pruned with another ``budget`` (``math.inf``: no pruning)."""
-        return self._from_spec(dataclasses.replace(self._spec, budget=check_budget(budget)))
+        spec = dataclasses.replace(self._spec, budget=check_budget(budget))
+        return self._from_spec(spec, self._quantizer)
+
+    def keeping(self, choices: Sequence[Any]) -> HessianSearchSpace:
+        """The same sensitivities with ``choices`` (format names, or bit-widths) kept in every
+        searched layer by pruning, beside those already kept
+        (:attr:`~optuna_ctpe.space.records.SpaceSpec.always_kept`).
+
+        So a uniform configuration measured before the search (:meth:`uniform_formats`) can be
+        enqueued: the search is then never worse than it. Stored with the space (JSON, study).
+
+        Raises:
+            ValueError: If a choice is not one of the grid's.
+        """
+        grid = self._spec.grid
+        checked = [_grid_choice(c, grid) for c in choices]
+        kept = (*self._spec.always_kept, *checked)
+        spec = make_spec(
+            list(self._spec.layers.values()),
+            list(self._spec.groups.values()),
+            self._spec.tensors,
+            self._spec.bits,
+            self._spec.widths,
+            self._spec.budget,
+            self._spec.fixed_bits,
+            self._spec.trace_z,
+            self._spec.formats or None,
+            kept,
+        )
+        return self._from_spec(spec, self._quantizer)
+
+    def uniform_formats(
+        self, size_ratio: float | None = None, *, size_bits: int | None = None
+    ) -> list[Any]:
+        """The grid's choices (format names, or bit-widths) whose uniform configuration
+        (:meth:`uniform`, every width at 1) fits a size target, largest first.
+
+        They are cheap to measure before a search; enqueue the best with
+        :meth:`keeping`::
+
+            fits = space.uniform_formats(size_ratio=0.1)
+            best = max(fits, key=lambda c: score(space.apply(model, space.uniform(c))))
+            space = space.keeping([best])
+            study.enqueue_trial(space.to_params(space.uniform(best)))
+
+        Args:
+            size_ratio: Size target as a fraction of :attr:`fp32_bits`, in (0, 1].
+            size_bits: Size target in bits, instead of ``size_ratio``.
+
+        Raises:
+            ValueError: If not exactly one target is given.
+        """
+        target = _size.size_target(self._spec, size_ratio, size_bits)
+        sized = [(self.size(self.uniform(c)), c) for c in self._spec.grid]
+        return [c for size, c in sorted(sized, key=lambda sc: -sc[0]) if size <= target]
 
     def relaxed_for_size(
         self, size_ratio: float | None = None, *, size_bits: int | None = None
@@ -506,6 +674,12 @@ class HessianSearchSpace:
         the pruned space fits, otherwise the space pruned at the smallest threshold (one of the
         choices' own Ω values) at which it does, so no choice is readmitted needlessly.
 
+        In a format space, pruning must not remove every uniform configuration that fits either
+        (the search must never be worse than one the grid holds): if :meth:`uniform_formats`
+        finds some that fit and the space holds none of them, the one of least Ω is kept
+        (:meth:`keeping`). A bit-width space is relaxed as before formats existed; call
+        :meth:`keeping` for it.
+
         Args:
             size_ratio: Size target as a fraction of :attr:`fp32_bits`, in (0, 1].
             size_bits: Size target in bits, instead of ``size_ratio``.
@@ -516,7 +690,18 @@ class HessianSearchSpace:
         """
         target = _size.size_target(self._spec, size_ratio, size_bits)
         budget = pruning.relaxed_budget(self._spec, self._risk, target)
-        return self if budget == self.budget else self.with_budget(budget)
+        space = self if budget == self.budget else self.with_budget(budget)
+        fits = space.uniform_formats(size_bits=max(1, int(target))) if self.formats else []
+        if fits and not any(space._holds(space.uniform(c)) for c in fits):
+            space = space.keeping([min(fits, key=lambda c: space.perturbation(space.uniform(c)))])
+        return space
+
+    def _holds(self, config: QuantConfig) -> bool:
+        """Whether every choice of ``config`` is kept by pruning."""
+        return all(
+            _params.config_value(config, name) in options
+            for name, options in self._choices.items()
+        )
 
     # -- configurations --------------------------------------------------------------------
 
@@ -543,11 +728,12 @@ class HessianSearchSpace:
         """The searched parameters of ``config``, e.g. for :meth:`optuna.Study.enqueue_trial`."""
         return _params.to_params(self._choices, check_config(self._spec, config))
 
-    def uniform(self, bits: int, width: float = 1.0) -> QuantConfig:
+    def uniform(self, bits: Any, width: float = 1.0) -> QuantConfig:
         """The configuration with every searched layer at ``bits`` and every group at ``width``.
 
-        Fixed layers keep their fixed bit-width. The result need not lie in the pruned space
-        (use it as a reference point, e.g. uniform 8-bit).
+        In a format space ``bits`` is a format (a name, a record, or a bit-width meaning its
+        legacy format). Fixed layers keep their fixed bit-width. The result need not lie in the
+        pruned space (use it as a reference point, e.g. uniform 8-bit).
         """
         return _params.uniform_config(self._spec, bits, width)
 
@@ -684,3 +870,15 @@ class HessianSearchSpace:
             f"groups, 10^{self.log10_size_before:.1f} -> 10^{self.log10_size_after:.1f} "
             "configurations)"
         )
+
+
+def _grid_choice(choice: Any, grid: tuple[Any, ...]) -> Any:
+    """``choice`` as the grid spells it (a format record or bit-width as its name in a format
+    grid), if it is one of ``grid``'s."""
+    if grid and isinstance(grid[0], str):
+        from optuna_ctpe.space.formats import as_format
+
+        choice = as_format(choice, "choice").name
+    if choice not in grid or isinstance(choice, bool):
+        raise ValueError(f"{choice!r} is not a choice of the grid {list(grid)}.")
+    return choice

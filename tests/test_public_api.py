@@ -38,6 +38,7 @@ SAMPLER_ARGUMENTS = [
 ]
 
 SPACE_PUBLIC = {
+    "always_kept",
     "apply",
     "applied",
     "bits",
@@ -46,11 +47,14 @@ SPACE_PUBLIC = {
     "config_from_params",
     "distributions",
     "fixed_bits",
+    "format_quantizer",
+    "formats",
     "fp32_bits",
     "from_json",
     "from_model",
     "from_sensitivities",
     "groups",
+    "keeping",
     "load_from_study",
     "log10_size_after",
     "log10_size_before",
@@ -72,6 +76,7 @@ SPACE_PUBLIC = {
     "to_params",
     "uncertain_layers",
     "uniform",
+    "uniform_formats",
     "warm_starts",
     "widths",
     "with_budget",

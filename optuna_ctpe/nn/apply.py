@@ -137,7 +137,19 @@ def apply_config(
     """
     spec = spec_of(space)
     config = check_config(spec, config)
+    if quantize:
+        _refuse_formats(config)
     return configured_copy(model, spec.layers, config, example_inputs, quantize=quantize)
+
+
+def _refuse_formats(config: QuantConfig) -> None:
+    """Refuse a format configuration, which the bit-width path would quantize in the legacy
+    format of its bit-widths: silently the wrong model."""
+    if config.formats:
+        raise ValueError(
+            "config names weight formats; apply it with optuna_ctpe.nn.formats.apply_formats "
+            "or applied_formats (HessianSearchSpace.apply and applied do), not the bit-width path."
+        )
 
 
 def applied_config(
@@ -166,6 +178,7 @@ def applied_config(
     """
     spec = spec_of(space)
     config = check_config(spec, config)
+    _refuse_formats(config)
     return configured_in_place(model, spec.layers, config, example_inputs, cache=cache)
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
 import contextlib
+import copy
 from typing import Any
 import warnings
 
@@ -36,6 +37,8 @@ from torch import nn
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe.nn.apply import _Entry
+from optuna_ctpe.nn.apply import check_model
+from optuna_ctpe.nn.apply import configured_copy
 from optuna_ctpe.nn.apply import DEFAULT_CACHE_BYTES
 from optuna_ctpe.nn.gptq import collect_hessians
 from optuna_ctpe.nn.gptq import GPTQSettings
@@ -54,9 +57,21 @@ from optuna_ctpe.space.formats import as_format
 from optuna_ctpe.space.formats import FormatFallbackWarning
 from optuna_ctpe.space.formats import group_fallback
 from optuna_ctpe.space.formats import WeightFormat
+from optuna_ctpe.space.records import check_config
+from optuna_ctpe.space.records import HasSpec
+from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.records import spec_of
+from optuna_ctpe.space.records import SpaceSpec
 
 
-__all__ = ["FormatQuantizer", "formats_in_place"]
+__all__ = [
+    "FormatQuantizer",
+    "apply_formats",
+    "applied_formats",
+    "FORMAT_ERRORS",
+    "format_errors",
+    "formats_in_place",
+]
 
 
 class FormatQuantizer:
@@ -220,6 +235,17 @@ class FormatQuantizer:
         if entry is not None:
             self._nbytes -= entry.quantized.numel() * entry.quantized.element_size()
 
+    def like(self, model: nn.Module) -> FormatQuantizer:
+        """A new, empty quantizer of ``model`` (a width-pruned copy, say) with this one's
+        calibration batches, forward, GPTQ settings and memory limit."""
+        return FormatQuantizer(
+            model,
+            calibration_batches=self._batches,
+            forward=self._forward,
+            settings=self.settings,
+            max_bytes=self.max_bytes,
+        )
+
     def clear(self) -> None:
         """Drop every quantized tensor and the Hessians (collected again when next needed)."""
         self._entries.clear()
@@ -285,3 +311,118 @@ def formats_in_place(
             if param._version != version:
                 quantizer.discard(key)  # written to inside the block: the stored tensor is spoilt
             param.data = original
+
+
+#: How :func:`format_errors` measures a format's weight change.
+FORMAT_ERRORS = ("output", "weight")
+
+
+def format_errors(
+    quantizer: FormatQuantizer,
+    layers: Iterable[LayerWeight],
+    formats: Iterable[str],
+    metric: str = "output",
+) -> dict[str, dict[str, float]]:
+    """Layer name -> {format name: the squared size of the weight change ``Δ = Q_f(W) − W``},
+    with ``Q_f(W)`` the weight ``quantizer`` actually produces in each format (GPTQ's output
+    for a GPTQ format): the ``‖ΔW‖²`` of a format's Ω (:mod:`optuna_ctpe.space.omega`).
+
+    ``"weight"`` is ``‖Δ‖²``, HAWQ-V2's reading (an input Hessian proportional to the identity).
+    It cannot rank GPTQ: GPTQ *raises* the weight error to lower the layer's output error
+    ``tr(Δ H Δᵀ)`` (``H = 2 X Xᵀ / N``, its calibration inputs), so on the weight error every
+    GPTQ format looks worse than round to nearest on its grid, is dominated at the same size,
+    and would be pruned from every layer. ``"output"`` (the default) is that output error
+    rescaled to the units of ``‖Δ‖²``: ``tr(Δ H Δᵀ) · n / tr(H)`` for rows of ``n`` inputs,
+    which equals ``‖Δ‖²`` when ``H`` is a multiple of the identity, so Ω keeps its meaning
+    (trace × squared change) and layers stay comparable. A layer without input vectors (an
+    embedding, a grouped or transposed convolution: :func:`~optuna_ctpe.nn.gptq.gptq_unsupported`)
+    or whose inputs are all zero is measured by ``"weight"``.
+
+    Args:
+        quantizer: The store of quantized weights of the model the layers belong to; with
+            ``"output"`` it needs calibration batches (its Hessians, one pass, shared with
+            GPTQ).
+        layers: The layers.
+        formats: The format names.
+        metric: ``"output"`` or ``"weight"``.
+
+    Raises:
+        ValueError: On another ``metric``, or ``"output"`` without calibration batches.
+    """
+    if metric not in FORMAT_ERRORS:
+        raise ValueError(f"metric must be one of {list(FORMAT_ERRORS)}, got {metric!r}.")
+    names = list(formats)
+    layers = list(layers)
+    hessians = {}
+    if metric == "output" and any(gptq_unsupported(layer) is None for layer in layers):
+        hessians = quantizer.hessians()
+    out: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.weight.detach().double()
+            h = hessians.get(layer.name) if gptq_unsupported(layer) is None else None
+            matrix = None if h is None or h.count == 0 else h.matrix()
+            scale = 0.0 if matrix is None else float(matrix.diagonal().sum())
+            errors = {}
+            for f in names:
+                delta = quantizer.get(layer, f).double() - weight
+                if scale > 0:
+                    rows = as_rows(delta, layer.out_axis).to(matrix.device, torch.float64)
+                    output = float(((rows @ matrix) * rows).sum())
+                    errors[f] = max(0.0, output) * matrix.shape[0] / scale
+                else:
+                    errors[f] = float(delta.pow(2).sum())
+            out[layer.name] = errors
+    return out
+
+
+@contextlib.contextmanager
+def applied_formats(
+    space: SpaceSpec | HasSpec,
+    model: nn.Module,
+    config: QuantConfig,
+    quantizer: FormatQuantizer,
+    example_inputs: Any = None,
+) -> Iterator[nn.Module]:
+    """``model`` configured to a format configuration inside the block, as it was after.
+
+    With every width at 1, ``model`` itself with each layer's weight in its format
+    (:func:`formats_in_place`, each (layer, format) from ``quantizer``'s store); otherwise a
+    width-pruned copy quantized by a quantizer of its own (:meth:`FormatQuantizer.like`: GPTQ
+    then collects the pruned model's Hessians, one calibration pass per call).
+
+    Args:
+        space: A :class:`~optuna_ctpe.HessianSearchSpace` or its
+            :class:`~optuna_ctpe.space.records.SpaceSpec` (a format space).
+        model: The model the space was measured on.
+        config: A configuration of the space.
+        quantizer: ``model``'s store of quantized weights.
+        example_inputs: Inputs for dependency tracing; required when a width is below 1.
+
+    Raises:
+        ValueError: If ``config`` does not fit the space, ``model`` is not the measured one or
+            not ``quantizer``'s, or a width below 1 is requested without ``example_inputs``.
+    """
+    spec = spec_of(space)
+    config = check_config(spec, config)
+    if any(w < 1 for w in config.widths.values()):
+        pruned = configured_copy(model, spec.layers, config, example_inputs, quantize=False)
+        with formats_in_place(pruned, config.formats, quantizer.like(pruned)) as net:
+            yield net
+        return
+    check_model(model, spec.layers)
+    with formats_in_place(model, config.formats, quantizer) as net:
+        yield net
+
+
+def apply_formats(
+    space: SpaceSpec | HasSpec,
+    model: nn.Module,
+    config: QuantConfig,
+    quantizer: FormatQuantizer,
+    example_inputs: Any = None,
+) -> nn.Module:
+    """A width-pruned copy of ``model`` with each layer's weight in its format of ``config``;
+    ``model`` is not modified. The arguments and errors are :func:`applied_formats`'."""
+    with applied_formats(space, model, config, quantizer, example_inputs) as net:
+        return copy.deepcopy(net)

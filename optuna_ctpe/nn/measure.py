@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from optuna_ctpe.nn import width as _width
+from optuna_ctpe.nn.formats import format_errors
+from optuna_ctpe.nn.formats import FormatQuantizer
 from optuna_ctpe.nn.layers import eval_mode
 from optuna_ctpe.nn.layers import layer_type
 from optuna_ctpe.nn.layers import LayerWeight
@@ -32,6 +34,7 @@ from optuna_ctpe.nn.traces import LayerTrace
 from optuna_ctpe.nn.width_calibration import calibrate_groups
 from optuna_ctpe.space.records import check_bit
 from optuna_ctpe.space.records import check_bits_grid
+from optuna_ctpe.space.records import check_formats_grid
 from optuna_ctpe.space.records import check_widths_grid
 from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import ParamTensor
@@ -55,6 +58,9 @@ def measure(
     include_embeddings: bool = False,
     traces: Mapping[str, LayerTrace] | None = None,
     calibrate_widths: bool = False,
+    formats: Sequence[Any] | None = None,
+    quantizer: FormatQuantizer | None = None,
+    format_error: str = "output",
     **estimator_kwargs: Any,
 ) -> dict[str, Any]:
     """Measure ``model`` into the keyword arguments of :class:`~optuna_ctpe.HessianSearchSpace`.
@@ -80,17 +86,32 @@ def measure(
             layer that needs a trace, each with its weight's parameter count.
         calibrate_widths: Also measure each width group's calibration-loss increase at each
             ratio (:func:`optuna_ctpe.nn.width_calibration.calibrate_groups`).
+        formats: Weight formats (names, records or bit-widths) of a format space: each
+            layer's errors are then measured per format, on the weights ``quantizer``
+            produces (:func:`optuna_ctpe.nn.formats.format_errors`), and ``bits`` is not read;
+            None measures ``bits``, as always.
+        quantizer: ``model``'s :class:`~optuna_ctpe.nn.formats.FormatQuantizer`, required with
+            ``formats`` (GPTQ formats need its calibration batches).
+        format_error: How a format's weight change is measured, ``"output"`` or ``"weight"``
+            (:func:`optuna_ctpe.nn.formats.format_errors`).
         **estimator_kwargs: ``seed``, ``max_probes``, ``min_probes``, ``rtol`` and ``progress``
             of the estimator.
 
     Returns:
-        ``layers``, ``groups``, ``tensors``, ``bits``, ``widths`` and ``fixed_bits``.
+        ``layers``, ``groups``, ``tensors``, ``bits``, ``widths`` and ``fixed_bits``; with
+        ``formats``, ``formats`` too.
 
     Raises:
         ValueError: On a bad grid, an unknown layer name, an unknown ``estimator`` or a NaN
             trace; a negative trace is clipped to 0 (its standard error kept) with a warning.
     """
-    bits = check_bits_grid(bits)
+    format_names = None
+    if formats is not None:
+        format_names = check_formats_grid(formats)
+        if quantizer is None or quantizer.model is not model:
+            raise ValueError("formats need the model's FormatQuantizer as quantizer.")
+    else:
+        bits = check_bits_grid(bits)
     widths = check_widths_grid(widths)
     if keep_first_last_bits is not None:
         check_bit(keep_first_last_bits, "keep_first_last_bits")
@@ -124,13 +145,24 @@ def measure(
     fixed = None
     if keep_first_last_bits is not None:
         fixed = {names[0]: keep_first_last_bits, names[-1]: keep_first_last_bits}
+    measured = [by_name[n] for n in names]
+    if format_names is None:
+        errors = {
+            layer.name: {b: quantization_error(layer.weight.detach(), b, layer.out_axis)
+                         for b in bits}
+            for layer in measured
+        }  # fmt: skip
+    else:
+        assert quantizer is not None  # checked above
+        errors = format_errors(quantizer, measured, format_names, format_error)
     return {
-        "layers": _layer_sensitivities([by_name[n] for n in names], traces, mean_trace, bits),
+        "layers": _layer_sensitivities(measured, traces, mean_trace, errors),
         "groups": groups,
         "tensors": tensors,
         "bits": bits,
         "widths": widths,
         "fixed_bits": fixed,
+        **({} if format_names is None else {"formats": format_names}),
     }
 
 
@@ -217,7 +249,7 @@ def _layer_sensitivities(
     layers: Sequence[LayerWeight],
     traces: Mapping[str, LayerTrace],
     mean_trace: Mapping[str, float],
-    bits: Sequence[int],
+    errors: Mapping[str, Mapping[Any, float]],
 ) -> list[LayerSensitivity]:
     out = []
     for layer in layers:
@@ -227,7 +259,7 @@ def _layer_sensitivities(
                 name=layer.name,
                 mean_trace=mean_trace[layer.name],
                 n_params=int(weight.numel()),
-                errors={b: quantization_error(weight, b, layer.out_axis) for b in bits},
+                errors=dict(errors[layer.name]),
                 trace_stderr=float(traces[layer.name].stderr) / int(weight.numel()),
             )
         )

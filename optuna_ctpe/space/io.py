@@ -7,6 +7,11 @@ A tensor's ``scales`` and ``scale_group`` (the per-channel scales a quantized te
 counted in sizes) are absent from files written before they were counted; such a space keeps
 counting no scales, so an old study's sizes do not change under it.
 
+Version 2 adds a format space's ``formats`` (format names, :mod:`optuna_ctpe.space.formats`;
+each layer's ``errors`` are then keyed by them) and ``always_kept``. A space with neither is
+written as version 1, exactly as before, so files of bit-width spaces stay readable by 0.1.x;
+version 1 files load as the bit-width spaces they always were.
+
 In a study the JSON is stored with :func:`optuna_ctpe._attrs.write_chunked` under
 :data:`optuna_ctpe._attrs.SEARCH_SPACE` (chunks ``ctpe:search_space:<i>`` that fit the
 2,048-character attribute columns of old RDB schemas, and a header with the chunk count and a
@@ -35,7 +40,9 @@ if TYPE_CHECKING:
 
 
 SCHEMA = "optuna-ctpe/hessian-search-space"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: The versions :func:`from_json` reads.
+READ_VERSIONS = (1, 2)
 
 
 def to_json(spec: SpaceSpec, choices: Choices | None = None) -> str:
@@ -43,14 +50,17 @@ def to_json(spec: SpaceSpec, choices: Choices | None = None) -> str:
     the pruning rule gives ``spec`` when None)."""
     if choices is None:
         choices = prune(spec, omega_table(spec, upper=True))
+    extended = bool(spec.formats or spec.always_kept)
     data = {
         "schema": SCHEMA,
-        "version": SCHEMA_VERSION,
+        "version": SCHEMA_VERSION if extended else 1,
         "bits": list(spec.bits),
         "widths": list(spec.widths),
         "budget": spec.budget if math.isfinite(spec.budget) else "inf",
         "fixed_bits": dict(spec.fixed_bits),
         "trace_z": spec.trace_z,
+        **({"formats": list(spec.formats)} if spec.formats else {}),
+        **({"always_kept": list(spec.always_kept)} if spec.always_kept else {}),
         "layers": [
             {
                 "name": layer.name,
@@ -113,6 +123,8 @@ def from_json(text: str | bytes | Mapping[str, Any]) -> SpaceSpec:
             # Files written before the rule read upper traces have no trace_z: 0 re-prunes
             # them exactly as they were.
             data.get("trace_z", 0.0),
+            data.get("formats"),
+            data.get("always_kept", ()),
         )
         stored = {name: tuple(c) for name, c in data["choices"].items()}
     except (KeyError, TypeError, AttributeError) as e:
@@ -140,10 +152,10 @@ def _parsed(text: str | bytes | Mapping[str, Any]) -> Mapping[str, Any]:
             f"{(data.get('schema') if isinstance(data, Mapping) else type(data).__name__)!r}."
         )
     # ``type(...) is int``: ``True == 1`` in Python, and a boolean is no schema version.
-    if type(data.get("version")) is not int or data.get("version") != SCHEMA_VERSION:
+    if type(data.get("version")) is not int or data.get("version") not in READ_VERSIONS:
         raise ValueError(
             f"search-space JSON has schema version {data.get('version')!r}; this optuna-ctpe "
-            f"reads version {SCHEMA_VERSION}."
+            f"reads versions {list(READ_VERSIONS)}."
         )
     return data
 

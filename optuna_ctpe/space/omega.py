@@ -2,7 +2,9 @@
 
 ``Ω = Tr̄(H) · ‖ΔW‖²``: ``Tr̄(H)`` is the layer's Hessian trace divided by its parameter count
 (``mean_trace``), ``‖ΔW‖²`` the squared norm of the weight change a choice makes: ``‖Q_b(W) −
-W‖²`` for a bit-width ``b``, the squared norm of the removed weights for a width ratio. Pure
+W‖²`` for a bit-width ``b``, ``‖Q_f(W) − W‖²`` for a weight format ``f`` with ``Q_f(W)`` the
+weight the format actually produces (GPTQ's output for a GPTQ format, not a round-to-nearest
+stand-in), the squared norm of the removed weights for a width ratio. Pure
 Python: the torch wing measures the two factors, the space wing multiplies them here.
 
 A measured trace is noisy, so the table comes in two readings: the point estimate
@@ -16,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from optuna_ctpe._validation import check_real
-from optuna_ctpe.space.params import bits_param
+from optuna_ctpe.space.params import layer_param
 from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import SpaceSpec
@@ -83,7 +85,9 @@ def omega_table(spec: SpaceSpec, *, upper: bool = False) -> dict[str, dict[Any, 
     out: dict[str, dict[Any, float]] = {}
     for name, layer in spec.layers.items():
         trace = upper_trace(layer, spec.trace_z) if upper else layer.mean_trace
-        out[bits_param(name)] = {b: choice_sensitivity(trace, layer.errors[b]) for b in spec.bits}
+        out[layer_param(spec, name)] = {
+            c: choice_sensitivity(trace, layer.errors[c]) for c in spec.grid
+        }
     for name, group in spec.groups.items():
         trace = upper_trace(group, spec.trace_z) if upper else group.mean_trace
         table = {w: choice_sensitivity(trace, group.perturbations[w]) for w in spec.widths}
@@ -94,12 +98,14 @@ def omega_table(spec: SpaceSpec, *, upper: bool = False) -> dict[str, dict[Any, 
 
 
 def omega_reference(spec: SpaceSpec) -> float:
-    """``Ω_ref``: the largest Ω over the searched layers at the median bit-width of the grid.
+    """``Ω_ref``: the largest Ω over the searched layers at the median bit-width of the grid
+    (in a format space, the median format of :attr:`~optuna_ctpe.space.records.SpaceSpec.formats`,
+    which are ordered by the model's size in each).
 
     From the point estimates: a noisy layer's upper bound makes that layer's own choices
     riskier, it does not raise the threshold every other layer is held to.
     """
-    median_bits = spec.bits[(len(spec.bits) - 1) // 2]
+    median_bits = spec.grid[(len(spec.grid) - 1) // 2]
     return max(
         (
             choice_sensitivity(spec.layers[n].mean_trace, spec.layers[n].errors[median_bits])

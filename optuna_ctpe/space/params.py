@@ -1,8 +1,11 @@
 """Optuna parameter names of a search space, and configurations to and from parameter dicts.
 
 A layer's bit-width is the parameter ``bits:<layer>``, a width group's ratio ``width:<group>``.
-A space's *choices* map every parameter name (searched or not) to the values pruning kept; the
-searched parameters are those with more than one.
+In a format space a layer's format is the parameter ``format:<layer>``, whose choices are format
+names (strings, so optuna-dashboard and reports show ``int3-g128-asym-gptq``); a bit-width
+space keeps integer choices under ``bits:``, as always. A space's *choices* map every parameter
+name (searched or not) to the values pruning kept, smallest first; the searched parameters are
+those with more than one.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from optuna_ctpe._validation import check_ratio
+from optuna_ctpe.space.formats import as_format
 from optuna_ctpe.space.records import check_bit
 from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import SpaceSpec
 
 
 BITS_PREFIX = "bits:"
+FORMAT_PREFIX = "format:"
 WIDTH_PREFIX = "width:"
 
 Choices = Mapping[str, tuple[Any, ...]]
@@ -25,6 +30,17 @@ Choices = Mapping[str, tuple[Any, ...]]
 def bits_param(layer: str) -> str:
     """The parameter name of ``layer``'s bit-width."""
     return BITS_PREFIX + layer
+
+
+def format_param(layer: str) -> str:
+    """The parameter name of ``layer``'s weight format (in a format space)."""
+    return FORMAT_PREFIX + layer
+
+
+def layer_param(spec: SpaceSpec, layer: str) -> str:
+    """The parameter name of ``layer``'s choice in ``spec``: its format in a format space, else
+    its bit-width."""
+    return format_param(layer) if spec.formats else bits_param(layer)
 
 
 def width_param(group: str) -> str:
@@ -51,6 +67,7 @@ def config_from_params(choices: Choices, params: Mapping[str, Any]) -> QuantConf
         ValueError: If a searched parameter is missing or has a value outside its choices.
     """
     bits: dict[str, int] = {}
+    formats: dict[str, str] = {}
     widths: dict[str, float] = {}
     for name, options in choices.items():
         if len(options) == 1 and name not in params:
@@ -65,15 +82,20 @@ def config_from_params(choices: Choices, params: Mapping[str, Any]) -> QuantConf
                 )
         if name.startswith(BITS_PREFIX):
             bits[name[len(BITS_PREFIX) :]] = int(value)
+        elif name.startswith(FORMAT_PREFIX):
+            formats[name[len(FORMAT_PREFIX) :]] = str(value)
         else:
             widths[name[len(WIDTH_PREFIX) :]] = float(value)
-    return QuantConfig(bits, widths)
+    return QuantConfig(bits, widths, formats)
 
 
 def config_value(config: QuantConfig, param: str) -> Any:
-    """The value ``config`` gives the parameter ``param`` (a bit-width or a width ratio)."""
+    """The value ``config`` gives the parameter ``param`` (a bit-width, a format name or a width
+    ratio)."""
     if param.startswith(BITS_PREFIX):
         return config.bits[param[len(BITS_PREFIX) :]]
+    if param.startswith(FORMAT_PREFIX):
+        return config.formats[param[len(FORMAT_PREFIX) :]]
     return config.widths[param[len(WIDTH_PREFIX) :]]
 
 
@@ -82,25 +104,47 @@ def to_params(choices: Choices, config: QuantConfig) -> dict[str, Any]:
     return {name: config_value(config, name) for name in searched(choices)}
 
 
-def extreme_config(choices: Choices, pick: Any) -> QuantConfig:
-    """The configuration taking ``pick(choices)`` (``min`` or ``max``) of every parameter.
+def extreme_config(choices: Choices, largest: bool) -> QuantConfig:
+    """The configuration taking every parameter's largest choice, or every smallest one.
 
-    Size grows with every bit-width and ratio, so ``min`` gives the smallest configuration of
-    the space and ``max`` the safest.
+    Choices are kept smallest first (bit-widths and ratios ascending, a layer's formats by its
+    stored size), so the smallest gives the smallest configuration of the space and the
+    largest the safest.
     """
-    return config_from_params(choices, {name: pick(c) for name, c in choices.items()})
+    return config_from_params(
+        choices, {name: c[-1] if largest else c[0] for name, c in choices.items()}
+    )
+
+
+def make_config(
+    spec: SpaceSpec, layers: Mapping[str, Any], widths: Mapping[str, float]
+) -> QuantConfig:
+    """The configuration of ``spec`` giving each layer its choice in ``layers`` (a format name
+    in a format space, else a bit-width) and each group its ratio in ``widths``."""
+    if spec.formats:
+        return QuantConfig({}, widths, layers)
+    return QuantConfig(layers, widths)
 
 
 def uniform_config(spec: SpaceSpec, bits: Any, width: Any = 1.0) -> QuantConfig:
     """Every searched layer of ``spec`` at ``bits`` and every group at ``width``; fixed layers
     keep their fixed bit-width. The result need not lie in the pruned space.
 
+    In a format space ``bits`` is a format (a name, a record, or a bit-width meaning its legacy
+    format), and fixed layers keep their fixed bit-width's legacy format.
+
     Raises:
-        ValueError: If ``bits`` is not a bit-width in [2, 16] or ``width`` not a ratio in (0, 1].
+        ValueError: If ``bits`` is not a bit-width in [2, 16] (a format, in a format space) or
+            ``width`` not a ratio in (0, 1].
     """
-    bits = check_bit(bits, "bits")
     width = check_ratio(width, "width")
-    return QuantConfig(
-        {n: spec.fixed_bits.get(n, bits) for n in spec.layers},
-        dict.fromkeys(spec.groups, width),
-    )
+    widths = dict.fromkeys(spec.groups, width)
+    if spec.formats:
+        name = as_format(bits, "bits").name
+        return make_config(
+            spec,
+            {n: spec.fixed_choice(n) if n in spec.fixed_bits else name for n in spec.layers},
+            widths,
+        )
+    bits = check_bit(bits, "bits")
+    return QuantConfig({n: spec.fixed_bits.get(n, bits) for n in spec.layers}, widths)

@@ -29,6 +29,22 @@ rule. This module implements OUR interpretation, built from HAWQ-V2 and NNCF's H
    estimate. :func:`uncertain_layers` names the layers whose trace cannot be told from zero
    (including negative estimates clipped to 0), for reports.
 
+7. Formats (a format space, :attr:`~optuna_ctpe.space.records.SpaceSpec.formats`): a layer's
+   choices are weight formats, and before step 1 each layer drops the formats *dominated* in
+   both its stored size and its weight error (another format of at most its size and at most
+   its error; of two equal in both, the later of the grid): the survivors, smallest first,
+   lose error with every step up in size, as bit-widths do. Step 3 keeps the survivor of least
+   error (the largest); step 4 reads "minimum bit-width" as the rank, in the grid's order by
+   the model's size in each format, of the layer's smallest kept format (a layer whose kept
+   formats all rank below the floor keeps its safest one). Dominance compares weight errors,
+   not Ω: the layer's trace multiplies every format's Ω alike, so the order is the same and a
+   trace of zero does not make every format tie.
+8. The choices of ``spec.always_kept`` are kept in every searched layer (after the other
+   steps), so the uniform configurations they make stay in the space; uniform baselines are
+   cheap to measure and the search must never be worse than the best of them
+   (:meth:`optuna_ctpe.HessianSearchSpace.keeping`, and
+   :meth:`~optuna_ctpe.HessianSearchSpace.relaxed_for_size`, which keeps one that fits).
+
 The rule knows nothing of a size target; :func:`relaxed_budget` raises the threshold just
 enough for the pruned space to hold a configuration of a given size.
 """
@@ -45,11 +61,13 @@ import numpy as np
 from optuna_ctpe._validation import check_real
 from optuna_ctpe.space.omega import omega_reference
 from optuna_ctpe.space.omega import upper_trace
-from optuna_ctpe.space.params import bits_param
 from optuna_ctpe.space.params import Choices
+from optuna_ctpe.space.params import FORMAT_PREFIX
+from optuna_ctpe.space.params import layer_param
 from optuna_ctpe.space.params import searched
 from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import SpaceSpec
+from optuna_ctpe.space.size import layer_bits
 from optuna_ctpe.space.size import smallest_size
 
 #: Parameter name -> ``{choice: Ω}``, what the rule reads is
@@ -73,19 +91,31 @@ def prune(spec: SpaceSpec, omega: OmegaTable) -> dict[str, tuple[Any, ...]]:
     """
     limit = threshold(spec)
     layers = spec.searched_layers()
-    kept_bits = {
-        name: [b for b in spec.bits if b == spec.bits[-1] or omega[bits_param(name)][b] <= limit]
-        for name in layers
-    }
-    # Monotonicity: walking from the least to the most sensitive layer, the minimum bit-width
-    # never decreases. Ties in the trace are ordered by name so the rule is deterministic.
-    floor = spec.bits[0]
-    # An uncertain layer is ordered by its upper trace too, so it does not pass for insensitive.
-    for name in sorted(layers, key=lambda n: (upper_trace(spec.layers[n], spec.trace_z), n)):
-        floor = max(floor, kept_bits[name][0])
-        kept_bits[name] = [b for b in kept_bits[name] if b >= floor]
+    if spec.formats:
+        kept = _kept_formats(spec, omega, limit)
+    else:
+        kept = {
+            name: [
+                b
+                for b in spec.bits
+                if b == spec.bits[-1] or omega[layer_param(spec, name)][b] <= limit
+            ]
+            for name in layers
+        }
+        # Monotonicity: walking from the least to the most sensitive layer, the minimum
+        # bit-width never decreases. Ties in the trace are ordered by name so the rule is
+        # deterministic. An uncertain layer is ordered by its upper trace too, so it does not
+        # pass for insensitive.
+        floor = spec.bits[0]
+        for name in sorted(layers, key=lambda n: (upper_trace(spec.layers[n], spec.trace_z), n)):
+            floor = max(floor, kept[name][0])
+            kept[name] = [b for b in kept[name] if b >= floor]
+    if spec.always_kept:
+        for name in layers:
+            extra = [c for c in spec.always_kept if c not in kept[name]]
+            kept[name] = _by_layer_size(spec, name, [*kept[name], *extra])
     choices: dict[str, tuple[Any, ...]] = {
-        bits_param(name): tuple(kept_bits[name]) if name in kept_bits else (spec.fixed_bits[name],)
+        layer_param(spec, name): tuple(kept[name]) if name in kept else (spec.fixed_choice(name),)
         for name in spec.layers
     }
     for name in spec.groups:
@@ -93,6 +123,39 @@ def prune(spec: SpaceSpec, omega: OmegaTable) -> dict[str, tuple[Any, ...]]:
             w for w in spec.widths if w == spec.widths[-1] or omega[width_param(name)][w] <= limit
         )
     return choices
+
+
+def _by_layer_size(spec: SpaceSpec, layer: str, options: list[Any]) -> list[Any]:
+    """``options`` smallest first: by the layer's stored bits in each, ties in grid order."""
+    if not spec.formats:
+        return sorted(options)
+    full = dict.fromkeys(spec.groups, 1.0)
+    rank = {c: i for i, c in enumerate(spec.grid)}
+    return sorted(options, key=lambda c: (layer_bits(spec, layer, c, full), rank[c]))
+
+
+def _kept_formats(spec: SpaceSpec, omega: OmegaTable, limit: float) -> dict[str, list[Any]]:
+    """Steps 7, 1, 3 and 4 of the rule over formats: the searched layers' kept formats,
+    smallest first."""
+    full = dict.fromkeys(spec.groups, 1.0)
+    rank = {c: i for i, c in enumerate(spec.grid)}
+    kept: dict[str, list[Any]] = {}
+    for name in spec.searched_layers():
+        errors = spec.layers[name].errors
+        size = {c: layer_bits(spec, name, c, full) for c in spec.grid}
+        front: list[Any] = []
+        # Smallest first, ties in grid order: a format survives only if it has less error than
+        # every format of at most its size before it.
+        for c in sorted(spec.grid, key=lambda c: (size[c], errors[c], rank[c])):
+            if not front or errors[c] < errors[front[-1]]:
+                front.append(c)
+        table = omega[layer_param(spec, name)]
+        kept[name] = [c for c in front if c == front[-1] or table[c] <= limit]
+    floor = 0
+    for name in sorted(kept, key=lambda n: (upper_trace(spec.layers[n], spec.trace_z), n)):
+        floor = max(floor, min(rank[c] for c in kept[name]))
+        kept[name] = [c for c in kept[name] if rank[c] >= floor] or [kept[name][-1]]
+    return kept
 
 
 def uncertain_layers(spec: SpaceSpec) -> list[str]:
@@ -164,7 +227,8 @@ def prior_weights(
     uniform distribution (``floor`` of the mass), so that no choice is ruled out:
 
     * ``saving = 1 − choice / safest choice``, the fraction of the layer's bits (or the group's
-      channels) the choice removes;
+      channels) the choice removes; for a format, ``1 − stored bits / those of the layer's
+      largest kept format``;
     * ``risk = log(1 + Ω / threshold)``, with ``threshold = budget × Ω_ref`` (``Ω_ref`` when
       nothing is pruned): at most ``log 2`` for kept choices, and growing only logarithmically
       beyond, because Ω is a second-order estimate that overstates how bad large perturbations
@@ -184,10 +248,17 @@ def prior_weights(
     limit = threshold(spec)
     scale = limit if math.isfinite(limit) else (omega_reference(spec) or 1.0)
     out: dict[str, list[float]] = {}
+    full = dict.fromkeys(spec.groups, 1.0)
     for name in searched(choices):
         options = list(choices[name])
-        top = max(options)
-        saving = np.array([1.0 - c / top for c in options])
+        # A format's saving is that of the layer's stored bits, priced exactly.
+        amount = (
+            [layer_bits(spec, name[len(FORMAT_PREFIX) :], c, full) for c in options]
+            if name.startswith(FORMAT_PREFIX)
+            else options
+        )
+        top = max(amount)
+        saving = np.array([1.0 - a / top for a in amount])
         risk = np.log1p([omega[name][c] / scale for c in options])
         logits = (saving - risk) / temperature
         weights = np.exp(logits - logits.max())

@@ -28,6 +28,9 @@ from optuna_ctpe._validation import check_real
 from optuna_ctpe._validation import is_real
 from optuna_ctpe._validation import MAX_BITS
 from optuna_ctpe._validation import MIN_BITS
+from optuna_ctpe.space.formats import as_format
+from optuna_ctpe.space.formats import format_bits
+from optuna_ctpe.space.formats import parse_format
 
 
 #: The default grid of weight bit-widths (the CLI's ``--bits`` default too).
@@ -60,24 +63,63 @@ def kept_channels(n_channels: int, ratio: float) -> int:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """One point of the search space: a bit-width per quantized layer, a ratio per width group.
+    """One point of the search space: a bit-width (or weight format) per quantized layer, a
+    ratio per width group.
+
+    A configuration of a bit-width space names bit-widths only (``formats`` empty), and is
+    built, compared, hashed and printed exactly as before formats existed. A configuration of a
+    format space (:attr:`SpaceSpec.formats`) names a format per layer; its ``bits`` are then
+    the formats' bit-widths, derived, so code that reads only ``bits`` still sees the integer
+    width of each layer's codes.
+
+    Example:
+        .. code-block:: python
+
+            from optuna_ctpe.space.records import QuantConfig
+
+            config = QuantConfig({}, formats={"fc": "int3-g128-asym-gptq"})
+            config.bits["fc"]  # 3
 
     Attributes:
         bits: Layer name -> weight bit-width, for every quantized layer (searched or fixed).
         widths: Width-group name -> fraction of channels kept, in (0, 1], for every group.
+        formats: Layer name -> weight format name (:mod:`optuna_ctpe.space.formats`), for every
+            quantized layer of a format space; empty for a bit-width space. A
+            :class:`~optuna_ctpe.space.formats.WeightFormat` or a bare bit-width (its legacy
+            format) given here is stored by its name. With formats, ``bits`` may be left empty
+            (it is derived); if given it must agree.
     """
 
     bits: Mapping[str, int]
     widths: Mapping[str, float] = field(default_factory=dict)
+    formats: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        formats = {
+            name: as_format(f, f"formats[{name!r}]").name for name, f in dict(self.formats).items()
+        }
+        bits = dict(self.bits)
+        if formats:
+            derived = {name: parse_format(f).bits for name, f in formats.items()}
+            if bits and bits != derived:
+                raise ValueError(
+                    f"bits {bits} disagree with the bit-widths of formats {formats}; leave bits "
+                    "empty to derive them."
+                )
+            bits = derived
         # Read-only views keep the frozen dataclass really immutable (and safely hashable).
-        object.__setattr__(self, "bits", types.MappingProxyType(dict(self.bits)))
+        object.__setattr__(self, "bits", types.MappingProxyType(bits))
         object.__setattr__(self, "widths", types.MappingProxyType(dict(self.widths)))
+        object.__setattr__(self, "formats", types.MappingProxyType(formats))
 
-    def key(self) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, float], ...]]:
-        """A hashable canonical key, e.g. to cache evaluations of repeated configurations."""
-        return tuple(sorted(self.bits.items())), tuple(sorted(self.widths.items()))
+    def key(self) -> tuple[tuple[tuple[str, Any], ...], ...]:
+        """A hashable canonical key, e.g. to cache evaluations of repeated configurations.
+
+        A bit-width configuration's key is the pair it has always been; a format
+        configuration's adds its formats.
+        """
+        base = tuple(sorted(self.bits.items())), tuple(sorted(self.widths.items()))
+        return base if not self.formats else (*base, tuple(sorted(self.formats.items())))
 
     def __hash__(self) -> int:
         return hash(self.key())
@@ -86,11 +128,20 @@ class QuantConfig:
         return isinstance(other, QuantConfig) and self.key() == other.key()
 
     def __repr__(self) -> str:
+        if self.formats:
+            return f"QuantConfig(formats={dict(self.formats)!r}, widths={dict(self.widths)!r})"
         return f"QuantConfig(bits={dict(self.bits)!r}, widths={dict(self.widths)!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Mapping proxies do not pickle; rebuild from plain dicts (multiprocessing, caches).
+        if self.formats:
+            return QuantConfig, ({}, dict(self.widths), dict(self.formats))
         return QuantConfig, (dict(self.bits), dict(self.widths))
+
+    def layer_choices(self) -> Mapping[str, Any]:
+        """Layer name -> what the space chooses for it: the format name in a format
+        configuration, else the bit-width."""
+        return self.formats if self.formats else self.bits
 
 
 @dataclass(frozen=True)
@@ -103,7 +154,9 @@ class LayerSensitivity:
             average eigenvalue), finite and >= 0.
         n_params: Number of weight parameters (biases excluded).
         errors: Bit-width -> ``‖Q_b(W) − W‖²`` of the layer's weight; must cover the space's
-            bit-widths.
+            bit-widths. In a format space, format name -> ``‖Q_f(W) − W‖²`` with ``Q_f(W)`` the
+            weight the format actually produces (GPTQ's output for a GPTQ format), covering the
+            space's formats.
         trace_stderr: Standard error of ``mean_trace`` (0 when it is exact or unknown). The
             pruning rule and the priors use ``mean_trace + z × trace_stderr``
             (:func:`optuna_ctpe.space.omega.upper_trace`); a negative estimate clipped to 0 keeps
@@ -200,6 +253,13 @@ class SpaceSpec:
         fixed_bits: Layer name -> bit-width of the quantized but unsearched layers.
         trace_z: How many standard errors the pruning rule and the priors add to each layer's
             mean trace (>= 0; 0 uses the point estimates, as spaces saved before it did).
+        formats: The grid of weight format names of a format space, ordered by the size of
+            the model with every layer in the format (smallest first; ties by name); empty
+            for a bit-width space. With formats, ``bits`` holds their distinct bit-widths, and
+            a fixed layer's bit-width ``b`` means the legacy format ``int{b}-pc-sym-rtn``.
+        always_kept: Choices (format names, or bit-widths in a bit-width space) that pruning
+            keeps in every searched layer, so that the uniform configurations they make stay
+            in the space (:meth:`~optuna_ctpe.HessianSearchSpace.keeping`); empty by default.
     """
 
     layers: Mapping[str, LayerSensitivity]
@@ -210,10 +270,24 @@ class SpaceSpec:
     budget: float
     fixed_bits: Mapping[str, int]
     trace_z: float = 0.0
+    formats: tuple[str, ...] = ()
+    always_kept: tuple[Any, ...] = ()
 
     def searched_layers(self) -> list[str]:
         """The layers whose bit-width is searched (not fixed), in model order."""
         return [n for n in self.layers if n not in self.fixed_bits]
+
+    @property
+    def grid(self) -> tuple[Any, ...]:
+        """The choices of a layer before pruning, which are the format names of a format space,
+        else the bit-widths (ascending in size either way)."""
+        return self.formats if self.formats else self.bits
+
+    def fixed_choice(self, layer: str) -> Any:
+        """The choice of a fixed ``layer``: its bit-width, or in a format space the name of
+        that bit-width's legacy format."""
+        b = self.fixed_bits[layer]
+        return as_format(b).name if self.formats else b
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,20 +353,26 @@ def make_spec(
     budget: float,
     fixed_bits: Mapping[str, int] | None,
     trace_z: float = DEFAULT_TRACE_Z,
+    formats: Sequence[Any] | None = None,
+    always_kept: Sequence[Any] = (),
 ) -> SpaceSpec:
     """Check every field and build the :class:`SpaceSpec`.
 
     The arguments are those of :class:`~optuna_ctpe.HessianSearchSpace`, which holds their
-    defaults and documentation.
+    defaults and documentation. With ``formats``, ``bits`` is not read: the bit-width grid is
+    the formats' own.
 
     Raises:
         ValueError: Naming the field and the bad value.
     """
+    format_names = check_formats_grid(formats) if formats is not None else ()
+    if format_names:
+        bits = sorted({parse_format(f).bits for f in format_names if parse_format(f).quantized})
     bits_grid = check_bits_grid(bits)
     widths_grid = check_widths_grid(widths)
     checked_budget = check_budget(budget)
     checked_z = check_real(trace_z, "trace_z", minimum=0.0)
-    layer_map = check_layers(layers, bits_grid)
+    layer_map = check_layers(layers, format_names or bits_grid)
     group_map = check_groups(groups, widths_grid)
     fixed = dict(fixed_bits or {})
     for name, b in fixed.items():
@@ -301,16 +381,69 @@ def make_spec(
                 f"fixed_bits names unknown layer {name!r}; known layers: {sorted(layer_map)}."
             )
         fixed[name] = check_bit(b, f"fixed_bits[{name!r}]")
+    checked_tensors = check_tensors(tensors, layer_map, group_map)
+    if format_names:
+        format_names = _by_uniform_size(format_names, checked_tensors)
+    grid = format_names or bits_grid
+    if isinstance(always_kept, (str, Mapping)) or not isinstance(always_kept, Sequence):
+        raise ValueError(f"always_kept must be a sequence of choices, got {always_kept!r}.")
+    kept = tuple(dict.fromkeys(always_kept))
+    outside = [c for c in kept if c not in grid or isinstance(c, bool)]
+    if outside:
+        raise ValueError(f"always_kept holds {outside}, which are not choices of the grid {grid}.")
     return SpaceSpec(
         layers=layer_map,
         groups=group_map,
-        tensors=check_tensors(tensors, layer_map, group_map),
+        tensors=checked_tensors,
         bits=bits_grid,
         widths=widths_grid,
         budget=checked_budget,
         fixed_bits=fixed,
         trace_z=checked_z,
+        formats=format_names,
+        always_kept=tuple(c for c in grid if c in kept),
     )
+
+
+def check_formats_grid(formats: Any) -> tuple[str, ...]:
+    """A format grid: a non-empty, repeat-free sequence of weight formats (records, names or
+    bit-widths, :func:`~optuna_ctpe.space.formats.as_format`), as their names."""
+    if isinstance(formats, (str, Mapping)) or not isinstance(formats, Sequence) or not formats:
+        raise ValueError(f"formats must be a non-empty sequence of formats, got {formats!r}.")
+    names = [as_format(f, f"formats[{i}]").name for i, f in enumerate(formats)]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"formats has {repeated} more than once.")
+    unquantized = [n for n in names if not parse_format(n).quantized]
+    if unquantized:
+        raise ValueError(f"formats must be integer formats, got {unquantized}.")
+    return tuple(names)
+
+
+def _by_uniform_size(names: Sequence[str], tensors: Sequence[ParamTensor]) -> tuple[str, ...]:
+    """``names`` ordered by the stored bits of every quantized tensor in that format (ties by
+    name): the order the median of :func:`~optuna_ctpe.space.omega.omega_reference` and
+    monotonicity read. A format other than a bit-width needs the tensors' channel counts."""
+
+    def size(name: str) -> int:
+        fmt = parse_format(name)
+        total = 0
+        for t in tensors:
+            if t.layer is None:
+                continue
+            if t.scales == 0:
+                if fmt != as_format(fmt.bits):
+                    raise ValueError(
+                        f"tensor {t.name!r} was recorded without its channel count, so format "
+                        f"{name!r} cannot be priced; measure the space with "
+                        "HessianSearchSpace.from_model, or give tensors with their scales."
+                    )
+                total += t.numel * fmt.bits
+            else:
+                total += format_bits(fmt, t.scales, t.numel // t.scales)
+        return total
+
+    return tuple(sorted(names, key=lambda n: (size(n), n)))
 
 
 def _checked_by_name(
@@ -354,15 +487,17 @@ def _per_choice(
 
 
 def check_layers(
-    layers: Sequence[LayerSensitivity | Mapping[str, Any]], bits: Sequence[int]
+    layers: Sequence[LayerSensitivity | Mapping[str, Any]], bits: Sequence[Any]
 ) -> dict[str, LayerSensitivity]:
-    """Layer name -> checked :class:`LayerSensitivity`, whose errors cover ``bits``."""
+    """Layer name -> checked :class:`LayerSensitivity`, whose errors cover ``bits`` (the
+    bit-widths, or a format space's format names)."""
 
     def check_one(layer: LayerSensitivity, what: str) -> LayerSensitivity:
         trace = check_nonnegative(layer.mean_trace, f"the mean_trace {what}")
         stderr = check_nonnegative(layer.trace_stderr, f"the trace_stderr {what}")
         n_params = check_integer(layer.n_params, f"the n_params {what}", minimum=1)
-        errors = _per_choice(layer.errors, bits, "errors", what, "bit-widths")
+        kind = "bit-widths" if all(isinstance(b, int) for b in bits) else "formats"
+        errors = _per_choice(layer.errors, bits, "errors", what, kind)
         return LayerSensitivity(layer.name, trace, n_params, errors, stderr)
 
     return _checked_by_name(layers, "layers", "layer", as_layer, check_one, allow_empty=False)
@@ -457,6 +592,11 @@ def check_config(spec: SpaceSpec, config: Any) -> QuantConfig:
     """``config``, if it names exactly ``spec``'s layers and groups with valid values."""
     if not isinstance(config, QuantConfig):
         raise ValueError(f"config must be a QuantConfig, got {config!r}.")
+    if bool(spec.formats) != bool(config.formats):
+        raise ValueError(
+            "config must name a format per layer in a format space, and none in a bit-width "
+            f"space; got {config!r} for a space of grid {list(spec.grid)}."
+        )
     for what, names, known in (
         ("bits", config.bits, spec.layers),
         ("widths", config.widths, spec.groups),
@@ -516,7 +656,8 @@ def as_layer(item: LayerSensitivity | Mapping[str, Any]) -> LayerSensitivity:
         name=item["name"],
         mean_trace=item["mean_trace"],
         n_params=item["n_params"],
-        errors={int(k): v for k, v in item["errors"].items()},
+        # Bit-widths are written as digit strings, format names as themselves.
+        errors={(int(k) if str(k).isdigit() else k): v for k, v in item["errors"].items()},
         trace_stderr=item.get("trace_stderr", 0.0),
     )
 

@@ -29,9 +29,9 @@ from optuna_ctpe._validation import check_ratio
 from optuna_ctpe.space.formats import as_format
 from optuna_ctpe.space.formats import format_bits
 from optuna_ctpe.space.formats import legacy_format
-from optuna_ctpe.space.params import bits_param
 from optuna_ctpe.space.params import Choices
 from optuna_ctpe.space.params import extreme_config
+from optuna_ctpe.space.params import layer_param
 from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import check_config
 from optuna_ctpe.space.records import ParamTensor
@@ -69,8 +69,11 @@ def scales_after(spec: SpaceSpec, tensor: ParamTensor, widths: Mapping[str, floa
 
 
 def size_bits(spec: SpaceSpec, config: QuantConfig) -> int:
-    """Exact storage of the model under ``config``, in bits (see the module docstring)."""
+    """Exact storage of the model under ``config``, in bits (see the module docstring); a
+    format configuration is priced by :func:`size_bits_formats`."""
     check_config(spec, config)
+    if spec.formats:
+        return size_bits_formats(spec, config.formats, config.widths)
     return sum(
         numel_after(spec, t, config.widths)
         * (config.bits[t.layer] if t.layer is not None else FLOAT_BITS)
@@ -145,12 +148,32 @@ def size_bits_formats(
     return total
 
 
+def layer_bits(spec: SpaceSpec, layer: str, choice: Any, widths: Mapping[str, float]) -> int:
+    """Exact stored bits of ``layer``'s quantized tensors at ``choice`` (a bit-width, or a
+    format of a format space) when pruned to ``widths``: codes, scales and zero points, as
+    :func:`size_bits` and :func:`size_bits_formats` count them."""
+    total = 0
+    for t in spec.tensors:
+        if t.layer != layer:
+            continue
+        numel = numel_after(spec, t, widths)
+        if not spec.formats:
+            total += numel * choice + scales_after(spec, t, widths) * FLOAT_BITS
+            continue
+        fmt = as_format(choice)
+        rows = scales_after(spec, t, widths)
+        # Without a channel count only a bit-width can be priced (make_spec made sure).
+        total += numel * fmt.bits if rows == 0 else format_bits(fmt, rows, numel // rows)
+    return total
+
+
 def smallest_size(spec: SpaceSpec, choices: Choices) -> int:
     """Storage of the smallest configuration the kept ``choices`` allow, in bits.
 
-    Size grows with every bit-width and ratio, so it is the one taking every smallest choice.
+    Size grows with every choice (kept smallest first), so it is the one taking every
+    smallest choice.
     """
-    return size_bits(spec, extreme_config(choices, min))
+    return size_bits(spec, extreme_config(choices, largest=False))
 
 
 def fp32_bits(spec: SpaceSpec) -> int:
@@ -186,7 +209,11 @@ def perturbation(
         ValueError: If ``config`` does not fit ``spec`` or sets a value outside the grid.
     """
     check_config(spec, config)
-    items = [(bits_param(n), b) for n, b in config.bits.items() if n not in spec.fixed_bits]
+    items = [
+        (layer_param(spec, n), c)
+        for n, c in config.layer_choices().items()
+        if n not in spec.fixed_bits
+    ]
     items += [(width_param(g), w) for g, w in config.widths.items()]
     total = 0.0
     for name, value in items:
@@ -200,7 +227,7 @@ def perturbation(
 
 def log10_size_before(spec: SpaceSpec) -> float:
     """log10 of the number of configurations before pruning (fixed layers excluded)."""
-    counts = [len(spec.bits)] * len(spec.searched_layers()) + [len(spec.widths)] * len(spec.groups)
+    counts = [len(spec.grid)] * len(spec.searched_layers()) + [len(spec.widths)] * len(spec.groups)
     return _log10_product(counts)
 
 

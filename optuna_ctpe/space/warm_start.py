@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
+import dataclasses
 import math
 from typing import Any
 
@@ -22,13 +23,15 @@ from scipy.optimize import Bounds
 from scipy.optimize import LinearConstraint
 from scipy.optimize import milp
 
-from optuna_ctpe.space.params import bits_param
 from optuna_ctpe.space.params import Choices
 from optuna_ctpe.space.params import extreme_config
+from optuna_ctpe.space.params import layer_param
+from optuna_ctpe.space.params import make_config
 from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.size import FLOAT_BITS
+from optuna_ctpe.space.size import layer_bits
 from optuna_ctpe.space.size import numel_after
 from optuna_ctpe.space.size import perturbation
 from optuna_ctpe.space.size import scales_after
@@ -172,27 +175,32 @@ def _linear_problem(
     constant = 0.0
     for t in spec.tensors:
         numel = numel_after(spec, t, point.widths)
-        constant += scales_after(spec, t, point.widths) * FLOAT_BITS  # independent of bits
+        if not spec.formats:
+            constant += scales_after(spec, t, point.widths) * FLOAT_BITS  # independent of bits
         if t.layer is None:
             constant += numel * FLOAT_BITS
         else:
             per_bit[t.layer] += numel
     omegas, costs = [], []
     for n in spec.layers:
-        options = choices[bits_param(n)]
+        param = layer_param(spec, n)
+        options = choices[param]
         # A fixed layer has one choice, possibly off the grid: its Ω is a constant.
         omegas.append(
-            np.zeros(1)
-            if n in spec.fixed_bits
-            else np.array([omega[bits_param(n)][b] for b in options])
+            np.zeros(1) if n in spec.fixed_bits else np.array([omega[param][c] for c in options])
         )
-        costs.append(np.array([per_bit[n] * b for b in options], dtype=float))
+        if spec.formats:
+            # A format's scales and zero points depend on it: each choice is priced whole.
+            per_choice = np.array([layer_bits(spec, n, c, point.widths) for c in options], float)
+        else:
+            per_choice = np.array([per_bit[n] * b for b in options], dtype=float)
+        costs.append(per_choice)
     base = size_bits(spec, point)
     for g in groups:
         options = choices[width_param(g)]
         deltas = np.array(
             [
-                size_bits(spec, QuantConfig(point.bits, {**point.widths, g: w})) - base
+                size_bits(spec, dataclasses.replace(point, widths={**point.widths, g: w})) - base
                 for w in options
             ],
             dtype=float,
@@ -231,7 +239,7 @@ def linearised_ilp(
     groups = list(spec.groups) if vary_widths else []
     best: QuantConfig | None = None
     best_omega = math.inf
-    point = extreme_config(choices, max)
+    point = extreme_config(choices, largest=True)
     seen: set[QuantConfig] = set()
     for _ in range(_MAX_LINEARISATIONS):
         omegas, costs, constant = _linear_problem(spec, choices, omega, point, groups)
@@ -239,11 +247,11 @@ def linearised_ilp(
             picks = ilp_allocation(omegas, costs, target - constant)
         except ValueError:
             break
-        bits = {n: choices[bits_param(n)][i] for n, i in zip(spec.layers, picks)}
+        values = {n: choices[layer_param(spec, n)][i] for n, i in zip(spec.layers, picks)}
         widths = dict(point.widths)
         for g, i in zip(groups, picks[len(spec.layers) :]):
             widths[g] = choices[width_param(g)][i]
-        point = QuantConfig(bits, widths)
+        point = make_config(spec, values, widths)
         if point in seen:
             break
         seen.add(point)
@@ -364,8 +372,8 @@ def _scale_choices(
     spec: SpaceSpec, table: dict[str, dict[Any, float]], config: QuantConfig, factor: float
 ) -> None:
     """Multiply the Ω of each searched choice ``config`` makes by ``factor``, in place."""
-    for name, b in config.bits.items():
+    for name, c in config.layer_choices().items():
         if name not in spec.fixed_bits:
-            table[bits_param(name)][b] *= factor
+            table[layer_param(spec, name)][c] *= factor
     for group, w in config.widths.items():
         table[width_param(group)][w] *= factor
