@@ -35,6 +35,9 @@ from optuna_ctpe.space import io
 from optuna_ctpe.space import params as _params
 from optuna_ctpe.space import pruning
 from optuna_ctpe.space import size as _size
+from optuna_ctpe.space.budget import budget_constraint
+from optuna_ctpe.space.budget import BudgetConstraint
+from optuna_ctpe.space.budget import LatencyEntries
 from optuna_ctpe.space.omega import omega_table
 from optuna_ctpe.space.records import check_bit
 from optuna_ctpe.space.records import check_budget
@@ -57,6 +60,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import optuna
+
+    from optuna_ctpe.deploy.latency_table import LatencyTable
 
 
 __all__ = [
@@ -412,6 +417,73 @@ class HessianSearchSpace(TorchFace):
                 "size target, or prune less (relaxed_for_size)."
             )
         return [self.to_params(c) for c in found]
+
+    # -- known constraints (checked before a trial runs) -----------------------------------
+
+    def size_constraint(
+        self, size_ratio: float | None = None, *, size_bits: int | None = None
+    ) -> BudgetConstraint:
+        """The size budget as a known constraint, for ``ClusterTPESampler(known_constraints=)``.
+
+        The sampler then proposes only configurations that fit, repairing one by the exchange
+        rule over Ω when none of its candidates does (:mod:`optuna_ctpe.space.budget`)::
+
+            sampler = ClusterTPESampler(
+                prior_weights=space.prior_weights(),
+                known_constraints=space.size_constraint(1 / 16),
+            )
+
+        Args:
+            size_ratio: Size budget as a fraction of :attr:`fp32_bits`, in (0, 1].
+            size_bits: Size budget in bits, instead of ``size_ratio``.
+
+        Raises:
+            ValueError: If not exactly one budget is given, or no configuration of the pruned
+                space fits it (the message gives the smallest size; see
+                :meth:`relaxed_for_size`).
+        """
+        target = _size.size_target(self._spec, size_ratio, size_bits)
+        return budget_constraint(self._spec, self._choices, self._omega, size_bits=target)
+
+    def latency_constraint(
+        self,
+        table: LatencyTable,
+        budget_ms: float,
+        *,
+        size_ratio: float | None = None,
+        size_bits: int | None = None,
+    ) -> BudgetConstraint:
+        """A latency budget, predicted by a lookup table, as a known constraint (and a size
+        budget with it when one is given): its values are ``("latency",)`` or
+        ``("size", "latency")``.
+
+        Args:
+            table: The :class:`~optuna_ctpe.deploy.latency_table.LatencyTable` of this space's
+                model, measured at its grids.
+            budget_ms: Latency budget in milliseconds, > 0.
+            size_ratio: Optional size budget as a fraction of :attr:`fp32_bits`.
+            size_bits: Optional size budget in bits, instead of ``size_ratio``.
+
+        Raises:
+            ValueError: If the table lacks an entry the kept choices need, a budget is out of
+                range, or no configuration of the pruned space fits (the message says how
+                close the best found comes).
+        """
+        target = None
+        if size_ratio is not None or size_bits is not None:
+            target = _size.size_target(self._spec, size_ratio, size_bits)
+        entries = LatencyEntries(
+            {name: (layer.groups, dict(layer.ms)) for name, layer in table.layers.items()},
+            table.remainder_ms,
+        )
+        return budget_constraint(
+            self._spec,
+            self._choices,
+            self._omega,
+            size_bits=target,
+            latency=entries,
+            latency_ms=budget_ms,
+        )
 
     # -- serialisation ---------------------------------------------------------------------
 
