@@ -35,6 +35,7 @@ SAMPLER_ARGUMENTS = [
     "avoid_duplicates",
     "record_decisions",
     "warn_independent_sampling",
+    "known_constraints",
 ]
 
 SPACE_PUBLIC = {
@@ -51,6 +52,7 @@ SPACE_PUBLIC = {
     "from_model",
     "from_sensitivities",
     "groups",
+    "latency_constraint",
     "load_from_study",
     "log10_size_after",
     "log10_size_before",
@@ -64,6 +66,7 @@ SPACE_PUBLIC = {
     "save_to_study",
     "sensitivities",
     "size",
+    "size_constraint",
     "suggest",
     "tensors",
     "to_json",
