@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Mapping
 import dataclasses
+import math
 import types
 from typing import Any
 from typing import TYPE_CHECKING
@@ -74,6 +75,9 @@ __all__ = [
     "QuantConfig",
     "WidthGroupSensitivity",
 ]
+
+
+_N_KEEP = 3
 
 
 class HessianSearchSpace(TorchFace):
@@ -264,7 +268,11 @@ class HessianSearchSpace(TorchFace):
         return self._from_spec(dataclasses.replace(self._spec, budget=check_budget(budget)))
 
     def relaxed_for_size(
-        self, size_ratio: float | None = None, *, size_bits: int | None = None
+        self,
+        size_ratio: float | None = None,
+        *,
+        size_bits: int | None = None,
+        keep_allocation: bool = False,
     ) -> HessianSearchSpace:
         """This space, re-pruned with the smallest budget >= :attr:`budget` that fits a size.
 
@@ -273,9 +281,16 @@ class HessianSearchSpace(TorchFace):
         the pruned space fits, otherwise the space pruned at the smallest threshold (one of the
         choices' own Ω values) at which it does, so no choice is readmitted needlessly.
 
+        Under a tight target that one fitting configuration may be nearly all the pruned space
+        has within the target. With ``keep_allocation=True`` the threshold is also raised until
+        the space keeps every choice of the unpruned grid's best allocation at the target (its
+        first warm start, :meth:`warm_starts` of the unpruned space): the choices the
+        sensitivities themselves pick at this size are not pruned away.
+
         Args:
             size_ratio: Size target as a fraction of :attr:`fp32_bits`, in (0, 1].
             size_bits: Size target in bits, instead of ``size_ratio``.
+            keep_allocation: Also keep the unpruned grid's best allocation at the target.
 
         Raises:
             ValueError: If not exactly one target is given, or even the unpruned grid's smallest
@@ -283,6 +298,10 @@ class HessianSearchSpace(TorchFace):
         """
         target = _size.size_target(self._spec, size_ratio, size_bits)
         budget = pruning.relaxed_budget(self._spec, self._risk, target)
+        if keep_allocation:
+            unpruned = self.with_budget(math.inf)
+            for best in unpruned.warm_starts(size_bits=math.floor(target), n=_N_KEEP):
+                budget = max(budget, pruning.budget_keeping(self._spec, self._risk, best))
         return self if budget == self.budget else self.with_budget(budget)
 
     # -- configurations --------------------------------------------------------------------

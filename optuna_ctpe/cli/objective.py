@@ -55,6 +55,7 @@ __all__ = [
     "Objective",
     "build_model",
     "check_latency_extra",
+    "known_constraint",
     "log_chosen_latency",
     "measure_table",
     "model_metrics",
@@ -236,6 +237,32 @@ def log_chosen_latency(
         f"the budget of {settings.latency_budget_ms:g} ms (the table predicted "
         f"{trial.user_attrs[_attrs.LATENCY_MS]:.4g} ms)"
     )
+
+
+def known_constraint(
+    settings: Settings, space: HessianSearchSpace, latency: LatencyMeter | None
+) -> Any:
+    """The study's budgets as a known constraint for ClusterTPESampler: the size budget, and
+    the latency budget where a lookup table predicts latency (``--latency-source table``); None
+    without a budget (a measured latency stays a constraint learned from finished trials).
+
+    Raises:
+        UsageError: If no configuration of the space fits the budgets (the message says how
+            close the best found comes).
+    """
+    table = latency.table if latency is not None else None
+    try:
+        if settings.objective == "latency-budget" and table is not None:
+            return space.latency_constraint(
+                table, settings.latency_budget_ms, size_ratio=settings.size_budget
+            )
+        if settings.size_budget is not None:
+            return space.size_constraint(settings.size_budget)
+    except ValueError as e:
+        raise UsageError(
+            f"the budgets of --objective {settings.objective} cannot be met: {e}"
+        ) from None
+    return None
 
 
 class LatencyMeter:

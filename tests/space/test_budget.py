@@ -226,3 +226,27 @@ def test_latency_errors() -> None:
     other = _space(n_layers=3)
     with pytest.raises(ValueError, match="layers"):
         other.latency_constraint(table, 100.0)
+
+
+# -- relaxing the pruning for a tight budget ------------------------------------------------------
+
+
+def test_keep_allocation_keeps_the_unpruned_grids_warm_starts() -> None:
+    layers = [
+        LayerSensitivity(f"l{i}", float(t), n, {b: 4.0 ** (-b) for b in BITS})
+        for i, (t, n) in enumerate([(5.0, 400), (0.01, 3000), (1.0, 800), (20.0, 200), (0.1, 1500)])
+    ]
+    space = HessianSearchSpace.from_sensitivities(layers, bits=BITS, budget=1.0)
+    ratio = 2.5 / 32
+    relaxed = space.relaxed_for_size(ratio)
+    kept = space.relaxed_for_size(ratio, keep_allocation=True)
+    allocations = space.with_budget(math.inf).warm_starts(ratio, n=3)
+    assert kept.budget >= relaxed.budget
+    for params in allocations:
+        assert all(value in kept.choices[name] for name, value in params.items())
+    # The plain relaxation does not keep them here: the option is what readmits them.
+    assert not all(
+        value in relaxed.choices[name] for params in allocations for name, value in params.items()
+    )
+    # Without the option, the relaxation is as it was.
+    assert relaxed.choices == space.relaxed_for_size(ratio, keep_allocation=False).choices
