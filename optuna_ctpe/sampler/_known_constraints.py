@@ -107,15 +107,18 @@ class Known:
 
     Attributes:
         func: The constraint.
-        scope: Its declared parameters and distributions, or None (the relative search space).
+        scope: Its declared parameters of more than one value and their distributions, or None
+            (the relative search space).
         repair: Its own repair rule, or None.
         names: Its value names, or None.
+        constants: Its declared parameters of one value (which no sampler draws), with it.
     """
 
     func: Callable[[Mapping[str, Any]], Sequence[float]]
     scope: dict[str, BaseDistribution] | None
     repair: Callable[[Mapping[str, Any], Collection[str]], Mapping[str, Any]] | None
     names: tuple[str, ...] | None
+    constants: dict[str, Any] = field(default_factory=dict)
 
 
 def as_known(obj: Any) -> Known:
@@ -138,7 +141,8 @@ def as_known(obj: Any) -> Known:
                 "known_constraints.distributions must map parameter names to Optuna "
                 f"distributions, got {scope!r}."
             )
-        scope = dict(scope)
+        constants = {name: _single_value(d) for name, d in scope.items() if d.single()}
+        scope = {name: d for name, d in scope.items() if not d.single()}
     repair = getattr(obj, "repair", None)
     if repair is not None and not callable(repair):
         raise ValueError(f"known_constraints.repair must be callable, got {repair!r}.")
@@ -149,7 +153,14 @@ def as_known(obj: Any) -> Known:
                 f"known_constraints.names must be a sequence of strings, got {names!r}."
             )
         names = tuple(names)
-    return Known(obj, scope, repair, names)
+    return Known(obj, scope, repair, names, constants if scope is not None else {})
+
+
+def _single_value(dist: BaseDistribution) -> Any:
+    """The one value of a distribution of one value."""
+    if isinstance(dist, CategoricalDistribution):
+        return dist.choices[0]
+    return dist.to_external_repr(dist.to_internal_repr(dist.low))  # type: ignore[attr-defined]
 
 
 def values(known: Known, params: Mapping[str, Any]) -> np.ndarray:
@@ -159,7 +170,7 @@ def values(known: Known, params: Mapping[str, Any]) -> np.ndarray:
         ValueError: If the constraint returns no values, a value that is not a number or NaN,
             or not one value per name.
     """
-    raw = known.func(params)
+    raw = known.func({**known.constants, **params})
     try:
         out = np.asarray([float(v) for v in raw], dtype=float)
     except (TypeError, ValueError):
@@ -188,15 +199,11 @@ def scope_names(known: Known, relative_space: Mapping[str, BaseDistribution]) ->
 def with_scope(
     space: dict[str, BaseDistribution], known: Known
 ) -> dict[str, BaseDistribution]:
-    """``space`` plus the constraint's declared parameters it lacks (those of one value are
-    not searched), so that the sampler draws the scope jointly."""
+    """``space`` plus the constraint's declared parameters it lacks, so that the sampler draws
+    the scope jointly."""
     if known.scope is None:
         return space
-    extra = {
-        name: dist
-        for name, dist in sorted(known.scope.items())
-        if name not in space and not dist.single()
-    }
+    extra = {name: dist for name, dist in sorted(known.scope.items()) if name not in space}
     return {**space, **extra}
 
 
@@ -335,8 +342,7 @@ def record(study: Study, trial: FrozenTrial, known: Known) -> None:
     own constraints are untouched. Nothing is recorded when the trial lacks a parameter the
     constraint reads (a failed trial, a dynamic space).
     """
-    scope = known.scope
-    if scope is not None and not set(scope) <= trial.params.keys():
+    if known.scope is not None and not known.scope.keys() <= trial.params.keys():
         return
     try:
         out = values(known, trial.params)

@@ -324,6 +324,8 @@ class ClusterTPESampler(BaseSampler):
         given = {k: v for k, v in compat.fixed_params(trial).items() if k in search_space}
         scope = _kc.scope_names(self._known, search_space)
         if self._in_startup(study):
+            if self._record_decisions:
+                compat.set_trial_user_attr(study, trial, _attrs.decision_key("mode"), "startup")
             params = {
                 name: self._sample_startup(study, trial, name, dist)
                 for name, dist in search_space.items()

@@ -270,3 +270,19 @@ def test_wrapper_needs_declared_parameters() -> None:
         KnownConstraintSampler(optuna.samplers.TPESampler(), _sum_budget)
     with pytest.raises(ValueError, match="n_resamples"):
         KnownConstraintSampler(optuna.samplers.TPESampler(), TIGHT, n_resamples=-1)
+
+
+def test_declared_parameter_of_one_value_is_passed_to_the_constraint() -> None:
+    scope = {**SCOPE, "c": IntDistribution(2, 2)}
+
+    def budget(params: dict[str, Any]) -> list[float]:
+        return [params["x0"] + params["x1"] + params["y"] + params["c"] - 6.0]
+
+    def objective(trial: optuna.Trial) -> float:
+        return _sum_objective(trial) - trial.suggest_int("c", 2, 2)
+
+    study = optuna.create_study(
+        sampler=ClusterTPESampler(seed=0, known_constraints=KnownConstraint(budget, scope))
+    )
+    study.optimize(objective, n_trials=15)
+    assert all(budget(t.params)[0] <= 0 for t in study.trials)
