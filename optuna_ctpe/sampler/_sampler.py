@@ -284,7 +284,8 @@ class ClusterTPESampler(BaseSampler):
         check: Callable[[dict[str, Any], dict[str, BaseDistribution]], Any] | None = None,
     ) -> dict[str, Any]:
         """The model's proposal for ``search_space``: jointly (multivariate), by group, or one
-        parameter at a time (a known constraint's scope without ``multivariate``).
+        parameter at a time (a known constraint's scope without ``multivariate``; no candidate
+        filter then, the caller repairs the joint proposal).
 
         ``check(params, space)``, if given, returns the candidate filter of a space sampled after
         ``params`` (see :meth:`_sample_known`)."""
@@ -306,8 +307,8 @@ class ClusterTPESampler(BaseSampler):
             # With PartialFixedSampler the requested space can be smaller than the inferred one.
             sub = {k: v for k, v in sorted(space.items()) if k in search_space and not v.single()}
             if sub:
-                mask = None if check is None else check(params, sub)
-                params.update(self._sample(study, trial, sub, mode="relative", feasible=mask))
+                feasible = None if check is None else check(params, sub)
+                params.update(self._sample(study, trial, sub, mode="relative", feasible=feasible))
         return params
 
     def _sample_known(
