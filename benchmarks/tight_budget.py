@@ -31,7 +31,9 @@ same runs; the report gives ``known``'s over ``learned``'s.
 Tasks and budgets (``--task``, repeatable): ``digits`` (the package's digits CNN, default grids
 with widths, at 1/16 and 1/24 of FP32), ``resnet18`` (bits only, at uniform 3-bit size),
 ``minilm`` (bits only over the 36 Linear layers, at 3.25 bits per searched Linear weight:
-``size(uniform 3) + 0.25 × (size(uniform 4) − size(uniform 3))``).
+``size(uniform 3) + 0.25 × (size(uniform 4) − size(uniform 3))``), and ``synthetic39`` (the
+sampler's overhead at MiniLM's scale without its model: 39 layers of MiniLM's Linear and
+embedding sizes, scored by ``exp(-Ω)`` as the metric, at 3.25 bits per weight).
 
 Writes ``results/tight_budget.md`` and ``.json`` (raw per-trial records)::
 
@@ -66,7 +68,28 @@ TASKS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "digits": ("optuna_ctpe.tasks.digits:digits_task", {}, ("1/16", "1/24")),
     "resnet18": ("optuna_ctpe.tasks.vision:resnet18_digits_task", {"widths": (1.0,)}, ("3.0b",)),
     "minilm": ("optuna_ctpe.tasks.minilm:minilm_task", {"widths": (1.0,)}, ("3.25b",)),
+    # The sampler's overhead at MiniLM's scale without its model: 39 layers of MiniLM's sizes,
+    # scored by 1 - exp(-Ω) (no evaluation), bits only.
+    "synthetic39": ("", {}, ("3.25b",)),
 }
+
+
+def _synthetic_space() -> Any:
+    """39 layers of all-MiniLM-L6-v2's Linear and embedding sizes, traces spread over 4
+    decades, rounding error falling 4x per bit."""
+    from optuna_ctpe.search_space import HessianSearchSpace
+    from optuna_ctpe.search_space import LayerSensitivity
+
+    rng = np.random.default_rng(0)
+    sizes = [384 * 384] * 24 + [384 * 1536] * 12 + [30522 * 384, 512 * 384, 2 * 384]
+    bits = (2, 3, 4, 6, 8)
+    layers = [
+        LayerSensitivity(
+            f"l{i}", float(10 ** rng.uniform(-4, 0)), n, {b: 4.0 ** (-b) * n for b in bits}
+        )
+        for i, n in enumerate(sizes)
+    ]
+    return HessianSearchSpace.from_sensitivities(layers, bits=bits, fixed_bits={"l38": 8})
 
 
 #: Method -> (whether the space keeps the unpruned grid's allocations, known constraints).
@@ -78,7 +101,8 @@ METHOD_SETTINGS = {
 
 
 def budget_bits(space: Any, label: str) -> float:
-    """The budget in bits: a fraction of FP32 (``1/16``) or bits per searched weight (``3.25b``)."""
+    """The budget in bits: a fraction of FP32 (``1/16``), or bits per searched weight (``3.25b``,
+    between the sizes of uniform 3 and 4 bits)."""
     if label.endswith("b"):
         b = float(label[:-1])
         lo, hi = math.floor(b), math.ceil(b)
@@ -107,7 +131,7 @@ def _init_worker(task_name: str, space_json: str) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    task = _load_task(task_name)
+    task = _load_task(task_name) if task_name != "synthetic39" else None
     _STATE.update(
         task=task,
         space=HessianSearchSpace.from_json(space_json),
@@ -119,10 +143,10 @@ def _init_worker(task_name: str, space_json: str) -> None:
 def _metric(config: Any) -> float:
     scores, space, task = _STATE["scores"], _STATE["space"], _STATE["task"]
     key = config.key()
+    if task is None:
+        return float(math.exp(-space.perturbation(config)))
     if key not in scores:
-        with space.applied(
-            task.model, config, task.example_inputs, cache=_STATE["cache"]
-        ) as net:
+        with space.applied(task.model, config, task.example_inputs, cache=_STATE["cache"]) as net:
             scores[key] = float(task.evaluate(net))
     return scores[key]
 
@@ -232,7 +256,10 @@ def report(data: dict[str, Any], command: list[str]) -> str:
             tpe_final = np.median(curves["tpe"][:, -1])
             counts = {m: [trials_to(c, tpe_final) for c in curves[m]] for m in curves}
             tpe_med = median_trials(counts["tpe"], n_trials)
-            ms = {m: float(np.median([r["sampler_s_per_trial"] for r in runs[m]])) * 1e3 for m in runs}
+            ms = {
+                m: float(np.median([r["sampler_s_per_trial"] for r in runs[m]])) * 1e3
+                for m in runs
+            }
             for m in curves:
                 med = median_trials(counts[m], n_trials)
                 rows.append(
@@ -241,7 +268,9 @@ def report(data: dict[str, Any], command: list[str]) -> str:
                         f"{label} ({data['budget_ratio'][task][label]:.4f} of FP32)",
                         m,
                         f"{np.mean([1 - np.mean(r['feasible']) for r in runs[m]]):.1%}",
-                        f"{np.mean([r['repaired'] for r in runs[m]]):.1f}" if m == "known" else "—",
+                        f"{np.mean([r['repaired'] for r in runs[m]]):.1f}"
+                        if m == "known"
+                        else "—",
                         "never" if med is None else f"{med:.0f}",
                         "—" if med is None or tpe_med is None else f"{med / tpe_med:.2f}",
                         fmt(float(np.median(curves[m][:, -1]))),
@@ -281,15 +310,18 @@ def main(argv: list[str]) -> None:
     for name in args.task:
         _, kwargs, budgets = TASKS[name]
         t0 = time.perf_counter()
-        task = _load_task(name)
-        space = HessianSearchSpace.from_model(
-            task.model,
-            task.loss_fn,
-            task.calibration_batches,
-            example_inputs=task.example_inputs,
-            seed=0,
-            **kwargs,
-        )
+        if name == "synthetic39":
+            space = _synthetic_space()
+        else:
+            task = _load_task(name)
+            space = HessianSearchSpace.from_model(
+                task.model,
+                task.loss_fn,
+                task.calibration_batches,
+                example_inputs=task.example_inputs,
+                seed=0,
+                **kwargs,
+            )
         data["setup"][name] = {
             "layers": len(space.sensitivities),
             "searched": len(space.distributions),
@@ -298,7 +330,10 @@ def main(argv: list[str]) -> None:
         }
         data["budget_ratio"][name] = {b: budget_bits(space, b) / space.fp32_bits for b in budgets}
         specs = [
-            (m, b, seed, args.trials) for b in budgets for seed in range(args.seeds) for m in METHODS
+            (m, b, seed, args.trials)
+            for b in budgets
+            for seed in range(args.seeds)
+            for m in METHODS
         ]
         with multiprocessing.get_context("fork").Pool(
             args.workers, _init_worker, (name, space.to_json())

@@ -196,9 +196,7 @@ def scope_names(known: Known, relative_space: Mapping[str, BaseDistribution]) ->
     return set(known.scope if known.scope is not None else relative_space)
 
 
-def with_scope(
-    space: dict[str, BaseDistribution], known: Known
-) -> dict[str, BaseDistribution]:
+def with_scope(space: dict[str, BaseDistribution], known: Known) -> dict[str, BaseDistribution]:
     """``space`` plus the constraint's declared parameters it lacks, so that the sampler draws
     the scope jointly."""
     if known.scope is None:

@@ -124,9 +124,7 @@ class BudgetConstraint:
         """
         return self._excesses(self._costs(self._values(params)))
 
-    def repair(
-        self, params: Mapping[str, Any], fixed: Collection[str] = ()
-    ) -> dict[str, Any]:
+    def repair(self, params: Mapping[str, Any], fixed: Collection[str] = ()) -> dict[str, Any]:
         """``params`` moved into the budgets by the exchange rule (see the module docstring).
 
         Args:
@@ -182,7 +180,10 @@ class BudgetConstraint:
     def _layer_ms(self, layer: str, values: Mapping[str, Any]) -> float:
         assert self.latency is not None
         groups, entries = self.latency.layers[layer]
-        key = (int(values[bits_param(layer)]), tuple(float(values[width_param(g)]) for g in groups))
+        key = (
+            int(values[bits_param(layer)]),
+            tuple(float(values[width_param(g)]) for g in groups),
+        )
         return entries[key]
 
     def _costs(self, values: Mapping[str, Any]) -> list[float]:
@@ -319,8 +320,10 @@ def budget_constraint(
             )
         )
         fp32 = FLOAT_BITS * sum(t.numel for t in spec.tensors)
-        smallest_bits = constraint._costs(smallest)[0] if size_bits is not None else sum(
-            constraint._tensor_bits(t, smallest) for t in spec.tensors
+        smallest_bits = (
+            constraint._costs(smallest)[0]
+            if size_bits is not None
+            else sum(constraint._tensor_bits(t, smallest) for t in spec.tensors)
         )
         raise ValueError(
             f"no configuration of the space fits the budget: the smallest configuration has "
@@ -347,4 +350,3 @@ def _check_entries(spec: SpaceSpec, choices: Choices, latency: LatencyEntries) -
                 f"the latency table has no entry for layer {name!r} at (bits, widths) "
                 f"{missing[0]}: measure it with the space's grids."
             )
-

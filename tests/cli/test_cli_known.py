@@ -75,3 +75,18 @@ def test_unreachable_budget_is_an_error_naming_the_smallest_size(
     assert result.returncode == 2, result.stderr
     assert "--size-budget 200 cannot be met" in result.stderr
     assert "the smallest has" in result.stderr and "of fp32" in result.stderr
+
+
+def test_unreachable_table_latency_budget_is_an_error(tmp_path: Path, env: dict[str, str]) -> None:
+    """With a latency table the latency is known too: a budget no configuration meets is
+    refused at set-up instead of running every trial infeasible."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    args = [
+        "search", "--storage", f"sqlite:///{tmp_path / 'l.db'}", "--objective", "latency-budget",
+        "--latency-budget", "1e-9", "--n-trials", "3", "--no-progress",
+    ]  # fmt: skip
+    result = _run(args, tmp_path, env)
+    assert result.returncode == 2, result.stderr
+    assert "the budgets of --objective latency-budget cannot be met" in result.stderr
+    assert "latency" in result.stderr.split("cannot be met")[1]

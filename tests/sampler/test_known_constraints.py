@@ -32,7 +32,9 @@ def _space(n_layers: int = 10) -> HessianSearchSpace:
     rng = np.random.default_rng(0)
     layers = [
         LayerSensitivity(
-            f"l{i}", float(10 ** rng.uniform(-3, 1)), int(rng.integers(50, 2000)),
+            f"l{i}",
+            float(10 ** rng.uniform(-3, 1)),
+            int(rng.integers(50, 2000)),
             {b: 4.0 ** (-b) for b in BITS},
         )
         for i in range(n_layers)
@@ -51,7 +53,10 @@ def _objective(trial: optuna.Trial) -> float:
 
 
 def _violations(study: optuna.Study, constraint: Any) -> list[float]:
-    return [max(constraint(t.params)) for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])]
+    return [
+        max(constraint(t.params))
+        for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    ]
 
 
 @pytest.mark.parametrize(
@@ -130,7 +135,9 @@ def test_enqueued_parameters_are_held() -> None:
 def test_same_seed_same_proposals() -> None:
     def run() -> list[dict[str, Any]]:
         study = optuna.create_study(
-            sampler=ClusterTPESampler(seed=3, prior_weights=SPACE.prior_weights(), known_constraints=TIGHT)
+            sampler=ClusterTPESampler(
+                seed=3, prior_weights=SPACE.prior_weights(), known_constraints=TIGHT
+            )
         )
         study.optimize(_objective, n_trials=20)
         return [t.params for t in study.trials]
@@ -195,7 +202,9 @@ def test_plain_callable_checks_from_the_second_trial() -> None:
     """Without declared parameters, the scope is the relative search space: known once a trial
     has finished."""
     for seed in range(5):
-        study = optuna.create_study(sampler=ClusterTPESampler(seed=seed, known_constraints=_sum_budget))
+        study = optuna.create_study(
+            sampler=ClusterTPESampler(seed=seed, known_constraints=_sum_budget)
+        )
         study.optimize(_sum_objective, n_trials=20)
         assert all(_sum_budget(t.params)[0] <= 0 for t in study.trials[1:])
         assert _attrs.REPAIRED not in study.trials[0].user_attrs

@@ -24,7 +24,9 @@ def _space(n_layers: int = 8, seed: int = 0) -> HessianSearchSpace:
     rng = np.random.default_rng(seed)
     layers = [
         LayerSensitivity(
-            f"l{i}", float(10 ** rng.uniform(-3, 1)), int(rng.integers(50, 2000)),
+            f"l{i}",
+            float(10 ** rng.uniform(-3, 1)),
+            int(rng.integers(50, 2000)),
             {b: 4.0 ** (-b) for b in BITS},
         )
         for i in range(n_layers)
@@ -48,7 +50,12 @@ def _with_groups() -> HessianSearchSpace:
         ParamTensor("conv1.weight", 36, "conv1", out_group="conv1", scales=4, scale_group="conv1"),
         ParamTensor("conv1.bias", 4, None, out_group="conv1"),
         ParamTensor(
-            "conv2.weight", 288, "conv2", out_group="conv2", in_group="conv1", scales=8,
+            "conv2.weight",
+            288,
+            "conv2",
+            out_group="conv2",
+            in_group="conv1",
+            scales=8,
             scale_group="conv2",
         ),
         ParamTensor("conv2.bias", 8, None, out_group="conv2"),
@@ -62,7 +69,10 @@ def _with_groups() -> HessianSearchSpace:
 
 def _every_config(space: HessianSearchSpace) -> list[dict]:
     dists = space.distributions
-    return [dict(zip(dists, values)) for values in itertools.product(*(d.choices for d in dists.values()))]
+    return [
+        dict(zip(dists, values))
+        for values in itertools.product(*(d.choices for d in dists.values()))
+    ]
 
 
 @pytest.mark.parametrize("make", [_space, _with_groups])
@@ -71,7 +81,9 @@ def test_size_values_are_the_relative_excess(make) -> None:  # type: ignore[no-u
     constraint = space.size_constraint(0.12)
     rng = np.random.default_rng(1)
     for _ in range(20):
-        params = {n: d.choices[rng.integers(len(d.choices))] for n, d in space.distributions.items()}
+        params = {
+            n: d.choices[rng.integers(len(d.choices))] for n, d in space.distributions.items()
+        }
         size = space.size(space.config_from_params(params))
         (value,) = constraint(params)
         assert value == pytest.approx(size / (0.12 * space.fp32_bits) - 1.0)
@@ -200,7 +212,9 @@ def test_latency_values_match_the_table_and_repair_fits() -> None:
     assert constraint.names == ("latency",)
     rng = np.random.default_rng(2)
     for _ in range(30):
-        params = {n: d.choices[rng.integers(len(d.choices))] for n, d in space.distributions.items()}
+        params = {
+            n: d.choices[rng.integers(len(d.choices))] for n, d in space.distributions.items()
+        }
         (value,) = constraint(params)
         assert value == pytest.approx(table.predict(space.config_from_params(params)) / budget - 1)
         repaired = constraint.repair(params)
@@ -210,7 +224,9 @@ def test_latency_values_match_the_table_and_repair_fits() -> None:
 def test_latency_and_size_together() -> None:
     space = _space()
     table = _table(space)
-    constraint = space.latency_constraint(table, 1.2 * table.predict(space.uniform(4)), size_ratio=0.1)
+    constraint = space.latency_constraint(
+        table, 1.2 * table.predict(space.uniform(4)), size_ratio=0.1
+    )
     assert constraint.names == ("size", "latency")
     repaired = constraint.repair({n: 8 for n in space.distributions})
     assert all(v <= 0 for v in constraint(repaired))
@@ -234,7 +250,9 @@ def test_latency_errors() -> None:
 def test_keep_allocation_keeps_the_unpruned_grids_warm_starts() -> None:
     layers = [
         LayerSensitivity(f"l{i}", float(t), n, {b: 4.0 ** (-b) for b in BITS})
-        for i, (t, n) in enumerate([(5.0, 400), (0.01, 3000), (1.0, 800), (20.0, 200), (0.1, 1500)])
+        for i, (t, n) in enumerate(
+            [(5.0, 400), (0.01, 3000), (1.0, 800), (20.0, 200), (0.1, 1500)]
+        )
     ]
     space = HessianSearchSpace.from_sensitivities(layers, bits=BITS, budget=1.0)
     ratio = 2.5 / 32
