@@ -288,6 +288,98 @@ def report(data: dict[str, Any], command: list[str]) -> str:
     return "\n".join(lines)
 
 
+def replay_overhead(space: Any, label: str, n_history: int, repeats: int) -> dict[str, Any]:
+    """The sampler's time for one proposal after ``n_history`` trials, with and without known
+    constraints, on the same study: a cleaner ratio than whole runs on a shared machine.
+
+    The history is a run of the ``known`` method scored by the stand-in metric of
+    ``synthetic39`` (only its shape matters here). Each repeat then times, for a fresh sampler
+    of either kind (seed = the repeat), what one trial costs the sampler: the relative search
+    space, the relative sample and ``after_trial``, on a new trial that is then failed (failed
+    trials are ignored by both). The two kinds alternate, so load on the machine hits both.
+    """
+    from optuna_ctpe import ClusterTPESampler
+
+    bits = int(budget_bits(space, label))
+    searched = space.relaxed_for_size(size_bits=bits, keep_allocation=True)
+    known = searched.size_constraint(size_bits=bits)
+    omega4 = searched.perturbation(searched.uniform(4))
+
+    def objective(trial: optuna.Trial) -> float:
+        config = searched.suggest(trial)
+        return searched.perturbation(config) / (omega4 + searched.perturbation(config))
+
+    priors = searched.prior_weights()
+    study = optuna.create_study(
+        sampler=ClusterTPESampler(seed=0, prior_weights=priors, known_constraints=known)
+    )
+    study.optimize(objective, n_trials=n_history)
+    seconds: dict[str, list[float]] = {"known": [], "none": []}
+    for r in range(repeats):
+        for kind in ("none", "known"):
+            sampler = ClusterTPESampler(
+                seed=r, prior_weights=priors, known_constraints=known if kind == "known" else None
+            )
+            trial = study.ask()
+            frozen = study._storage.get_trial(trial._trial_id)
+            start = time.perf_counter()
+            relative = sampler.infer_relative_search_space(study, frozen)
+            sampler.sample_relative(study, frozen, relative)
+            sampler.after_trial(study, frozen, optuna.trial.TrialState.FAIL, None)
+            seconds[kind].append(time.perf_counter() - start)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    known_ms = 1e3 * float(np.median(seconds["known"]))
+    none_ms = 1e3 * float(np.median(seconds["none"]))
+    return {
+        "budget": label,
+        "n_history": n_history,
+        "repeats": repeats,
+        "known_ms": known_ms,
+        "none_ms": none_ms,
+        "ratio": known_ms / none_ms,
+    }
+
+
+def overhead_report(data: dict[str, Any], command: list[str]) -> str:
+    rows = [
+        [
+            task,
+            f"{r['budget']} ({data['budget_ratio'][task][r['budget']]:.4f} of FP32)",
+            str(data["setup"][task]["searched"]),
+            str(r["n_history"]),
+            str(r["repeats"]),
+            f"{r['none_ms']:.1f}",
+            f"{r['known_ms']:.1f}",
+            f"{r['ratio']:.2f}",
+        ]
+        for task, results in data["results"].items()
+        for r in results
+    ]
+    header = [
+        "task",
+        "budget",
+        "searched parameters",
+        "trials before",
+        "repeats",
+        "ms without known constraints",
+        "ms with",
+        "ratio",
+    ]
+    return "\n".join(
+        [
+            report_header(
+                "Tight budgets: the sampler's time per proposal with known constraints",
+                command,
+                "One proposal (relative search space, relative sample, after_trial) timed on "
+                "the same study after the given trials, alternating the two samplers; medians "
+                "over the repeats (see replay_overhead in the script).",
+            ),
+            markdown_table(header, rows),
+            "",
+        ]
+    )
+
+
 def main(argv: list[str]) -> None:
     import torch
 
@@ -299,6 +391,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--replay",
+        type=int,
+        default=0,
+        metavar="REPEATS",
+        help="only time one proposal after --trials trials, with and without known "
+        "constraints, REPEATS times each (see replay_overhead); writes results/"
+        "tight_budget_overhead<tag>.md",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = RESULTS_DIR / f"tight_budget{args.tag}.json"
@@ -331,6 +432,11 @@ def main(argv: list[str]) -> None:
             "seconds": round(time.perf_counter() - t0, 1),
         }
         data["budget_ratio"][name] = {b: budget_bits(space, b) / space.fp32_bits for b in budgets}
+        if args.replay:
+            data["results"][name] = [
+                replay_overhead(space, b, args.trials, args.replay) for b in budgets
+            ]
+            continue
         specs = [
             (m, b, seed, args.trials)
             for b in budgets
@@ -347,6 +453,11 @@ def main(argv: list[str]) -> None:
         data["results"][name] = per_budget
         out.write_text(json.dumps(data))
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.replay:
+        text = overhead_report(data, ["benchmarks/tight_budget.py", *argv])
+        (RESULTS_DIR / f"tight_budget_overhead{args.tag}.md").write_text(text)
+        print(text)
+        return
     text = report(data, ["benchmarks/tight_budget.py", *argv])
     (RESULTS_DIR / f"tight_budget{args.tag}.md").write_text(text)
     print(text)
