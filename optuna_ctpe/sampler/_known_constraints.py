@@ -133,6 +133,7 @@ def as_known(obj: Any) -> Known:
             f"known_constraints must be a callable params -> sequence of floats, got {obj!r}."
         )
     scope = getattr(obj, "distributions", None)
+    constants: dict[str, Any] = {}
     if scope is not None:
         if not isinstance(scope, Mapping) or not all(
             isinstance(d, BaseDistribution) for d in scope.values()
@@ -153,7 +154,7 @@ def as_known(obj: Any) -> Known:
                 f"known_constraints.names must be a sequence of strings, got {names!r}."
             )
         names = tuple(names)
-    return Known(obj, scope, repair, names, constants if scope is not None else {})
+    return Known(obj, scope, repair, names, constants)
 
 
 def _single_value(dist: BaseDistribution) -> Any:
