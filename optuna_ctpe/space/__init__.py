@@ -10,6 +10,8 @@
 * :mod:`~optuna_ctpe.space.pruning`: the pruning rule and the prior weights;
 * :mod:`~optuna_ctpe.space.size`: size accounting and summed perturbation;
 * :mod:`~optuna_ctpe.space.warm_start`: the ILP warm starts (bits-only and joint);
+* :mod:`~optuna_ctpe.space.budget`: size and latency budgets as known constraints (checked and
+  repaired before a trial runs);
 * :mod:`~optuna_ctpe.space.io`: versioned JSON and study attributes.
 
 Records travel through JSON and study attributes to machines without torch (a distributed
