@@ -56,6 +56,19 @@ WARM_START = "ctpe:warm_start"
 PREDICTED_OMEGA = "ctpe:predicted_omega"
 
 
+#: User attribute on trials of a sampler with known constraints: whether the proposal had to be
+#: repaired into the feasible region (no candidate drawn from l(x) satisfied the constraints).
+REPAIRED = "ctpe:repaired"
+#: Prefix of the constraint keys under which a sampler records a known constraint's values
+#: (``set_constraint``'s format, beside the user's own constraints).
+KNOWN_CONSTRAINT_PREFIX = "ctpe:known:"
+
+
+def known_constraint_key(name: str) -> str:
+    """The trial constraint key of a known constraint's value ``name`` (``ctpe:known:size``)."""
+    return f"{KNOWN_CONSTRAINT_PREFIX}{name}"
+
+
 def decision_key(name: str) -> str:
     """The user attribute of one sampling decision (``mode``, ``n_good``, ...), for dashboards."""
     return f"{PREFIX}{name}"

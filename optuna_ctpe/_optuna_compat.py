@@ -46,7 +46,9 @@ __all__ = [
     "calculate_search_space",
     "constraint_sampler_kwargs",
     "fast_non_domination_rank",
+    "fixed_params",
     "get_trials",
+    "record_constraint",
     "set_constraint",
     "set_trial_system_attr",
     "set_trial_user_attr",
@@ -149,6 +151,22 @@ def trial_constraints(trial: FrozenTrial) -> dict[str, float]:
         if key.startswith(prefix)
     )
     return constraints
+
+
+def record_constraint(study: Study, trial: FrozenTrial, key: str, value: float) -> None:
+    """Record a constraint value on a trial a sampler holds as a ``FrozenTrial`` (in
+    ``after_trial``), where 5.x's ``Trial.set_constraint`` stores it: the system attribute
+    ``constraints:<key>``. 5.x reads it as ``FrozenTrial.constraints``; on 4.x
+    :func:`trial_constraints` (and through it the samplers of this package, and Optuna's own
+    samplers given :func:`constraint_sampler_kwargs`) reads it."""
+    set_trial_system_attr(study, trial, f"{_CONSTRAINTS_KEY}:{key}", float(value))
+
+
+def fixed_params(trial: FrozenTrial) -> dict[str, Any]:
+    """The parameters of an enqueued trial (``Study.enqueue_trial``), which override whatever a
+    sampler proposes; empty for other trials. Optuna keeps them in the system attribute
+    ``fixed_params``."""
+    return dict(trial.system_attrs.get("fixed_params") or {})
 
 
 def stored_constraints(trial: FrozenTrial) -> tuple[float, ...]:

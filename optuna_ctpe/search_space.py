@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Mapping
 import dataclasses
+import math
 import types
 from typing import Any
 from typing import TYPE_CHECKING
@@ -37,6 +38,9 @@ from optuna_ctpe.space import io
 from optuna_ctpe.space import params as _params
 from optuna_ctpe.space import pruning
 from optuna_ctpe.space import size as _size
+from optuna_ctpe.space.budget import budget_constraint
+from optuna_ctpe.space.budget import BudgetConstraint
+from optuna_ctpe.space.budget import LatencyEntries
 from optuna_ctpe.space.omega import omega_table
 from optuna_ctpe.space.records import check_budget
 from optuna_ctpe.space.records import check_config
@@ -67,6 +71,8 @@ if TYPE_CHECKING:
     from optuna_ctpe.nn.formats import FormatQuantizer
     from optuna_ctpe.nn.traces import LayerTrace
 
+    from optuna_ctpe.deploy.latency_table import LatencyTable
+
 
 __all__ = [
     "DEFAULT_BITS",
@@ -78,6 +84,9 @@ __all__ = [
     "QuantConfig",
     "WidthGroupSensitivity",
 ]
+
+
+_N_KEEP = 3
 
 
 class HessianSearchSpace:
@@ -665,7 +674,11 @@ class HessianSearchSpace:
         return [c for size, c in sorted(sized, key=lambda sc: -sc[0]) if size <= target]
 
     def relaxed_for_size(
-        self, size_ratio: float | None = None, *, size_bits: int | None = None
+        self,
+        size_ratio: float | None = None,
+        *,
+        size_bits: int | None = None,
+        keep_allocation: bool = False,
     ) -> HessianSearchSpace:
         """This space, re-pruned with the smallest budget >= :attr:`budget` that fits a size.
 
@@ -680,9 +693,16 @@ class HessianSearchSpace:
         (:meth:`keeping`). A bit-width space is relaxed as before formats existed; call
         :meth:`keeping` for it.
 
+        Under a tight target that one fitting configuration may be nearly all the pruned space
+        has within the target. With ``keep_allocation=True`` the threshold is also raised until
+        the space keeps every choice of the unpruned grid's best allocation at the target (its
+        first warm start, :meth:`warm_starts` of the unpruned space): the choices the
+        sensitivities themselves pick at this size are not pruned away.
+
         Args:
             size_ratio: Size target as a fraction of :attr:`fp32_bits`, in (0, 1].
             size_bits: Size target in bits, instead of ``size_ratio``.
+            keep_allocation: Also keep the unpruned grid's best allocation at the target.
 
         Raises:
             ValueError: If not exactly one target is given, or even the unpruned grid's smallest
@@ -690,6 +710,10 @@ class HessianSearchSpace:
         """
         target = _size.size_target(self._spec, size_ratio, size_bits)
         budget = pruning.relaxed_budget(self._spec, self._risk, target)
+        if keep_allocation:
+            unpruned = self.with_budget(math.inf)
+            for best in unpruned.warm_starts(size_bits=math.floor(target), n=_N_KEEP):
+                budget = max(budget, pruning.budget_keeping(self._spec, self._risk, best))
         space = self if budget == self.budget else self.with_budget(budget)
         fits = space.uniform_formats(size_bits=max(1, int(target))) if self.formats else []
         if fits and not any(space._holds(space.uniform(c)) for c in fits):
@@ -831,6 +855,73 @@ class HessianSearchSpace:
                 "size target, or prune less (relaxed_for_size)."
             )
         return [self.to_params(c) for c in found]
+
+    # -- known constraints (checked before a trial runs) -----------------------------------
+
+    def size_constraint(
+        self, size_ratio: float | None = None, *, size_bits: int | None = None
+    ) -> BudgetConstraint:
+        """The size budget as a known constraint, for ``ClusterTPESampler(known_constraints=)``.
+
+        The sampler then proposes only configurations that fit, repairing one by the exchange
+        rule over Ω when none of its candidates does (:mod:`optuna_ctpe.space.budget`)::
+
+            sampler = ClusterTPESampler(
+                prior_weights=space.prior_weights(),
+                known_constraints=space.size_constraint(1 / 16),
+            )
+
+        Args:
+            size_ratio: Size budget as a fraction of :attr:`fp32_bits`, in (0, 1].
+            size_bits: Size budget in bits, instead of ``size_ratio``.
+
+        Raises:
+            ValueError: If not exactly one budget is given, or no configuration of the pruned
+                space fits it (the message gives the smallest size; see
+                :meth:`relaxed_for_size`).
+        """
+        target = _size.size_target(self._spec, size_ratio, size_bits)
+        return budget_constraint(self._spec, self._choices, self._omega, size_bits=target)
+
+    def latency_constraint(
+        self,
+        table: LatencyTable,
+        budget_ms: float,
+        *,
+        size_ratio: float | None = None,
+        size_bits: int | None = None,
+    ) -> BudgetConstraint:
+        """A latency budget, predicted by a lookup table, as a known constraint (and a size
+        budget with it when one is given): its values are ``("latency",)`` or
+        ``("size", "latency")``.
+
+        Args:
+            table: The :class:`~optuna_ctpe.deploy.latency_table.LatencyTable` of this space's
+                model, measured at its grids.
+            budget_ms: Latency budget in milliseconds, > 0.
+            size_ratio: Optional size budget as a fraction of :attr:`fp32_bits`.
+            size_bits: Optional size budget in bits, instead of ``size_ratio``.
+
+        Raises:
+            ValueError: If the table lacks an entry the kept choices need, a budget is out of
+                range, or no configuration of the pruned space fits (the message says how
+                close the best found comes).
+        """
+        target = None
+        if size_ratio is not None or size_bits is not None:
+            target = _size.size_target(self._spec, size_ratio, size_bits)
+        entries = LatencyEntries(
+            {name: (layer.groups, dict(layer.ms)) for name, layer in table.layers.items()},
+            table.remainder_ms,
+        )
+        return budget_constraint(
+            self._spec,
+            self._choices,
+            self._omega,
+            size_bits=target,
+            latency=entries,
+            latency_ms=budget_ms,
+        )
 
     # -- serialisation ---------------------------------------------------------------------
 

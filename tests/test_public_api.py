@@ -35,6 +35,7 @@ SAMPLER_ARGUMENTS = [
     "avoid_duplicates",
     "record_decisions",
     "warn_independent_sampling",
+    "known_constraints",
 ]
 
 SPACE_PUBLIC = {
@@ -55,6 +56,7 @@ SPACE_PUBLIC = {
     "from_sensitivities",
     "groups",
     "keeping",
+    "latency_constraint",
     "load_from_study",
     "log10_size_after",
     "log10_size_before",
@@ -69,6 +71,7 @@ SPACE_PUBLIC = {
     "sensitivities",
     "size",
     "spec",
+    "size_constraint",
     "suggest",
     "tensors",
     "to_json",

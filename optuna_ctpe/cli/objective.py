@@ -41,6 +41,7 @@ import optuna
 
 from optuna_ctpe import _attrs
 from optuna_ctpe import _optuna_compat as compat
+from optuna_ctpe.cli.objectives import objective_kind
 from optuna_ctpe.cli.options import UsageError
 from optuna_ctpe.cli.settings import Settings
 from optuna_ctpe.cli.signals import check_interrupted
@@ -59,6 +60,7 @@ __all__ = [
     "build_model",
     "check_latency_extra",
     "latency_meter",
+    "known_constraint",
     "log_chosen_latency",
     "model_metrics",
     "set_up_latency",
@@ -215,6 +217,32 @@ def log_chosen_latency(
         f"the budget of {settings.latency_budget_ms:g} ms (the table predicted "
         f"{trial.user_attrs[_attrs.LATENCY_MS]:.4g} ms)"
     )
+
+
+def known_constraint(
+    settings: Settings, space: HessianSearchSpace, latency: LatencyMeter | None
+) -> Any:
+    """The study's budgets as a known constraint for ClusterTPESampler: the size budget, and
+    the latency budget where a lookup table predicts latency (``--latency-source table``); None
+    without a budget (a measured latency stays a constraint learned from finished trials).
+
+    Raises:
+        UsageError: If no configuration of the space fits the budgets (the message says how
+            close the best found comes).
+    """
+    table = latency.table if latency is not None else None
+    try:
+        if objective_kind(settings.objective).latency_budget and table is not None:
+            return space.latency_constraint(
+                table, settings.latency_budget_ms, size_ratio=settings.size_budget
+            )
+        if settings.size_budget is not None:
+            return space.size_constraint(settings.size_budget)
+    except ValueError as e:
+        raise UsageError(
+            f"the budgets of --objective {settings.objective} cannot be met: {e}"
+        ) from None
+    return None
 
 
 class Objective:

@@ -25,6 +25,7 @@ from optuna_ctpe import _optuna_compat as compat
 from optuna_ctpe._validation import MAX_BITS
 from optuna_ctpe._validation import MIN_BITS
 from optuna_ctpe.cli.objective import check_latency_extra
+from optuna_ctpe.cli.objective import known_constraint
 from optuna_ctpe.cli.objective import log_chosen_latency
 from optuna_ctpe.cli.objective import Objective
 from optuna_ctpe.cli.objectives import objective_help
@@ -293,7 +294,10 @@ def run(args: argparse.Namespace) -> int:
         study_name=study.study_name,
         storage=storage,
         sampler=_make_sampler(
-            args.sampler, _sampler_seed(settings.seed, creator), space.prior_weights()
+            args.sampler,
+            _sampler_seed(settings.seed, creator),
+            space.prior_weights(),
+            known_constraint(settings, space, prepared.latency),
         ),
         pruner=_make_pruner(args.pruner),
     )
@@ -365,11 +369,16 @@ def _open_study(
     return study, joined, task, creator
 
 
-def _make_sampler(name: str, seed: int | None, prior_weights: dict[str, list[float]]) -> Any:
+def _make_sampler(
+    name: str, seed: int | None, prior_weights: dict[str, list[float]], known: Any = None
+) -> Any:
     if name == "ctpe":
         from optuna_ctpe.sampler import ClusterTPESampler
 
-        return ClusterTPESampler(seed=seed, prior_weights=prior_weights, record_decisions=True)
+        # The budgets are known before a trial runs: no trial is spent on one that cannot fit.
+        return ClusterTPESampler(
+            seed=seed, prior_weights=prior_weights, record_decisions=True, known_constraints=known
+        )
     if name == "tpe":
         with warnings.catch_warnings():
             # On Optuna 4.x, TPE sees the size constraint only through a constraints_func,

@@ -35,6 +35,7 @@ import warnings
 import optuna
 
 from optuna_ctpe import _attrs
+from optuna_ctpe.cli.objective import known_constraint
 from optuna_ctpe.cli.objective import model_metrics
 from optuna_ctpe.cli.objective import set_up_latency
 from optuna_ctpe.cli.objective import stored_latency
@@ -207,6 +208,7 @@ def _set_up(
         source = {"estimator": traces.estimator, **traces.metadata}
     space = _measure_space(settings, task, traces, estimator)
     latency = set_up_latency(study, settings, space, task, log)
+    known_constraint(settings, space, latency)  # an unreachable budget fails here, not later
     baselines = _baselines(space, task, latency)
     study.set_user_attr(_attrs.SENSITIVITIES, _sensitivity_records(space))
     study.set_user_attr(
@@ -230,7 +232,8 @@ def _measure_space(
     settings: Settings, task: Task, traces: TraceFile | None, estimator: str | None
 ) -> HessianSearchSpace:
     """The task's pruned search space, from ``traces`` or measured by ``estimator``, relaxed
-    until the size budget (if any) can be met."""
+    until the size budget (if any) can be met and the unpruned grid's best allocations at it
+    are kept."""
     # The library's default pruning threshold, or none at all (math.inf keeps every choice).
     no_pruning: dict[str, float] = {} if settings.hessian_pruning else {"budget": math.inf}
     try:
@@ -253,9 +256,14 @@ def _measure_space(
     if settings.size_budget is None:
         return space
     try:
-        return space.relaxed_for_size(settings.size_budget)
+        # Keep the choices the sensitivities pick at this size: under a tight budget the space
+        # relaxed just enough to fit holds only a handful of fitting configurations.
+        return space.relaxed_for_size(settings.size_budget, keep_allocation=True)
     except ValueError as e:
-        raise UsageError(f"--size-budget {settings.size_budget:g} cannot be met: {e}") from None
+        # The option is a compression ratio; the settings keep its inverse, a fraction of FP32.
+        raise UsageError(
+            f"--size-budget {1 / settings.size_budget:g} cannot be met: {e}"
+        ) from None
 
 
 def _sensitivity_records(space: HessianSearchSpace) -> dict[str, dict[str, Any]]:

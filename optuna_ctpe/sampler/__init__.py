@@ -10,15 +10,21 @@ Laid out like Optuna's ``optuna/samplers/_tpe/``:
   scores, pure numpy and scikit-learn;
 * :mod:`~optuna_ctpe.sampler._parzen`: the Parzen estimator with per-choice priors (our own,
   equal to Optuna 5.0's without priors);
-* :mod:`~optuna_ctpe.sampler._truncnorm`: the truncated normal kernels, over ``scipy.special``.
+* :mod:`~optuna_ctpe.sampler._truncnorm`: the truncated normal kernels, over ``scipy.special``;
+* :mod:`~optuna_ctpe.sampler._known_constraints`: known constraints (functions of the parameters
+  alone): the protocol, the candidate filter, the generic repair rule, their recording;
+* :mod:`~optuna_ctpe.sampler._feasible`: :class:`KnownConstraintSampler`, known constraints for
+  any Optuna sampler.
 
 Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+from optuna_ctpe.sampler._feasible import KnownConstraintSampler
 from optuna_ctpe.sampler._grouping import default_max_good
+from optuna_ctpe.sampler._known_constraints import KnownConstraint
 from optuna_ctpe.sampler._sampler import ClusterTPESampler
 
 
-__all__ = ["ClusterTPESampler", "default_max_good"]
+__all__ = ["ClusterTPESampler", "KnownConstraint", "KnownConstraintSampler", "default_max_good"]

@@ -34,6 +34,7 @@ from optuna_ctpe import _optuna_compat as compat
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe._validation import check_real
 from optuna_ctpe.sampler import _grouping
+from optuna_ctpe.sampler import _known_constraints as _kc
 from optuna_ctpe.sampler._cluster_split import Transform
 from optuna_ctpe.sampler._grouping import default_max_good
 from optuna_ctpe.sampler._grouping import GroupedTrials
@@ -147,6 +148,18 @@ class ClusterTPESampler(BaseSampler):
             reason), which optuna-dashboard shows as columns.
         warn_independent_sampling: Warn when a parameter falls back to independent sampling
             although ``multivariate=True``.
+        known_constraints: A constraint computable from the parameters alone,
+            ``known_constraints(params) -> sequence of floats``, feasible when all values are
+            <= 0 (e.g. :meth:`optuna_ctpe.HessianSearchSpace.size_constraint`), or None. The
+            sampler then proposes only feasible configurations: it drops the candidates that
+            violate it and, when none fits, repairs the best one (by the constraint's own
+            ``repair``, else the generic rule of :func:`optuna_ctpe.sampler._known_constraints.
+            generic_repair`), recording ``ctpe:repaired`` on the trial, and records the values
+            as the trial's constraints ``ctpe:known:<name>`` after it. A constraint that
+            declares ``distributions`` (its scope) has them modelled jointly from the first
+            trial on, start-up trials included; see :class:`~optuna_ctpe.sampler.
+            KnownConstraint` and ``docs/guide/known_constraints.md`` for what is guaranteed.
+            Black-box constraints (``set_constraint``) keep working beside it.
 
     Raises:
         ValueError: If an argument is out of range or of the wrong kind.
@@ -171,6 +184,7 @@ class ClusterTPESampler(BaseSampler):
         avoid_duplicates: bool = True,
         record_decisions: bool = False,
         warn_independent_sampling: bool = True,
+        known_constraints: Callable[[dict[str, Any]], Sequence[float]] | None = None,
     ) -> None:
         self._n_startup_trials = check_integer(n_startup_trials, "n_startup_trials", minimum=0)
         self._n_ei_candidates = check_integer(n_ei_candidates, "n_ei_candidates", minimum=1)
@@ -191,6 +205,7 @@ class ClusterTPESampler(BaseSampler):
         self._record_decisions = record_decisions
         self._warn_independent_sampling = warn_independent_sampling
         self._prior_weight = prior_weight
+        self._known = None if known_constraints is None else _kc.as_known(known_constraints)
 
         self._rng = compat.LazyRandomState(seed)
         self._random_sampler = RandomSampler(seed=seed)
@@ -223,6 +238,11 @@ class ClusterTPESampler(BaseSampler):
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial
     ) -> dict[str, BaseDistribution]:
+        space = self._inferred_space(study)
+        # A known constraint's declared parameters are drawn jointly, so they can be checked.
+        return space if self._known is None else _kc.with_scope(space, self._known)
+
+    def _inferred_space(self, study: Study) -> dict[str, BaseDistribution]:
         if not self._multivariate:
             return {}
         if self._group:
@@ -241,8 +261,35 @@ class ClusterTPESampler(BaseSampler):
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        if not search_space or self._in_startup(study):
+        if not search_space:
             return {}
+        if self._known is not None:
+            return self._sample_known(study, trial, search_space)
+        if self._in_startup(study):
+            return {}
+        params = self._sample_spaces(study, trial, search_space)
+        if params and self._constant_liar:
+            self._publish_relative_params(study, trial, params)
+        return params
+
+    def _sample_spaces(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        search_space: dict[str, BaseDistribution],
+        check: Callable[[dict[str, Any], dict[str, BaseDistribution]], Any] | None = None,
+    ) -> dict[str, Any]:
+        """The model's proposal for ``search_space``: jointly (multivariate), by group, or one
+        parameter at a time (a known constraint's scope without ``multivariate``; no candidate
+        filter then, the caller repairs the joint proposal).
+
+        ``check(params, space)``, if given, returns the candidate filter of a space sampled after
+        ``params`` (see :meth:`_sample_known`)."""
+        if not self._multivariate:
+            params: dict[str, Any] = {}
+            for name, dist in search_space.items():
+                params.update(self._sample(study, trial, {name: dist}, mode="independent"))
+            return params
         spaces = [search_space]
         if self._group:
             groups = getattr(self._thread_state, "groups", None)
@@ -251,12 +298,60 @@ class ClusterTPESampler(BaseSampler):
             # are modelled together as one more group.
             covered = {name for space in spaces for name in space}
             spaces.append({k: v for k, v in search_space.items() if k not in covered})
-        params: dict[str, Any] = {}
+        params = {}
         for space in spaces:
             # With PartialFixedSampler the requested space can be smaller than the inferred one.
             sub = {k: v for k, v in sorted(space.items()) if k in search_space and not v.single()}
             if sub:
-                params.update(self._sample(study, trial, sub, mode="relative"))
+                feasible = None if check is None else check(params, sub)
+                params.update(self._sample(study, trial, sub, mode="relative", feasible=feasible))
+        return params
+
+    def _sample_known(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        """A proposal that satisfies the known constraint (see ``known_constraints``).
+
+        Start-up trials draw the search space here, each parameter as :meth:`_sample_startup`
+        would, so that the draw can be checked. Later trials drop the candidates that violate
+        the constraint in the space sampled last among those it reads (earlier spaces' and
+        enqueued parameters held), and repair the proposal when none fits.
+        """
+        assert self._known is not None
+        given = {k: v for k, v in compat.fixed_params(trial).items() if k in search_space}
+        scope = _kc.scope_names(self._known, search_space)
+        if self._in_startup(study):
+            if self._record_decisions:
+                compat.set_trial_user_attr(study, trial, _attrs.decision_key("mode"), "startup")
+            params = {
+                name: self._sample_startup(study, trial, name, dist)
+                for name, dist in search_space.items()
+            }
+        else:
+
+            def check(
+                earlier: dict[str, Any], space: dict[str, BaseDistribution]
+            ) -> Callable[[dict[str, np.ndarray]], np.ndarray] | None:
+                known_now = given.keys() | earlier.keys() | space.keys()
+                if not scope <= known_now:
+                    return None  # a later space still sets a parameter the constraint reads
+                held = {**earlier, **given}
+                return lambda candidates: _kc.feasible_mask(self._known, candidates, space, held)
+
+            params = self._sample_spaces(study, trial, search_space, check)
+        params.update(given)
+        repaired = False
+        if scope <= params.keys() and _kc.violation(self._known, params) > 0:
+            with self._rng_lock:
+                params = _kc.repair(self._known, params, search_space, given.keys(), self._rng.rng)
+            repaired = True
+            if _kc.violation(self._known, params) > 0:
+                _logger.warning(
+                    f"Trial {trial.number}: no repair of the proposal satisfies the known "
+                    "constraints; the trial runs infeasible."
+                )
+        if scope <= params.keys():
+            compat.set_trial_user_attr(study, trial, _attrs.REPAIRED, repaired)
         if params and self._constant_liar:
             self._publish_relative_params(study, trial, params)
         return params
@@ -296,6 +391,8 @@ class ClusterTPESampler(BaseSampler):
         state: TrialState,
         values: Sequence[float] | None,
     ) -> None:
+        if self._known is not None:
+            _kc.record(study, trial, self._known)
         self._random_sampler.after_trial(study, trial, state, values)
 
     # -- sampling ----------------------------------------------------------------------------
@@ -323,6 +420,7 @@ class ClusterTPESampler(BaseSampler):
         trial: FrozenTrial,
         search_space: dict[str, BaseDistribution],
         mode: str,
+        feasible: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
     ) -> dict[str, Any]:
         states = _FINISHED + ((TrialState.RUNNING,) if self._constant_liar else ())
         trials = compat.get_trials(study, states, use_cache=not self._constant_liar)
@@ -344,7 +442,7 @@ class ClusterTPESampler(BaseSampler):
                 if t.state == TrialState.RUNNING and t.number in row_of
             ]
             running = _configurations(_grouping.subset(observations, running_rows))
-        candidates, best = self._best_candidate(mpe_good, mpe_bad, seen, running)
+        candidates, best = self._best_candidate(mpe_good, mpe_bad, seen, running, feasible)
 
         if self._record_decisions:
             self._record(study, trial, mode, grouped)
@@ -408,11 +506,15 @@ class ClusterTPESampler(BaseSampler):
         mpe_bad: ParzenEstimator,
         seen: set[bytes],
         running: set[bytes],
+        feasible: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
     ) -> tuple[dict[str, np.ndarray], int]:
         """Candidates drawn from l(x), and the index of the one to propose.
 
         The best by l(x)/g(x) among those that repeat no configuration in ``seen``; when several
         batches bring nothing new, the best that no running trial (in ``running``) evaluates.
+        With ``feasible`` (a known constraint's filter), infeasible candidates come last: a
+        feasible repeat before an infeasible new one; when none is feasible, the best one
+        (which the caller repairs).
         """
         for _ in range(_MAX_CANDIDATE_ROUNDS):
             with self._rng_lock:
@@ -426,6 +528,12 @@ class ClusterTPESampler(BaseSampler):
             # exhausted. Repeat a finished configuration rather than one another worker is
             # evaluating right now.
             is_new = ~_is_seen(candidates, running)
+        if feasible is not None:
+            fits = feasible(candidates)
+            if (fits & is_new).any():
+                is_new = fits & is_new
+            elif fits.any():
+                is_new = fits
         if is_new.any():
             score = np.where(is_new, score, -np.inf)
         return candidates, int(np.argmax(score))

@@ -12,6 +12,8 @@
 * :mod:`~optuna_ctpe.space.formats`: weight formats (bits, groups, grid, rounding) as named
   records, and their exact stored bits;
 * :mod:`~optuna_ctpe.space.warm_start`: the ILP warm starts (bits-only and joint);
+* :mod:`~optuna_ctpe.space.budget`: size and latency budgets as known constraints (checked and
+  repaired before a trial runs);
 * :mod:`~optuna_ctpe.space.io`: versioned JSON and study attributes.
 
 Records travel through JSON and study attributes to machines without torch (a distributed

@@ -68,6 +68,7 @@ from optuna_ctpe.space.params import searched
 from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.size import layer_bits
+from optuna_ctpe.space.size import fp32_bits
 from optuna_ctpe.space.size import smallest_size
 
 #: Parameter name -> ``{choice: Ω}``, what the rule reads is
@@ -189,6 +190,20 @@ def uncertain_layers(spec: SpaceSpec) -> list[str]:
     ]
 
 
+def _candidate_budgets(spec: SpaceSpec, omega: OmegaTable) -> list[float]:
+    """``spec.budget`` and, above it, the choices' own ``Ω / Ω_ref`` ratios, ascending.
+
+    A choice is readmitted exactly when the budget reaches its own ratio, so these are the only
+    budgets worth trying when relaxing the pruning.
+    """
+    reference = omega_reference(spec)
+    candidates = [spec.budget]
+    if reference > 0 and math.isfinite(spec.budget):
+        ratios = {v / reference for table in omega.values() for v in table.values()} - {0.0}
+        candidates += [b for b in sorted(ratios) if b > spec.budget]
+    return candidates
+
+
 def relaxed_budget(spec: SpaceSpec, omega: OmegaTable, target: float) -> float:
     """The smallest budget >= ``spec.budget`` whose pruned space has a configuration of at most
     ``target`` bits.
@@ -199,19 +214,31 @@ def relaxed_budget(spec: SpaceSpec, omega: OmegaTable, target: float) -> float:
     Raises:
         ValueError: If even the unpruned grid's smallest configuration exceeds ``target``.
     """
-    reference = omega_reference(spec)
-    candidates = [spec.budget]
-    if reference > 0 and math.isfinite(spec.budget):
-        ratios = {v / reference for table in omega.values() for v in table.values()} - {0.0}
-        candidates += [b for b in sorted(ratios) if b > spec.budget]
-    for budget in [*candidates, math.inf]:
+    for budget in [*_candidate_budgets(spec, omega), math.inf]:
         relaxed = dataclasses.replace(spec, budget=budget)
         if smallest_size(relaxed, prune(relaxed, omega)) <= target:
             return budget
+    smallest = smallest_size(relaxed, prune(relaxed, omega))
+    fp32 = fp32_bits(spec)
     raise ValueError(
         f"no configuration of the full grid fits {target:.0f} bits; the smallest has "
-        f"{smallest_size(relaxed, prune(relaxed, omega))} bits."
+        f"{smallest} bits ({smallest / fp32:.4f} of fp32, a compression of "
+        f"{fp32 / smallest:.1f}x)."
     )
+
+
+def budget_keeping(spec: SpaceSpec, omega: OmegaTable, params: Mapping[str, Any]) -> float:
+    """The smallest budget >= ``spec.budget`` whose pruned space keeps every choice of
+    ``params`` (a parameter dict of the unpruned grid).
+
+    Candidates as in :func:`relaxed_budget`: the choices' own ``Ω / Ω_ref`` ratios, then
+    ``inf`` (which keeps everything).
+    """
+    for budget in _candidate_budgets(spec, omega):
+        kept = prune(dataclasses.replace(spec, budget=budget), omega)
+        if all(value in kept[name] for name, value in params.items()):
+            return budget
+    return math.inf
 
 
 def prior_weights(
