@@ -42,9 +42,10 @@ class KnownConstraintSampler(BaseSampler):
     """Any Optuna sampler, proposing only configurations that satisfy a known constraint.
 
     The constraint must declare the parameters it reads (``distributions``, see
-    :class:`~optuna_ctpe.sampler.KnownConstraint`; :meth:`optuna_ctpe.HessianSearchSpace.
-    size_constraint` does). Each trial, the wrapped sampler proposes the declared parameters
-    (jointly where its ``sample_relative`` covers them, one at a time through its
+    :class:`~optuna_ctpe.sampler.KnownConstraint`;
+    :meth:`optuna_ctpe.HessianSearchSpace.size_constraint` does). Each trial, the wrapped sampler
+    proposes the declared parameters (jointly where its ``sample_relative`` covers them, one at a
+    time through its
     ``sample_independent`` otherwise); while the configuration violates the constraint, the
     parameters drawn one at a time are drawn again, up to ``n_resamples`` times; then the
     configuration is repaired (the constraint's own ``repair``, else the generic rule of

@@ -153,13 +153,14 @@ class ClusterTPESampler(BaseSampler):
             <= 0 (e.g. :meth:`optuna_ctpe.HessianSearchSpace.size_constraint`), or None. The
             sampler then proposes only feasible configurations: it drops the candidates that
             violate it and, when none fits, repairs the best one (by the constraint's own
-            ``repair``, else the generic rule of :func:`optuna_ctpe.sampler._known_constraints.
-            generic_repair`), recording ``ctpe:repaired`` on the trial, and records the values
-            as the trial's constraints ``ctpe:known:<name>`` after it. A constraint that
-            declares ``distributions`` (its scope) has them modelled jointly from the first
-            trial on, start-up trials included; see :class:`~optuna_ctpe.sampler.
-            KnownConstraint` and ``docs/guide/known_constraints.md`` for what is guaranteed.
-            Black-box constraints (``set_constraint``) keep working beside it.
+            ``repair``, else the generic rule of
+            ``optuna_ctpe.sampler._known_constraints.generic_repair``), recording ``ctpe:repaired``
+            on the trial, and records the values as the trial's constraints ``ctpe:known:<name>``
+            after it. A constraint that declares ``distributions`` (its scope) has them modelled
+            jointly from the first trial on, start-up trials included; see
+            :class:`~optuna_ctpe.sampler.KnownConstraint` and ``docs/guide/known_constraints.md``
+            for what is guaranteed. Black-box constraints (``set_constraint``) keep working beside
+            it.
 
     Raises:
         ValueError: If an argument is out of range or of the wrong kind.

@@ -13,12 +13,12 @@ the budget by the exchange rule below.
 against cost; its LP relaxation is solved greedily by taking, in turn, the exchange of least Ω
 increase per unit of cost saved (the multiple-choice knapsack's exchange argument). The repair
 does that from the proposal: while a budget is exceeded, it changes the one parameter whose
-change costs the least Ω per unit of *excess removed* (the summed relative excess over the
-budgets, ``Σ max(0, cost/budget − 1)``), among the changes that reduce the excess. The excess
-saved is capped by the excess left, so near the budget the rule prefers the cheapest change that
-is just enough over a large cut. Ω is the point estimate of :func:`~optuna_ctpe.space.omega.
-omega_table`, as the warm starts read it. The rule is deterministic (no random draw) and ends:
-each change lowers the excess. Size grows with every choice, so under a size budget alone it
+change costs the least Ω per unit of *excess removed* (the summed relative excess over the budgets,
+``Σ max(0, cost/budget − 1)``), among the changes that reduce the excess. The excess saved is
+capped by the excess left, so near the budget the rule prefers the cheapest change that is just
+enough over a large cut. Ω is the point estimate of :func:`~optuna_ctpe.space.omega.omega_table`,
+as the warm starts read it. The rule is deterministic (no random draw) and ends: each change lowers
+the excess. Size grows with every choice, so under a size budget alone it
 always fits unless the parameters it may not change already exceed the budget. A latency table
 need not be monotone (3 and 4 bits share int4's kernels); when no single change lowers the
 excess, the rule starts again from the smallest configuration (every parameter it may change at
@@ -99,14 +99,14 @@ class BudgetConstraint:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The name of each value :meth:`__call__` returns: ``"size"`` and/or ``"latency"``."""
+        """The names of the values a call returns, ``"size"`` and/or ``"latency"``."""
         return (("size",) if self.size_bits is not None else ()) + (
             ("latency",) if self.latency is not None else ()
         )
 
     @property
     def distributions(self) -> dict[str, CategoricalDistribution]:
-        """The parameters the budgets read: the space's searched ones, as it suggests them."""
+        """The parameters the budgets read (the space's searched ones, as it suggests them)."""
         return {
             name: CategoricalDistribution(list(self.choices[name]))
             for name in searched(self.choices)
