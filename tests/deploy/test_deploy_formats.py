@@ -42,3 +42,108 @@ def test_a_packed_file_of_0_1_loads_bit_for_bit() -> None:
     # The weights really are on 3- and 5-bit grids (the fixture is not a float model).
     assert len(torch.unique(state["0.weight"][0])) <= 7
     assert len(torch.unique(state["3.weight"][0])) <= 31
+
+
+# -- packed files of every format ----------------------------------------------------------------
+
+from optuna_ctpe.deploy import save_packed_formats  # noqa: E402
+from optuna_ctpe.deploy.packing import packed_nbytes  # noqa: E402
+from optuna_ctpe.nn.formats import FormatQuantizer  # noqa: E402
+from optuna_ctpe.nn.formats import formats_in_place  # noqa: E402
+from optuna_ctpe.space.formats import format_bits  # noqa: E402
+from optuna_ctpe.space.formats import FormatFallbackWarning  # noqa: E402
+from optuna_ctpe.space.formats import parse_format  # noqa: E402
+
+
+class _Net(torch.nn.Module):
+    """A conv (rows of 2 × 3 × 3 = 18 inputs), a linear layer (rows of 48) and a tied pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(96, 48)
+        self.out = torch.nn.Linear(48, 5)
+        self.norm = torch.nn.BatchNorm1d(48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).mean((2, 3)).repeat(1, 16)
+        return self.out(torch.relu(self.norm(self.fc(h))))
+
+
+FORMATS = [
+    f"int{bits}-{granularity}-{grid}-{rounding}"
+    for bits in (2, 3, 4, 8)
+    for granularity in ("pc", "g16", "g32")
+    for grid in ("sym", "fullsym", "asym")
+    for rounding in ("rtn", "gptq")
+    if not (bits == 8 and granularity == "g32")  # keep the grid of cases small
+] + ["int5-g64-asym-gptq", "int6-g24-sym-rtn", "int7-pc-fullsym-gptq", "fp16", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def net_and_quantizer() -> tuple[torch.nn.Module, FormatQuantizer, torch.Tensor]:
+    torch.manual_seed(0)
+    net = _Net().eval()
+    net.norm.running_mean.normal_()
+    batches = [torch.randn(8, 2, 4, 4) for _ in range(3)]
+    return net, FormatQuantizer(net, calibration_batches=batches), batches[0]
+
+
+def _bits_of_tensors(path: Path) -> dict[str, int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_format_is_stored_at_its_accounted_size_and_reloads_bit_for_bit(
+    name: str, net_and_quantizer, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    net, quantizer, x = net_and_quantizer
+    fmt = parse_format(name)
+    formats = {"conv": name, "fc": name, "out": "int4-g16-asym-gptq"}
+    with pytest.warns(FormatFallbackWarning) if fmt.group_size and fmt.group_size > 18 else _no_warning():
+        packed = save_packed_formats(net, formats, quantizer, tmp_path / "net.safetensors")
+    with formats_in_place(net, formats, quantizer) as fake:
+        expected = {k: v.clone() for k, v in fake.state_dict().items()}
+        expected_out = fake(x)
+    loaded = load_packed(tmp_path / "net.safetensors", _Net())
+    state = loaded.state_dict()
+    assert state.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(state[key].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), key
+    assert torch.equal(loaded(x), expected_out)
+    # Tensor bytes: each format's codes, scales and zero points at their accounted bits.
+    stored = _bits_of_tensors(packed.path)
+    for layer, shape in (("conv", (6, 18)), ("fc", (48, 96))):
+        f = parse_format(formats[layer])
+        if not f.quantized:
+            assert stored[f"float/{layer}.weight"] * 8 == format_bits(f, *shape)
+            continue
+        groups = 1 if f.group_size is None else -(-shape[1] // f.group_size)
+        assert stored[f"packed/{layer}.weight"] == packed_nbytes(shape[0] * shape[1], f.bits)
+        assert stored[f"scales/{layer}.weight"] * 8 == shape[0] * groups * f.scale_bits
+        zeros = stored.get(f"zeros/{layer}.weight", 0)
+        assert zeros == (packed_nbytes(shape[0] * groups, f.bits) if f.zero_bits else 0)
+    buffers = sum(b.numel() * b.element_size() for b in net.buffers())
+    padding = packed.payload_bytes - buffers - packed.accounted_bytes
+    assert 0 <= padding < 3 * 3  # under a byte per packed tensor (codes, zero points)
+    accounted = sum(format_bits(parse_format(formats[n]), *s) for n, s in
+                    (("conv", (6, 18)), ("fc", (48, 96)), ("out", (5, 48))))
+    floats = 32 * sum(p.numel() for n, p in net.named_parameters() if not n.endswith("weight"))
+    floats += 32 * net.norm.weight.numel()
+    assert packed.accounted_bytes * 8 == accounted + floats
+    assert read_packed_metadata(packed.path)["formats"] == formats
+
+
+class _no_warning:
+    def __enter__(self) -> None:
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error", FormatFallbackWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._catch.__exit__(*exc)
