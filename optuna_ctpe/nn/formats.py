@@ -196,7 +196,9 @@ class FormatQuantizer:
 
         The codes are ``(rows, inputs)`` int32 (:func:`~optuna_ctpe.nn.grids.as_rows` order);
         ``dequantize(codes, *fit.columns(inputs))``, cast to the weight's dtype, is
-        :meth:`get`'s tensor bit for bit, which is checked.
+        :meth:`get`'s tensor bit for bit, which is checked. Call it outside
+        :func:`formats_in_place` (inside, a layer's weight is its quantized tensor, which
+        :meth:`get` would take for a changed weight and quantize again).
 
         Args:
             layer: A layer of the model, or its name.
