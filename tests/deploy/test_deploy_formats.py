@@ -147,3 +147,114 @@ class _no_warning:
 
     def __exit__(self, *exc: object) -> None:
         self._catch.__exit__(*exc)
+
+
+# -- ONNX ------------------------------------------------------------------------------------------
+
+ONNX_FORMATS = [
+    "int4-pc-sym-rtn",
+    "int4-pc-asym-gptq",
+    "int2-g16-asym-rtn",
+    "int2-g64-sym-gptq",
+    "int3-g16-fullsym-gptq",
+    "int3-g32-asym-rtn",
+    "int4-g32-asym-gptq",
+    "int4-g64-sym-rtn",
+    "int5-g32-fullsym-rtn",
+    "int6-g16-asym-gptq",
+    "int8-g32-asym-rtn",
+    "int8-pc-fullsym-gptq",
+    "int5-g24-asym-rtn",  # no power-of-two block divides 24: DequantizeLinear
+    "int12-g16-asym-rtn",  # wider than MatMulNBits' 8 bits: DequantizeLinear, uint16
+]
+
+
+class _OnnxNet(torch.nn.Module):
+    """A conv (rows of 4 × 3 × 3 = 36 inputs: groups of 16 and 32 end short) and two linear
+    layers (rows of 128 and 64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(128, 64)
+        self.out = torch.nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).mean((2, 3)).repeat(1, 16)
+        return self.out(torch.relu(self.fc(h)))
+
+
+@pytest.fixture(scope="module")
+def onnx_net() -> tuple[torch.nn.Module, FormatQuantizer, torch.Tensor]:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(1)
+    net = _OnnxNet().eval()
+    batches = [torch.randn(8, 4, 5, 5) for _ in range(3)]
+    return net, FormatQuantizer(net, calibration_batches=batches), batches[0]
+
+
+@pytest.mark.parametrize("name", ONNX_FORMATS)
+def test_onnx_of_every_format_matches_the_fake_quantized_model(
+    name: str, onnx_net, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    import warnings
+
+    import onnx
+    from onnx import helper
+
+    from optuna_ctpe.deploy.onnx import export_onnx_formats
+
+    net, quantizer, x = onnx_net
+    fmt = parse_format(name)
+    formats = {"conv": name, "fc": name, "out": name}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FormatFallbackWarning)
+        report = export_onnx_formats(net, formats, quantizer, tmp_path / "net.onnx", x)
+    assert report.max_rel_diff is not None and report.max_rel_diff <= 1e-5
+    assert report.layers["conv"].operator == "DequantizeLinear"
+    model = onnx.load(str(tmp_path / "net.onnx"))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    blocked = fmt.group_size is not None and fmt.group_size % 16 == 0
+    if fmt.bits <= 8 and (fmt.group_size is None or blocked):
+        assert report.operators == {"DequantizeLinear": 1, "MatMulNBits": 2}
+        assert len(nbits) == 2
+        for node in nbits:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if fmt.group_size is not None and fmt.group_size < attrs["K"]:
+                assert attrs["block_size"] == fmt.group_size
+            # Zero points (input 3) where asymmetric, the default otherwise.
+            has_zero = len(node.input) > 3 and node.input[3] != ""
+            assert has_zero == (fmt.grid == "asym")
+    else:
+        assert report.operators == {"DequantizeLinear": 3} and not nbits
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    for node in dq:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        row = 36 if node.name.startswith("conv") else 128 if node.name.startswith("fc") else 64
+        if fmt.group_size is not None and fmt.group_size < row:
+            assert attrs.get("block_size") == fmt.group_size
+        else:  # per channel, or one group per row (a group longer than the row)
+            assert "block_size" not in attrs
+        assert (len(node.input) > 2) == (fmt.grid == "asym")
+
+
+def test_onnx_before_opset_21_stores_groups_as_rows_and_says_so(
+    onnx_net, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    import onnx
+
+    from optuna_ctpe.deploy.onnx import export_onnx_formats
+
+    net, quantizer, x = onnx_net
+    formats = {"conv": "int4-g16-asym-gptq", "fc": "int3-g24-sym-rtn", "out": "int4-pc-asym-rtn"}
+    with pytest.warns(UserWarning, match=r"\['conv', 'fc'\] have groups.*opset 18"):
+        report = export_onnx_formats(net, formats, quantizer, tmp_path / "n.onnx", x, opset=18)
+    assert report.max_rel_diff is not None and report.max_rel_diff <= 1e-5
+    model = onnx.load(str(tmp_path / "n.onnx"))
+    assert not any(
+        a.name == "block_size"
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear"
+        for a in n.attribute
+    )
