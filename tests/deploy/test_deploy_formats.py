@@ -258,3 +258,87 @@ def test_onnx_before_opset_21_stores_groups_as_rows_and_says_so(
         if n.op_type == "DequantizeLinear"
         for a in n.attribute
     )
+
+
+# -- torchao -------------------------------------------------------------------------------------
+
+TORCHAO_FORMATS = [
+    "int2-g16-asym-gptq",
+    "int3-pc-sym-rtn",
+    "int4-g32-asym-rtn",
+    "int4-g16-fullsym-gptq",
+    "int5-pc-asym-gptq",
+    "int8-g32-sym-rtn",
+    "int4-g128-asym-rtn",  # longer than the rows of 96: one group per row
+]
+
+
+@pytest.mark.parametrize("name", TORCHAO_FORMATS)
+def test_torchao_tensors_hold_the_codes_bit_for_bit(
+    name: str, net_and_quantizer  # type: ignore[no-untyped-def]
+) -> None:
+    import warnings
+
+    pytest.importorskip("torchao")
+    from optuna_ctpe.deploy.torchao import quantize_with_torchao_formats
+
+    net, quantizer, x = net_and_quantizer
+    formats = {"conv": "int4-pc-asym-rtn", "fc": name, "out": "int4-g16-asym-gptq"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FormatFallbackWarning)
+        with pytest.warns(UserWarning, match=r"'conv' \(Conv2d, int4-pc-asym-rtn\)"):
+            tao = quantize_with_torchao_formats(net, formats, quantizer)
+        with formats_in_place(net, formats, quantizer) as fake:
+            expected = fake(x)
+            fake_weights = {n: getattr(fake, n).weight.detach().clone() for n in formats}
+    assert type(tao.fc.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert type(tao.out.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert type(tao.conv.weight) is torch.nn.Parameter and torch.equal(
+        tao.conv.weight, fake_weights["conv"]
+    )
+    for layer in ("fc", "out"):
+        assert torch.equal(getattr(tao, layer).weight.dequantize(), fake_weights[layer])
+    with torch.no_grad():
+        assert torch.allclose(tao(x), expected, rtol=1e-5, atol=1e-6)
+    assert type(net.fc.weight) is torch.nn.Parameter  # the model is left alone
+
+
+def test_torchao_refuses_what_it_cannot_hold(net_and_quantizer) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("torchao")
+    from optuna_ctpe.deploy.torchao import quantize_with_torchao_formats
+    from optuna_ctpe.deploy.torchao import torchao_format_config
+
+    net, quantizer, _ = net_and_quantizer
+    with pytest.raises(ValueError, match=r"layer 'fc', format 'int12-pc-sym-rtn'.*at most 8"):
+        quantize_with_torchao_formats(net, {"fc": "int12-pc-sym-rtn"}, quantizer)
+    with pytest.raises(ValueError, match=r"layer 'fc', format 'int4-g64-asym-rtn'.*96 inputs"):
+        quantize_with_torchao_formats(net, {"fc": "int4-g64-asym-rtn"}, quantizer)
+    with pytest.raises(ValueError, match=r"layer 'out', format 'int4-g16-asym-gptq'.*GPTQ"):
+        torchao_format_config(net, {"out": "int4-g16-asym-gptq"})
+    with pytest.raises(ValueError, match=r"layer 'out', format 'int4-pc-sym-rtn'.*q_max"):
+        torchao_format_config(net, {"out": "int4-pc-sym-rtn"})
+
+
+@pytest.mark.parametrize("name", ["int4-g32-asym-rtn", "int3-pc-fullsym-rtn", "int8-g16-asym-rtn"])
+def test_torchao_configs_are_the_same_grids(name: str) -> None:
+    pytest.importorskip("torchao")
+    from torchao.quantization import quantize_
+
+    from optuna_ctpe.deploy.torchao import torchao_format_config
+    from optuna_ctpe.nn.grids import fake_quantize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    original = model[0].weight.detach().clone()
+    fmt = parse_format(name)
+    quantize_(model, torchao_format_config(model, {"0": name}), filter_fn=None)
+    ours = fake_quantize(original, fmt)
+    theirs = model[0].weight.dequantize()
+    step = (original.amax() - original.amin()) / (2**fmt.bits - 1)
+    # The same grid up to the scales' precision (float32 there, float16 per group here): values
+    # far under a step apart, but for a few that a scale's last bit rounds to the next level;
+    # another grid would put most values elsewhere.
+    diff = (theirs - ours).abs()
+    # A value (q - z) s moves by (q - z) ds: under 2^-10 of itself for a float16 scale.
+    assert (diff > 2.0**-10 * ours.abs() + 1e-7).float().mean() < 0.02
+    assert diff.max() <= 1.01 * step
