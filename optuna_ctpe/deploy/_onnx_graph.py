@@ -206,7 +206,9 @@ def quantize_graph(
                 )
             layers.setdefault(layer, OnnxLayer(layer, w.bits, "MatMulNBits", container, block))
         else:
-            inits, nodes, container = _dequantize(init_name, q, axis, w.bits, scale, zero, group, opset)
+            inits, nodes, container = _dequantize(
+                init_name, q, axis, w.bits, scale, zero, group, opset
+            )
             new_inits += inits
             front += nodes
             layers.setdefault(layer, OnnxLayer(layer, w.bits, "DequantizeLinear", container))
@@ -504,11 +506,16 @@ def _dequantize(
             inputs.append(f"{name}_zero")
         nodes += [
             helper.make_node(
-                "DequantizeLinear", inputs, [f"{name}_groups"], name=f"{name}_DequantizeLinear",
+                "DequantizeLinear",
+                inputs,
+                [f"{name}_groups"],
+                name=f"{name}_DequantizeLinear",
                 axis=0,
             ),
             helper.make_node(
-                "Reshape", [f"{name}_groups", f"{name}_padded"], [f"{name}_padded_rows"],
+                "Reshape",
+                [f"{name}_groups", f"{name}_padded"],
+                [f"{name}_padded_rows"],
                 name=f"{name}_Reshape_groups",
             ),
             helper.make_node(

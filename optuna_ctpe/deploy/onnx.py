@@ -354,8 +354,10 @@ def export_onnx_formats(
             unblocked = [
                 n
                 for n, layer in layers.items()
-                if layer.operator == "DequantizeLinear" and weights[n].scale.ndim == 2
-                and weights[n].scale.shape[1] > 1 and opset < 21
+                if layer.operator == "DequantizeLinear"
+                and weights[n].scale.ndim == 2
+                and weights[n].scale.shape[1] > 1
+                and opset < 21
             ]
             if unblocked:
                 warnings.warn(

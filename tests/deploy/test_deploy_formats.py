@@ -98,12 +98,15 @@ def _bits_of_tensors(path: Path) -> dict[str, int]:
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_every_format_is_stored_at_its_accounted_size_and_reloads_bit_for_bit(
-    name: str, net_and_quantizer, tmp_path: Path  # type: ignore[no-untyped-def]
+    name: str,
+    net_and_quantizer,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     net, quantizer, x = net_and_quantizer
     fmt = parse_format(name)
     formats = {"conv": name, "fc": name, "out": "int4-g16-asym-gptq"}
-    with pytest.warns(FormatFallbackWarning) if fmt.group_size and fmt.group_size > 18 else _no_warning():
+    falls_back = fmt.group_size is not None and fmt.group_size > 18  # the conv's rows
+    with pytest.warns(FormatFallbackWarning) if falls_back else _no_warning():
         packed = save_packed_formats(net, formats, quantizer, tmp_path / "net.safetensors")
     with formats_in_place(net, formats, quantizer) as fake:
         expected = {k: v.clone() for k, v in fake.state_dict().items()}
@@ -112,7 +115,8 @@ def test_every_format_is_stored_at_its_accounted_size_and_reloads_bit_for_bit(
     state = loaded.state_dict()
     assert state.keys() == expected.keys()
     for key, tensor in expected.items():
-        assert torch.equal(state[key].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), key
+        got, want = state[key].reshape(-1), tensor.reshape(-1)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), key
     assert torch.equal(loaded(x), expected_out)
     # Tensor bytes: each format's codes, scales and zero points at their accounted bits.
     stored = _bits_of_tensors(packed.path)
@@ -129,8 +133,10 @@ def test_every_format_is_stored_at_its_accounted_size_and_reloads_bit_for_bit(
     buffers = sum(b.numel() * b.element_size() for b in net.buffers())
     padding = packed.payload_bytes - buffers - packed.accounted_bytes
     assert 0 <= padding < 3 * 3  # under a byte per packed tensor (codes, zero points)
-    accounted = sum(format_bits(parse_format(formats[n]), *s) for n, s in
-                    (("conv", (6, 18)), ("fc", (48, 96)), ("out", (5, 48))))
+    accounted = sum(
+        format_bits(parse_format(formats[n]), *s)
+        for n, s in (("conv", (6, 18)), ("fc", (48, 96)), ("out", (5, 48)))
+    )
     floats = 32 * sum(p.numel() for n, p in net.named_parameters() if not n.endswith("weight"))
     floats += 32 * net.norm.weight.numel()
     assert packed.accounted_bytes * 8 == accounted + floats
@@ -149,7 +155,7 @@ class _no_warning:
         self._catch.__exit__(*exc)
 
 
-# -- ONNX ------------------------------------------------------------------------------------------
+# -- ONNX ----------------------------------------------------------------------------------------
 
 ONNX_FORMATS = [
     "int4-pc-sym-rtn",
@@ -196,7 +202,9 @@ def onnx_net() -> tuple[torch.nn.Module, FormatQuantizer, torch.Tensor]:
 
 @pytest.mark.parametrize("name", ONNX_FORMATS)
 def test_onnx_of_every_format_matches_the_fake_quantized_model(
-    name: str, onnx_net, tmp_path: Path  # type: ignore[no-untyped-def]
+    name: str,
+    onnx_net,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     import warnings
 
@@ -240,7 +248,8 @@ def test_onnx_of_every_format_matches_the_fake_quantized_model(
 
 
 def test_onnx_before_opset_21_stores_groups_as_rows_and_says_so(
-    onnx_net, tmp_path: Path  # type: ignore[no-untyped-def]
+    onnx_net,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     import onnx
 
@@ -275,7 +284,8 @@ TORCHAO_FORMATS = [
 
 @pytest.mark.parametrize("name", TORCHAO_FORMATS)
 def test_torchao_tensors_hold_the_codes_bit_for_bit(
-    name: str, net_and_quantizer  # type: ignore[no-untyped-def]
+    name: str,
+    net_and_quantizer,  # type: ignore[no-untyped-def]
 ) -> None:
     import warnings
 
@@ -303,7 +313,9 @@ def test_torchao_tensors_hold_the_codes_bit_for_bit(
     assert type(net.fc.weight) is torch.nn.Parameter  # the model is left alone
 
 
-def test_torchao_refuses_what_it_cannot_hold(net_and_quantizer) -> None:  # type: ignore[no-untyped-def]
+def test_torchao_refuses_what_it_cannot_hold(
+    net_and_quantizer,  # type: ignore[no-untyped-def]
+) -> None:
     pytest.importorskip("torchao")
     from optuna_ctpe.deploy.torchao import quantize_with_torchao_formats
     from optuna_ctpe.deploy.torchao import torchao_format_config
