@@ -4,7 +4,7 @@
   (pure numpy);
 * :mod:`~optuna_ctpe.deploy.artifact`: :func:`save_packed` / :func:`load_packed`, the
   width-pruned, quantized model in one safetensors file whose size is the accounted size, and
-  its bit-exact loader;
+  its bit-exact loader; :func:`save_packed_formats`, a model with a weight format per layer;
 * :mod:`~optuna_ctpe.deploy.onnx`: :func:`export_onnx`, the model as an ONNX graph with
   ``MatMulNBits`` and ``DequantizeLinear`` weights that onnxruntime runs on CPU;
 * :mod:`~optuna_ctpe.deploy.torchao`: :func:`torchao_config` / :func:`quantize_with_torchao`,
@@ -42,6 +42,7 @@ _LAZY = {
     "quantize_with_torchao": "optuna_ctpe.deploy.torchao",
     "read_packed_metadata": "optuna_ctpe.deploy.artifact",
     "save_packed": "optuna_ctpe.deploy.artifact",
+    "save_packed_formats": "optuna_ctpe.deploy.artifact",
     "torchao_config": "optuna_ctpe.deploy.torchao",
 }
 

@@ -12,10 +12,26 @@ found by content and replaced by integers and per-channel scales:
   integer initializer feeding ``DequantizeLinear`` with per-channel scales, whose output keeps
   the initializer's name, so every consumer reads the same values as before.
 
-Our quantization is symmetric per output channel (``w = q * s``, ``|q| <= 2^(b-1) - 1``), which
-both operators represent exactly: MatMulNBits with its default zero point ``2^(c-1)`` of a
-``c``-bit container and the channel's scale repeated in every block of the row, DequantizeLinear
-with a signed container and no zero point. Pure numpy and ``onnx``: no torch.
+A bit-width's quantization is symmetric per output channel (``w = q * s``,
+``|q| <= 2^(b-1) - 1``), which both operators represent exactly: MatMulNBits with its default
+zero point ``2^(c-1)`` of a ``c``-bit container and the channel's scale repeated in every block
+of the row, DequantizeLinear with a signed container and no zero point.
+
+A weight format (:mod:`optuna_ctpe.space.formats`) adds groups and zero points:
+
+* MatMulNBits takes a group of ``g`` inputs as blocks of the largest block size dividing ``g``
+  (``g`` itself when it is a power of two from 16 to 256; the group's scale repeated in each of
+  its blocks), and an asymmetric grid's unsigned codes with its zero points (packed, ``bits``
+  of the container each, a row's padded to a byte); a group no block size divides (``g24``)
+  goes to DequantizeLinear instead;
+* DequantizeLinear takes an asymmetric grid in an unsigned container (uint4, uint8, uint16)
+  with its zero points, and groups, from opset 21, as a blocked DequantizeLinear
+  (``block_size = g``) of the weight's ``(rows, inputs)`` matrix, reshaped to the weight's
+  shape; before opset 21, which has no blocks, as the same thing with one row per group
+  (per-channel DequantizeLinear of the ``(rows × groups, g)`` codes, the last group padded
+  with its zero point, sliced and reshaped back): exact too, and a warning names the layer.
+
+Pure numpy and ``onnx``: no torch.
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ MATMUL_NBITS_BITS = (2, 4, 8)
 #: Block sizes of MatMulNBits' CPU kernels (a 2-bit block may not exceed 256).
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 _SCALE_BYTES = 4
-#: DequantizeLinear takes int4 and int16 inputs from opset 21 on.
+#: DequantizeLinear takes int4 and int16 inputs, and blocks, from opset 21 on.
 _OPSET_INT4_INT16 = 21
 _MS_DOMAIN = "com.microsoft"
 
@@ -51,8 +67,12 @@ class IntegerWeight:
         bits: The layer's bit-width.
         axis: The weight axis holding the output channels.
         values: The fake-quantized float32 weight, as the exported graph holds it.
-        q: The integers, of ``values``' shape: ``values ≈ q * scale`` along ``axis``.
-        scale: One float32 scale per output channel.
+        q: The integers, of ``values``' shape: ``values ≈ (q - zero) * scale`` along ``axis``
+            (unsigned for an asymmetric grid, else signed).
+        scale: One float32 scale per output channel, or ``(channels, groups)`` of them.
+        zero: None for a symmetric grid, else the integer zero points, of ``scale``'s shape.
+        group_size: Inputs per group (a row of the weight's ``(rows, inputs)`` matrix, rows
+            along ``axis``); None for one scale per channel.
     """
 
     name: str
@@ -61,6 +81,18 @@ class IntegerWeight:
     values: np.ndarray
     q: np.ndarray
     scale: np.ndarray
+    zero: np.ndarray | None = None
+    group_size: int | None = None
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The ``(rows, groups)`` scales and zero points, and the inputs per group."""
+        rows = self.values.shape[self.axis] if self.values.ndim > 1 else self.values.size
+        inputs = self.values.size // max(rows, 1)
+        scale = self.scale.reshape(rows, -1).astype(np.float32)
+        zero = None if self.zero is None else self.zero.reshape(rows, -1).astype(np.int64)
+        if scale.shape[1] == 1:
+            return scale, zero, inputs
+        return scale, zero, min(self.group_size or inputs, inputs)
 
 
 @dataclass(frozen=True)
@@ -69,7 +101,7 @@ class OnnxLayer:
 
     Attributes:
         name: The layer name.
-        bits: The layer's bit-width in the configuration.
+        bits: The layer's bit-width in the configuration (or format).
         operator: ``"MatMulNBits"``, ``"DequantizeLinear"``, or ``"float"`` when no initializer
             of the graph holds the layer's weight (it then stays float32, fake-quantized).
         container_bits: Bits each weight takes in the file: the operator's container (2, 4, 8,
@@ -141,40 +173,44 @@ def quantize_graph(
         # The integers as the initializer lays them out, and its output-channel axis.
         q = w.q.T if transposed else w.q
         axis = 1 - w.axis if transposed else w.axis
+        scale, zero, group = w.grid()
         users = uses.get(init_name, [])
         container = next((c for c in MATMUL_NBITS_BITS if c >= w.bits), None)
+        q_nk = np.moveaxis(q, axis, 0)
+        block = None
+        if container is not None and q.ndim == 2:
+            block = _nbits_block(q_nk.shape[1], group, scale.shape[1], container)
         if (
-            container is not None
+            block is not None
             and users
             and init_name not in pinned
             and all(_feeds_matmul(graph.node[at], i, axis, ranks) for at, i in users)
         ):
-            q_nk = np.moveaxis(q, axis, 0)  # (N, K): MatMulNBits' layout
-            blob, scales, block = _pack(q_nk, w.scale, container)
+            # q_nk is (N, K): MatMulNBits' layout.
+            blob, scales, zero_points = _pack(q_nk, scale, zero, group, container, block)
             new_inits += [
                 numpy_helper.from_array(blob, f"{init_name}_nbits"),
                 numpy_helper.from_array(scales, f"{init_name}_nbits_scales"),
             ]
+            if zero_points is not None:
+                new_inits.append(numpy_helper.from_array(zero_points, f"{init_name}_nbits_zp"))
             for at, _ in users:
                 replaced[at] = _matmul_nbits(
-                    graph.node[at], init_name, q_nk.shape, container, block, accuracy_level
+                    graph.node[at],
+                    init_name,
+                    q_nk.shape,
+                    container,
+                    block,
+                    accuracy_level,
+                    zero_points is not None,
                 )
             layers.setdefault(layer, OnnxLayer(layer, w.bits, "MatMulNBits", container, block))
         else:
-            dtype, container = _dq_container(w.bits, opset)
-            new_inits += [
-                numpy_helper.from_array(q.astype(dtype), f"{init_name}_quantized"),
-                numpy_helper.from_array(w.scale, f"{init_name}_scale"),
-            ]
-            front.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [f"{init_name}_quantized", f"{init_name}_scale"],
-                    [init_name],
-                    name=f"{init_name}_DequantizeLinear",
-                    axis=axis,
-                )
+            inits, nodes, container = _dequantize(
+                init_name, q, axis, w.bits, scale, zero, group, opset
             )
+            new_inits += inits
+            front += nodes
             layers.setdefault(layer, OnnxLayer(layer, w.bits, "DequantizeLinear", container))
     nodes = front + [replaced.get(at, n) for at, n in enumerate(graph.node)]
     del graph.node[:]
@@ -277,24 +313,61 @@ def _block_size(k: int, bits: int) -> int:
     return min(reversed(_BLOCK_SIZES), key=row_bytes)
 
 
-def _pack(q_nk: np.ndarray, scale: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """MatMulNBits' ``B`` (uint8, ``(N, blocks, block * bits / 8)``) and ``scales``.
+def _nbits_block(k: int, group: int, n_groups: int, bits: int) -> int | None:
+    """MatMulNBits' block size for rows of ``k`` inputs in groups of ``group``: any block for
+    one group per row (its scale repeats), else the largest block size dividing the group (its
+    scale repeats in each of its blocks), None if there is none."""
+    if n_groups == 1:
+        return _block_size(k, bits)
+    return max((b for b in _BLOCK_SIZES if group % b == 0), default=None)
 
-    Values are stored unsigned with the operator's default zero point ``2^(bits-1)``, the first
-    value of a byte in its lowest bits; the padding past ``K`` dequantizes to 0.
+
+def _pack(
+    q_nk: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray | None,
+    group: int,
+    bits: int,
+    block: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """MatMulNBits' ``B`` (uint8, ``(N, blocks, block * bits / 8)``), ``scales`` (float32,
+    ``N × blocks``) and ``zero_points`` (uint8, each row's ``blocks`` values of ``bits`` bits
+    packed and padded to a byte; None for a symmetric grid).
+
+    Values are stored unsigned: a symmetric grid's signed codes plus the operator's default
+    zero point ``2^(bits-1)``, an asymmetric grid's as they are with their zero points. The
+    first value of a byte is in its lowest bits; the padding past ``K`` is the block's zero
+    point, which dequantizes to 0.
     """
     n, k = q_nk.shape
-    block = _block_size(k, bits)
     n_blocks = -(-k // block)
-    zero_point = 1 << (bits - 1)
-    unsigned = np.full((n, n_blocks * block), zero_point, np.uint8)
-    unsigned[:, :k] = q_nk + zero_point
+    group_of_block = np.arange(n_blocks) * block // group
+    scales = scale[:, group_of_block].astype(np.float32)
+    if zero is None:
+        points = np.full((n, n_blocks), 1 << (bits - 1), np.int64)
+        unsigned_q = q_nk.astype(np.int64) + (1 << (bits - 1))
+    else:
+        points = zero[:, group_of_block]
+        unsigned_q = q_nk.astype(np.int64)
+    unsigned = np.repeat(points, block, axis=1).astype(np.uint8)
+    unsigned[:, :k] = unsigned_q
+    blob = _pack_rows(unsigned.reshape(n * n_blocks, block), bits).reshape(n, n_blocks, -1)
+    zero_points = None if zero is None else _pack_rows(points.astype(np.uint8), bits).reshape(-1)
+    return blob, scales.reshape(-1), zero_points
+
+
+def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """Each row of unsigned ``values`` packed at ``bits`` (2, 4 or 8) bits, lowest first, and
+    padded to whole bytes: ``(rows, ceil(columns * bits / 8))`` uint8."""
     per_byte = 8 // bits
-    values = unsigned.reshape(n, n_blocks, block // per_byte, per_byte)
-    blob = np.zeros(values.shape[:-1], np.uint8)
+    rows, columns = values.shape
+    padded = np.zeros((rows, -(-columns // per_byte) * per_byte), np.uint8)
+    padded[:, :columns] = values
+    grouped = padded.reshape(rows, -1, per_byte)
+    packed = np.zeros(grouped.shape[:-1], np.uint8)
     for i in range(per_byte):
-        blob |= values[..., i] << np.uint8(bits * i)
-    return blob, np.repeat(scale, n_blocks).astype(np.float32), block
+        packed |= grouped[..., i] << np.uint8(bits * i)
+    return packed
 
 
 def _matmul_nbits(
@@ -304,12 +377,15 @@ def _matmul_nbits(
     bits: int,
     block: int,
     accuracy_level: int,
+    zero_points: bool = False,
 ) -> onnx.NodeProto:
     """The MatMulNBits node computing what the MatMul or Gemm ``node`` computes."""
     n, k = shape
     inputs = [node.input[0], f"{weight}_nbits", f"{weight}_nbits_scales"]
+    if zero_points:
+        inputs.append(f"{weight}_nbits_zp")
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-        inputs += ["", "", node.input[2]]  # zero points and g_idx left out; bias
+        inputs += [""] * (5 - len(inputs)) + [node.input[2]]  # g_idx left out; bias
     return helper.make_node(
         "MatMulNBits",
         inputs,
@@ -333,3 +409,142 @@ def _dq_container(bits: int, opset: int) -> tuple[type, int]:
     if opset >= _OPSET_INT4_INT16:
         return np.int16, 16
     return np.int32, 32
+
+
+def _dq_unsigned(bits: int, opset: int) -> tuple[type, int] | None:
+    """The unsigned type DequantizeLinear reads ``bits``-bit asymmetric codes from, and its
+    bits; None above 8 bits before opset 21 (no uint16)."""
+    if bits <= 4 and opset >= _OPSET_INT4_INT16:
+        return ml_dtypes.uint4, 4
+    if bits <= 8:
+        return np.uint8, 8
+    if opset >= _OPSET_INT4_INT16:
+        return np.uint16, 16
+    return None
+
+
+def _dequantize(
+    name: str,
+    q: np.ndarray,
+    axis: int,
+    bits: int,
+    scale: np.ndarray,
+    zero: np.ndarray | None,
+    group: int,
+    opset: int,
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], int]:
+    """Initializers and nodes that compute the weight ``name`` (integers ``q``, output channels
+    along ``axis``) with DequantizeLinear (see the module docstring), and the container bits."""
+    if zero is None:
+        dtype, container = _dq_container(bits, opset)
+    else:
+        unsigned = _dq_unsigned(bits, opset)
+        if unsigned is None:  # (q - z) is a signed integer of bits + 1 bits
+            q = q.astype(np.int64) - _expand(zero, q.shape, axis, group)
+            zero, (dtype, container) = None, _dq_container(bits + 1, opset)
+        else:
+            dtype, container = unsigned
+    rows, groups = scale.shape
+    if groups == 1:  # one scale per channel: DequantizeLinear along the axis, as it is
+        inits = [
+            numpy_helper.from_array(q.astype(dtype), f"{name}_quantized"),
+            numpy_helper.from_array(scale[:, 0], f"{name}_scale"),
+        ]
+        inputs = [f"{name}_quantized", f"{name}_scale"]
+        if zero is not None:
+            inits.append(numpy_helper.from_array(zero[:, 0].astype(dtype), f"{name}_zero"))
+            inputs.append(f"{name}_zero")
+        node = helper.make_node(
+            "DequantizeLinear", inputs, [name], name=f"{name}_DequantizeLinear", axis=axis
+        )
+        return inits, [node], container
+    moved = list(q.shape)
+    moved[0], moved[axis] = moved[axis], moved[0]
+    matrix = q.swapaxes(0, axis).reshape(rows, -1)
+    k = matrix.shape[1]
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    if opset >= _OPSET_INT4_INT16:
+        # Blocked DequantizeLinear of the (rows, inputs) matrix: block j of a row is group j.
+        inits += [
+            numpy_helper.from_array(matrix.astype(dtype), f"{name}_quantized"),
+            numpy_helper.from_array(scale, f"{name}_scale"),
+        ]
+        inputs = [f"{name}_quantized", f"{name}_scale"]
+        if zero is not None:
+            inits.append(numpy_helper.from_array(zero.astype(dtype), f"{name}_zero"))
+            inputs.append(f"{name}_zero")
+        nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                inputs,
+                [f"{name}_rows"],
+                name=f"{name}_DequantizeLinear",
+                axis=1,
+                block_size=group,
+            )
+        )
+    else:
+        # No blocks before opset 21: one row per group, per-channel, padded with the
+        # group's zero point (which dequantizes to 0), then sliced back to the inputs.
+        fill = np.zeros((rows, groups), np.int64) if zero is None else zero
+        padded = np.repeat(fill, group, axis=1)
+        padded[:, :k] = matrix
+        inits += [
+            numpy_helper.from_array(
+                padded.reshape(rows * groups, group).astype(dtype), f"{name}_quantized"
+            ),
+            numpy_helper.from_array(scale.reshape(-1), f"{name}_scale"),
+            numpy_helper.from_array(np.array([rows, groups * group], np.int64), f"{name}_padded"),
+            numpy_helper.from_array(np.array([0], np.int64), f"{name}_start"),
+            numpy_helper.from_array(np.array([k], np.int64), f"{name}_end"),
+            numpy_helper.from_array(np.array([1], np.int64), f"{name}_axes"),
+        ]
+        inputs = [f"{name}_quantized", f"{name}_scale"]
+        if zero is not None:
+            inits.append(numpy_helper.from_array(zero.reshape(-1).astype(dtype), f"{name}_zero"))
+            inputs.append(f"{name}_zero")
+        nodes += [
+            helper.make_node(
+                "DequantizeLinear",
+                inputs,
+                [f"{name}_groups"],
+                name=f"{name}_DequantizeLinear",
+                axis=0,
+            ),
+            helper.make_node(
+                "Reshape",
+                [f"{name}_groups", f"{name}_padded"],
+                [f"{name}_padded_rows"],
+                name=f"{name}_Reshape_groups",
+            ),
+            helper.make_node(
+                "Slice",
+                [f"{name}_padded_rows", f"{name}_start", f"{name}_end", f"{name}_axes"],
+                [f"{name}_rows"],
+                name=f"{name}_Slice",
+            ),
+        ]
+    inits.append(numpy_helper.from_array(np.array(moved, np.int64), f"{name}_shape"))
+    reshaped = name if axis == 0 else f"{name}_moved"
+    nodes.append(
+        helper.make_node(
+            "Reshape", [f"{name}_rows", f"{name}_shape"], [reshaped], name=f"{name}_Reshape"
+        )
+    )
+    if axis != 0:
+        perm = list(range(q.ndim))
+        perm[0], perm[axis] = perm[axis], perm[0]
+        nodes.append(
+            helper.make_node("Transpose", [reshaped], [name], name=f"{name}_Transpose", perm=perm)
+        )
+    return inits, nodes, container
+
+
+def _expand(zero: np.ndarray, shape: tuple[int, ...], axis: int, group: int) -> np.ndarray:
+    """The ``(rows, groups)`` zero points as one per element of a weight of ``shape``."""
+    moved = list(shape)
+    moved[0], moved[axis] = moved[axis], moved[0]
+    k = int(np.prod(moved[1:], dtype=np.int64))
+    per_input = np.repeat(zero, group, axis=1)[:, :k]
+    return per_input.reshape(moved).swapaxes(0, axis)

@@ -28,12 +28,30 @@ not in the accounting). :func:`load_packed` prunes a copy of the original archit
 recorded widths, exactly as :meth:`HessianSearchSpace.apply` does, and loads the tensors into
 it: the result computes bit for bit what ``space.apply(model, config, example_inputs)`` computes.
 
+**Weight formats** (:mod:`optuna_ctpe.space.formats`): :func:`save_packed_formats` stores a
+model with one format per layer, quantized by a
+:class:`~optuna_ctpe.nn.formats.FormatQuantizer` (GPTQ's codes are the ones it produced), in a
+document of version :data:`FORMATS_SCHEMA_VERSION` (``"formats"`` instead of ``"config"``). Each
+quantized weight is stored as (:mod:`optuna_ctpe.deploy._format_codec`)
+
+* ``packed/<name>``: its codes at the format's bits (an asymmetric grid's stored less
+  ``2^(bits-1)``);
+* ``scales/<name>``: one float32 per channel, or float16 per group;
+* ``zeros/<name>``: an asymmetric format's zero points, packed at the format's bits;
+* ``float/<name>``: instead of those three, the weight of a float format (``fp16``, ``fp32``);
+
+so the tensors' bytes are :func:`~optuna_ctpe.space.formats.format_bits` summed, plus under a
+byte of padding per packed tensor, plus the other tensors (32 bits per parameter, as the
+accounting counts them). :func:`load_packed` reads both versions; a file without formats
+(version 1, every file of 0.1.x) keeps its meaning: bit-widths on today's per-channel grid.
+
 Requires the ``torch`` and ``deploy`` extras (``safetensors``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import copy
 from dataclasses import dataclass
 import hashlib
 import json
@@ -41,6 +59,7 @@ import os
 from pathlib import Path
 import struct
 from typing import Any
+from typing import TYPE_CHECKING
 import uuid
 
 import safetensors
@@ -48,45 +67,69 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from optuna_ctpe.deploy import _format_codec
 from optuna_ctpe.deploy._codec import decode
 from optuna_ctpe.deploy._codec import encode
 from optuna_ctpe.nn.apply import apply_config
+from optuna_ctpe.nn.layers import resolve_layers
 from optuna_ctpe.nn.quantize import resolve_quantized_layers
 from optuna_ctpe.space import io
 from optuna_ctpe.space.records import check_config
 from optuna_ctpe.space.records import HasSpec
 from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.formats import as_format
+from optuna_ctpe.space.formats import format_bits
+from optuna_ctpe.space.formats import parse_format
+from optuna_ctpe.space.formats import WeightFormat
 from optuna_ctpe.space.records import spec_of
 from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.size import fp32_bits
 from optuna_ctpe.space.size import size_bits
 
 
+if TYPE_CHECKING:
+    from optuna_ctpe.nn.formats import FormatQuantizer
+
+
 __all__ = [
+    "FORMATS_SCHEMA_VERSION",
     "SCHEMA",
     "SCHEMA_VERSION",
     "PackedFile",
     "load_packed",
     "read_packed_metadata",
     "save_packed",
+    "save_packed_formats",
 ]
 
 #: The ``schema`` of the metadata document.
 SCHEMA = "optuna-ctpe/packed-model"
-#: The version of the format this module writes and reads.
+#: The version :func:`save_packed` writes (bit-widths on the per-channel grid; 0.1.x's files).
 SCHEMA_VERSION = 1
+#: The version :func:`save_packed_formats` writes (a weight format per layer).
+FORMATS_SCHEMA_VERSION = 2
 #: The ``__metadata__`` key holding the document.
 METADATA_KEY = "optuna_ctpe"
 # What a reader needs of the document.
-_DOCUMENT_FIELDS = (
-    "config",
-    "quantized",
-    "aliases",
-    "original_shapes",
-    "metadata",
-    "search_space",
-    "sha256",
-)
+_DOCUMENT_FIELDS = {
+    SCHEMA_VERSION: (
+        "config",
+        "quantized",
+        "aliases",
+        "original_shapes",
+        "metadata",
+        "search_space",
+        "sha256",
+    ),
+    FORMATS_SCHEMA_VERSION: (
+        "formats",
+        "quantized",
+        "aliases",
+        "original_shapes",
+        "metadata",
+        "sha256",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -206,9 +249,12 @@ def save_packed(
 def load_packed(
     path: str | os.PathLike[str], model: nn.Module, *, example_inputs: Any = None
 ) -> nn.Module:
-    """The model :func:`save_packed` wrote to ``path``, rebuilt on ``model``'s architecture.
+    """The model :func:`save_packed` or :func:`save_packed_formats` wrote to ``path``, rebuilt
+    on ``model``'s architecture.
 
-    A copy of ``model`` is pruned to the recorded widths as
+    A file of :func:`save_packed_formats` is loaded into a copy of ``model`` (no pruning): its
+    weights are what :func:`~optuna_ctpe.nn.formats.formats_in_place` put in, bit for bit.
+    Otherwise a copy of ``model`` is pruned to the recorded widths as
     :meth:`HessianSearchSpace.apply` prunes it, and the file's tensors (the quantized weights
     unpacked and multiplied by their scales in float32) are loaded into it. ``model``'s own
     weights do not matter and it is not modified.
@@ -229,6 +275,8 @@ def load_packed(
             layer and both module types).
     """
     document, tensors = _read(Path(path))
+    if document["version"] == FORMATS_SCHEMA_VERSION:
+        return _load_formats(document, tensors, model)
     spec = io.from_json(document["search_space"])
     config = QuantConfig(document["config"]["bits"], document["config"]["widths"])
     _check_shapes(document["original_shapes"], _shapes(model), "the artifact", "model")
@@ -246,6 +294,161 @@ def load_packed(
         scale = tensors[f"scales/{key}"]
         packed = tensors[f"packed/{key}"]
         state[key] = decode(packed, scale, info["bits"], info["axis"], info["shape"], dtype)
+    for name, tensor in tensors.items():
+        if name.startswith("tensor/"):
+            state[name.removeprefix("tensor/")] = tensor
+    for alias, key in document["aliases"].items():
+        state[alias] = state[key]
+    _check_shapes(
+        {k: list(v.shape) for k, v in state.items()}, _shapes(net), "the artifact", "the model"
+    )
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def save_packed_formats(
+    model: nn.Module,
+    formats: Mapping[str, WeightFormat | str | int],
+    quantizer: FormatQuantizer,
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+) -> PackedFile:
+    """Write ``model`` with each named layer's weight in its format as a packed safetensors
+    file (see the module docstring), which :func:`load_packed` reads back bit for bit.
+
+    The weights are ``quantizer``'s (:meth:`FormatQuantizer.codes
+    <optuna_ctpe.nn.formats.FormatQuantizer.codes>`): what
+    :func:`~optuna_ctpe.nn.formats.formats_in_place` ``(model, formats, quantizer)`` computes
+    with, GPTQ's codes included, each (layer, format) computed once.
+
+    Example:
+        .. code-block:: python
+
+            import torch
+            from optuna_ctpe.deploy import load_packed, save_packed_formats
+            from optuna_ctpe.nn.formats import FormatQuantizer
+
+            model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                        torch.nn.Linear(32, 4))
+            batches = [torch.randn(16, 64) for _ in range(4)]
+            quantizer = FormatQuantizer(model, calibration_batches=batches)
+            formats = {"0": "int3-g32-asym-gptq", "2": "int4-pc-sym-rtn"}
+            packed = save_packed_formats(model, formats, quantizer, "net.safetensors")
+            net = load_packed("net.safetensors", model)
+
+    Args:
+        model: The float model ``quantizer`` was built on (not modified).
+        formats: Layer name -> format (a :class:`~optuna_ctpe.space.formats.WeightFormat`,
+            its name, or a bit-width meaning the legacy format). Layers not named are stored
+            as they are (float).
+        quantizer: The store of quantized weights.
+        path: The file to write (replaced atomically if it exists).
+        metadata: JSON-serialisable mapping stored with the model (metrics, provenance).
+
+    Returns:
+        The file and its sizes; ``accounted_bytes`` is
+        :func:`~optuna_ctpe.space.formats.format_bits` of each named layer plus 32 bits per
+        element of every other parameter (buffers are stored but not counted), over 8.
+
+    Raises:
+        ValueError: If ``quantizer`` belongs to another model, on unknown layer names, bad
+            formats, tied layers given different formats, ``metadata`` that is not a
+            JSON-serialisable mapping, or a state-dict entry that is not a plain tensor.
+    """
+    if quantizer.model is not model:
+        raise ValueError("quantizer was built on another model.")
+    if not isinstance(formats, Mapping):
+        raise ValueError(f"formats must be a mapping of layer names to formats, got {formats!r}.")
+    checked = {n: as_format(f, f"formats[{n!r}]") for n, f in formats.items()}
+    layers = resolve_layers(model, list(checked), "formats")
+    document_metadata = _checked_metadata(metadata)
+    by_id: dict[int, tuple[Any, WeightFormat]] = {}
+    for name, layer in layers.items():
+        previous = by_id.setdefault(id(layer.weight), (layer, checked[name]))
+        if previous[1] != checked[name]:
+            raise ValueError(
+                f"formats gives the tied layers {previous[0].name!r} and {name!r} the formats "
+                f"{previous[1].name!r} and {checked[name].name!r}; a tied weight is stored once."
+            )
+    tensors: dict[str, torch.Tensor] = {}
+    quantized: dict[str, dict[str, Any]] = {}
+    aliases: dict[str, str] = {}
+    first_key: dict[int, str] = {}
+    accounted = 0
+    params = {id(p) for p in model.parameters()}
+    for key, value in _plain_state(model).items():
+        if id(value) in first_key:  # a tied tensor: stored once
+            aliases[key] = first_key[id(value)]
+            continue
+        first_key[id(value)] = key
+        if id(value) not in by_id:
+            tensors[f"tensor/{key}"] = value.detach().cpu().contiguous().clone()
+            accounted += 32 * value.numel() if id(value) in params else 0
+            continue
+        layer, fmt = by_id[id(value)]
+        rows = value.shape[layer.out_axis] if value.dim() > 1 else value.numel()
+        accounted += format_bits(fmt, rows, max(value.numel() // max(rows, 1), 1))
+        if fmt.quantized:
+            codes, fit = quantizer.codes(layer, fmt)
+            for part, tensor in _format_codec.encode(codes, fit, fmt).items():
+                tensors[f"{part}/{key}"] = tensor
+        else:
+            tensors[f"float/{key}"] = _format_codec.encode_float(quantizer.get(layer, fmt), fmt)
+        quantized[key] = {
+            "layer": layer.name,
+            "format": fmt.name,
+            "axis": layer.out_axis,
+            "shape": list(value.shape),
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "module": type(layer.module).__name__,
+            "module_name": layer.module_name,
+        }
+    document = {
+        "schema": SCHEMA,
+        "version": FORMATS_SCHEMA_VERSION,
+        "formats": {name: fmt.name for name, fmt in checked.items()},
+        "quantized": quantized,
+        "aliases": aliases,
+        "original_shapes": _shapes(model),
+        "metadata": document_metadata,
+    }
+    document["sha256"] = _sha256(tensors, document)
+    out = Path(path)
+    _atomic_save(tensors, {"format": "pt", METADATA_KEY: json.dumps(document)}, out)
+    fp32 = 32 * sum(p.numel() for p in model.parameters())
+    return PackedFile(
+        path=out,
+        file_bytes=out.stat().st_size,
+        header_bytes=_header_bytes(out),
+        accounted_bytes=accounted / 8,
+        fp32_bytes=fp32 / 8,
+    )
+
+
+def _load_formats(
+    document: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module
+) -> nn.Module:
+    """The model of a :func:`save_packed_formats` file, on a copy of ``model``."""
+    _check_shapes(document["original_shapes"], _shapes(model), "the artifact", "model")
+    net = copy.deepcopy(model)
+    modules = dict(net.named_modules())
+    state: dict[str, torch.Tensor] = {}
+    for key, info in document["quantized"].items():
+        module = modules.get(info["module_name"])
+        if type(module).__name__ != info["module"]:
+            raise ValueError(
+                f"layer {info['layer']!r} is a {type(module).__name__} in model, but the "
+                f"artifact stores a {info['module']}."
+            )
+        fmt = parse_format(info["format"])
+        stored = {
+            part: tensors[f"{part}/{key}"]
+            for part in ("packed", "scales", "zeros", "float")
+            if f"{part}/{key}" in tensors
+        }
+        dtype = getattr(torch, info["dtype"])
+        state[key] = _format_codec.decode(stored, fmt, info["shape"], info["axis"], dtype)
     for name, tensor in tensors.items():
         if name.startswith("tensor/"):
             state[name.removeprefix("tensor/")] = tensor
@@ -380,12 +583,12 @@ def _document(handle: Any, path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: its optuna-ctpe metadata is not valid JSON ({e}).") from None
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise ValueError(f"{path} is not an optuna-ctpe packed model (schema {SCHEMA!r}).")
-    if type(document.get("version")) is not int or document["version"] != SCHEMA_VERSION:
+    if type(document.get("version")) is not int or document["version"] not in _DOCUMENT_FIELDS:
         raise ValueError(
             f"{path} has packed-model schema version {document.get('version')!r}; this "
-            f"optuna-ctpe reads version {SCHEMA_VERSION}."
+            f"optuna-ctpe reads versions {sorted(_DOCUMENT_FIELDS)}."
         )
-    missing = [k for k in _DOCUMENT_FIELDS if k not in document]
+    missing = [k for k in _DOCUMENT_FIELDS[document["version"]] if k not in document]
     if missing:
         raise ValueError(f"{path}: its optuna-ctpe metadata lacks the fields {missing}.")
     return document

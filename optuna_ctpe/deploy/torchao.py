@@ -19,6 +19,26 @@ and :func:`quantize_with_torchao` keeps them float with fake-quantized values. O
 CPU machines torchao stores sub-8-bit weights one byte each and runs slower than float32
 (issue 11): it is the route to GPU kernels, not a CPU speed-up.
 
+**Weight formats** (:mod:`optuna_ctpe.space.formats`):
+
+* :func:`quantize_with_torchao_formats` gives each Linear of a quantized format up to 8 bits
+  torchao's ``IntxUnpackedToInt8Tensor`` built from the codes, scales and zero points of a
+  :class:`~optuna_ctpe.nn.formats.FormatQuantizer` (GPTQ's included): per-channel
+  (``block_size = (1, in_features)``) or per group (``(1, g)``), asymmetric grids with their
+  zero points. It dequantizes to the fake-quantized weight bit for bit, so the copy computes
+  what :func:`~optuna_ctpe.nn.formats.formats_in_place` computes.
+* :func:`torchao_format_config` maps round-to-nearest formats to torchao's own
+  ``IntxWeightOnlyConfig(granularity=PerGroup(g) or PerAxis(0), mapping_type=...)``, where
+  torchao fits the scales itself: ``"asym"`` is ``MappingType.ASYMMETRIC`` and ``"fullsym"``
+  ``MappingType.SYMMETRIC`` (the same grids; torchao's scales are float32 where a group's are
+  float16 here, so values differ by rounding). ``"sym"`` (``[-q_max, q_max]``) and GPTQ's
+  rounding have no torchao config: a ValueError names the layer and format, and points to
+  :func:`quantize_with_torchao_formats`.
+
+Both refuse (a ValueError naming the layer and format) what torchao cannot hold: more than 8
+bits, and groups that do not divide a row (torchao's blocks must tile the weight); layers that
+are not ``nn.Linear`` keep fake-quantized float weights, named in a warning.
+
 Requires the ``torch`` and ``deploy`` extras (``torchao``).
 """
 
@@ -28,6 +48,8 @@ from collections.abc import Mapping
 from typing import Any
 from typing import TYPE_CHECKING
 import warnings
+
+import copy
 
 import torch
 from torch import nn
@@ -39,11 +61,18 @@ from optuna_ctpe.space.records import QuantConfig
 
 
 if TYPE_CHECKING:
+    from optuna_ctpe.nn.formats import FormatQuantizer
+    from optuna_ctpe.space.formats import WeightFormat
     from optuna_ctpe.space.records import HasSpec
     from optuna_ctpe.space.records import SpaceSpec
 
 
-__all__ = ["quantize_with_torchao", "torchao_config"]
+__all__ = [
+    "quantize_with_torchao",
+    "quantize_with_torchao_formats",
+    "torchao_config",
+    "torchao_format_config",
+]
 
 _INSTALL_HINT = 'pip install "optuna-ctpe[deploy]" (torchao)'
 #: Group sizes of the tinygemm int4 kernel, the torchao default first.
@@ -215,6 +244,192 @@ def quantize_with_torchao(
     if skipped:
         raise RuntimeError(f"torchao left layers {skipped} unquantized.")
     return net
+
+
+def torchao_format_config(model: nn.Module, formats: Mapping[str, Any]) -> Any:
+    """torchao's ``FqnToConfig`` of ``IntxWeightOnlyConfig`` for the Linear layers of
+    round-to-nearest formats: ``PerGroup(g)`` or ``PerAxis(0)``, ``ASYMMETRIC`` for ``"asym"``
+    and ``SYMMETRIC`` for ``"fullsym"`` (see the module docstring).
+
+    Example:
+        .. code-block:: python
+
+            import torch
+            from torchao.quantization import quantize_
+            from optuna_ctpe.deploy.torchao import torchao_format_config
+
+            model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+            quantize_(model, torchao_format_config(model, {"0": "int4-g32-asym-rtn"}),
+                      filter_fn=None)
+
+    Args:
+        model: The model as it will be quantized.
+        formats: Layer name -> format (a :class:`~optuna_ctpe.space.formats.WeightFormat`,
+            its name, or a bit-width). Float formats and layers other than ``nn.Linear`` are
+            not mapped (the latter named in a warning).
+
+    Returns:
+        A ``torchao.quantization.FqnToConfig``; pass it to ``quantize_`` with
+        ``filter_fn=None``.
+
+    Raises:
+        ValueError: Naming the layer and format, for a ``"sym"`` grid or GPTQ rounding (no
+            torchao config: use :func:`quantize_with_torchao_formats`), more than 8 bits, or
+            groups that do not divide the layer's inputs.
+        ImportError: If torchao is not installed.
+    """
+    quantization = _torchao_quantization()
+    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    checked, layers, linear = _format_layers(model, formats)
+    mapped: dict[str, Any] = {}
+    for name in linear:
+        fmt = checked[name]
+        if fmt.rounding != "rtn" or fmt.grid == "sym":
+            what = "GPTQ's rounding" if fmt.rounding != "rtn" else "the grid [-q_max, q_max]"
+            raise ValueError(
+                f"layer {name!r}, format {fmt.name!r}: torchao's IntxWeightOnlyConfig fits "
+                f"and rounds itself and has no config for {what}; quantize_with_torchao_formats"
+                " stores this package's codes exactly."
+            )
+        group = _torchao_group(name, fmt, layers[name].weight.shape[1])
+        mapped[name] = quantization.IntxWeightOnlyConfig(
+            weight_dtype=getattr(torch, f"int{fmt.bits}"),
+            granularity=PerAxis(0) if group is None else PerGroup(group),
+            mapping_type=MappingType.ASYMMETRIC if fmt.grid == "asym" else MappingType.SYMMETRIC,
+        )
+    return quantization.FqnToConfig(mapped)
+
+
+def quantize_with_torchao_formats(
+    model: nn.Module,
+    formats: Mapping[str, WeightFormat | str | int],
+    quantizer: FormatQuantizer,
+) -> nn.Module:
+    """A copy of ``model`` whose Linear layers hold torchao ``IntxUnpackedToInt8Tensor``
+    weights made of ``quantizer``'s codes, scales and zero points (see the module docstring),
+    every other named layer its fake-quantized float weight.
+
+    The copy computes what ``formats_in_place(model, formats, quantizer)`` computes; ``model``
+    is not modified.
+
+    Example:
+        .. code-block:: python
+
+            import torch
+            from optuna_ctpe.deploy.torchao import quantize_with_torchao_formats
+            from optuna_ctpe.nn.formats import FormatQuantizer
+
+            model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                        torch.nn.Linear(32, 4))
+            batches = [torch.randn(16, 64) for _ in range(4)]
+            quantizer = FormatQuantizer(model, calibration_batches=batches)
+            net = quantize_with_torchao_formats(
+                model, {"0": "int3-g32-asym-gptq", "2": "int4-pc-sym-rtn"}, quantizer
+            )
+
+    Args:
+        model: The float model ``quantizer`` was built on (float32).
+        formats: Layer name -> format (a :class:`~optuna_ctpe.space.formats.WeightFormat`,
+            its name, or a bit-width).
+        quantizer: The store of quantized weights.
+
+    Returns:
+        The copy, in eval mode, on ``model``'s device.
+
+    Raises:
+        ValueError: If ``quantizer`` belongs to another model, on unknown layers or bad
+            formats, and naming the layer and format for a Linear layer of more than 8 bits or
+            with groups that do not divide its inputs.
+        ImportError: If torchao is not installed.
+    """
+    _torchao_quantization()
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    if quantizer.model is not model:
+        raise ValueError("quantizer was built on another model.")
+    checked, layers, linear = _format_layers(model, formats)
+    for name in linear:  # refused before anything is computed
+        _torchao_group(name, checked[name], layers[name].weight.shape[1])
+    values = {name: quantizer.get(layers[name], fmt) for name, fmt in checked.items()}
+    tensors = {}
+    for name in linear:
+        fmt = checked[name]
+        codes, fit = quantizer.codes(layers[name], fmt)
+        # torchao's int{b} holds [-2^(b-1), 2^(b-1) - 1]: an asymmetric grid's unsigned codes
+        # and zero points are shifted down by 2^(b-1), which leaves q - z as it is.
+        offset = 2 ** (fmt.bits - 1) if fmt.grid == "asym" else 0
+        tensors[name] = IntxUnpackedToInt8Tensor(
+            (codes - offset).to(torch.int8),
+            fit.scale.float(),
+            (fit.zero - offset).to(torch.int8),
+            getattr(torch, f"int{fmt.bits}"),
+            (1, fit.group_size),
+            values[name].dtype,
+            None,
+        )
+    net = copy.deepcopy(model).eval()
+    copied = resolve_layers(net, list(checked), "formats")
+    with torch.no_grad():
+        for name in checked:
+            layer = copied[name]
+            if name in tensors:
+                setattr(layer.module, layer.attr, nn.Parameter(tensors[name], requires_grad=False))
+            else:
+                layer.weight.copy_(values[name])
+    return net
+
+
+def _format_layers(
+    model: nn.Module, formats: Mapping[str, Any]
+) -> tuple[dict[str, WeightFormat], dict[str, Any], list[str]]:
+    """The checked formats, the layers, and the names of those torchao takes (nn.Linear of a
+    quantized format; the others named in a warning)."""
+    from optuna_ctpe.space.formats import as_format
+
+    if not isinstance(formats, Mapping):
+        raise ValueError(f"formats must be a mapping of layer names to formats, got {formats!r}.")
+    checked = {n: as_format(f, f"formats[{n!r}]") for n, f in formats.items()}
+    layers = resolve_layers(model, list(checked), "formats")
+    attention = {
+        f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+    }
+    linear, other = [], []
+    for name, fmt in checked.items():
+        if not fmt.quantized:
+            continue
+        layer = layers[name]
+        if isinstance(layer.module, nn.Linear) and layer.module_name not in attention:
+            linear.append(name)
+        else:
+            other.append(f"{name!r} ({type(layer.module).__name__}, {fmt.name})")
+    if other:
+        warnings.warn(
+            f"torchao has no weight-only path here for layers {', '.join(other)}: only "
+            "nn.Linear is mapped; they keep fake-quantized float weights.",
+            stacklevel=3,
+        )
+    return checked, layers, linear
+
+
+def _torchao_group(name: str, fmt: WeightFormat, in_features: int) -> int | None:
+    """torchao's group size for ``fmt`` on rows of ``in_features`` (None: per channel, also
+    for a group longer than the row), or a ValueError naming the layer and format."""
+    if fmt.bits > _INT8_BITS:
+        raise ValueError(
+            f"layer {name!r}, format {fmt.name!r}: torchao's integer weights hold at most "
+            f"{_INT8_BITS} bits."
+        )
+    if fmt.group_size is None or fmt.group_size >= in_features:
+        return None
+    if in_features % fmt.group_size:
+        raise ValueError(
+            f"layer {name!r}, format {fmt.name!r}: torchao's groups must divide the "
+            f"{in_features} inputs of a row; {fmt.group_size} does not."
+        )
+    return fmt.group_size
 
 
 def _torchao_quantization() -> Any:

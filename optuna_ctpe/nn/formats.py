@@ -48,8 +48,12 @@ from optuna_ctpe.nn.gptq import hessian_factor
 from optuna_ctpe.nn.gptq import HessianFactor
 from optuna_ctpe.nn.gptq import InputHessian
 from optuna_ctpe.nn.grids import as_rows
+from optuna_ctpe.nn.grids import dequantize
 from optuna_ctpe.nn.grids import fake_quantize
+from optuna_ctpe.nn.grids import fit_grid
 from optuna_ctpe.nn.grids import from_rows
+from optuna_ctpe.nn.grids import GridFit
+from optuna_ctpe.nn.grids import round_to_grid
 from optuna_ctpe.nn.layers import LayerWeight
 from optuna_ctpe.nn.layers import model_layers
 from optuna_ctpe.nn.layers import resolve_layers
@@ -132,6 +136,10 @@ class FormatQuantizer:
         self._hessians: dict[str, InputHessian] | None = None
         self._factors: dict[str, HessianFactor] = {}
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        # The grid of each computed (layer, format): a few numbers per row, kept beside the
+        # entries (and dropped with them) so that codes() reads GPTQ's grids, which are fitted
+        # during its sweep and cannot be fitted again from the float weight.
+        self._fits: dict[tuple[str, str], GridFit] = {}
         self._nbytes = 0
 
     @property
@@ -183,7 +191,10 @@ class FormatQuantizer:
         self.discard(key)
         with torch.no_grad():
             source = weight.detach()
-            q = torch.empty_like(source).copy_(self._quantize(layer, fmt))
+            values, fit = self._quantize(layer, fmt)
+            q = torch.empty_like(source).copy_(values)
+        if fit is not None:
+            self._fits[key] = fit
         size = q.numel() * q.element_size()
         if size <= self.max_bytes:
             while self._nbytes + size > self.max_bytes:
@@ -192,7 +203,52 @@ class FormatQuantizer:
             self._nbytes += size
         return q
 
-    def _quantize(self, layer: LayerWeight, fmt: WeightFormat) -> torch.Tensor:
+    def codes(
+        self, layer: LayerWeight | str, fmt: WeightFormat | str | int
+    ) -> tuple[torch.Tensor, GridFit]:
+        """The integer codes and grid of ``layer``'s weight in ``fmt``: what a packed file or
+        an ONNX graph stores, read from the quantized tensor of :meth:`get` (computed once).
+
+        The codes are ``(rows, inputs)`` int32 (:func:`~optuna_ctpe.nn.grids.as_rows` order);
+        ``dequantize(codes, *fit.columns(inputs))``, cast to the weight's dtype, is
+        :meth:`get`'s tensor bit for bit, which is checked. Call it outside
+        :func:`formats_in_place` (inside, a layer's weight is its quantized tensor, which
+        :meth:`get` would take for a changed weight and quantize again).
+
+        Args:
+            layer: A layer of the model, or its name.
+            fmt: A quantized format, its name, or a bit-width.
+
+        Raises:
+            ValueError: On an unknown layer, a bad or float format, or if the quantized tensor
+                is not its codes times its grid (a weight stored in a dtype too narrow for
+                its codes, such as bfloat16 at 8 bits).
+        """
+        if isinstance(layer, str):
+            layer = resolve_layers(self.model, [layer], "layer")[layer]
+        fmt = as_format(fmt, f"the format of layer {layer.name!r}")
+        if not fmt.quantized:
+            raise ValueError(f"format {fmt.name!r} of layer {layer.name!r} has no codes.")
+        q = self.get(layer, fmt)
+        fit = self._fits[(layer.param_name, fmt.name)]
+        rows = as_rows(q, layer.out_axis)
+        scale, zero = fit.columns(rows.shape[1])
+        with torch.no_grad():
+            # (q - z) s divided by s is q - z to far under half a step (|q - z| < 2^16), so the
+            # rounding recovers the code exactly; the check below makes sure.
+            lo, hi = fmt.code_range
+            codes = (torch.round(rows / scale) + zero).clamp(lo, hi)
+            rebuilt = from_rows(dequantize(codes, scale, zero), q, layer.out_axis)
+        if not torch.equal(rebuilt, q):
+            raise ValueError(
+                f"the weight of layer {layer.name!r} in format {fmt.name!r} is not its codes "
+                f"times its scales in {q.dtype} (a dtype too narrow for {fmt.bits}-bit codes)."
+            )
+        return codes.to(torch.int32), fit
+
+    def _quantize(
+        self, layer: LayerWeight, fmt: WeightFormat
+    ) -> tuple[torch.Tensor, GridFit | None]:
         weight = layer.weight.detach()
         rows = as_rows(weight, layer.out_axis)
         if fmt.quantized and group_fallback(fmt, rows.shape[1]):
@@ -202,8 +258,10 @@ class FormatQuantizer:
                 f"rows of {rows.shape[1]} inputs are shorter than groups of {fmt.group_size}: "
                 "one group per row",
             )
+        if not fmt.quantized:
+            return fake_quantize(weight, fmt, layer.out_axis), None
         if fmt.rounding != "gptq":
-            return fake_quantize(weight, fmt, layer.out_axis)
+            return self._nearest(rows, weight, layer, fmt)
         reason = gptq_unsupported(layer)
         hessians = self.hessians() if reason is None else {}
         if reason is None and layer.name not in hessians:
@@ -213,13 +271,23 @@ class FormatQuantizer:
             )
         if reason is not None:
             self._fallback(layer, fmt, f"{reason}: rounded to nearest on the same grid")
-            return fake_quantize(weight, fmt, layer.out_axis)
+            return self._nearest(rows, weight, layer, fmt)
         factor = self._factors.get(layer.name)
         if factor is None:
             factor = hessian_factor(hessians[layer.name].matrix(), self.settings)
             self._factors[layer.name] = factor
-        q, _ = gptq_rows(rows, factor, fmt, self.settings)
-        return from_rows(q, weight, layer.out_axis)
+        q, fit = gptq_rows(rows, factor, fmt, self.settings)
+        return from_rows(q, weight, layer.out_axis), fit
+
+    @staticmethod
+    def _nearest(
+        rows: torch.Tensor, weight: torch.Tensor, layer: LayerWeight, fmt: WeightFormat
+    ) -> tuple[torch.Tensor, GridFit]:
+        """Round to nearest: :func:`~optuna_ctpe.nn.grids.fake_quantize`'s computation, with
+        its grid."""
+        fit = fit_grid(rows, fmt)
+        q = round_to_grid(rows, *fit.columns(rows.shape[1]), fmt)
+        return from_rows(q, weight, layer.out_axis), fit
 
     def _fallback(self, layer: LayerWeight, fmt: WeightFormat, what: str) -> None:
         self.fallbacks[(layer.name, fmt.name)] = what
@@ -232,6 +300,7 @@ class FormatQuantizer:
     def discard(self, key: tuple[str, str]) -> None:
         """Drop the entry of ``key`` (a ``(parameter name, format name)`` pair), if any."""
         entry = self._entries.pop(key, None)
+        self._fits.pop(key, None)
         if entry is not None:
             self._nbytes -= entry.quantized.numel() * entry.quantized.element_size()
 
@@ -249,6 +318,7 @@ class FormatQuantizer:
     def clear(self) -> None:
         """Drop every quantized tensor and the Hessians (collected again when next needed)."""
         self._entries.clear()
+        self._fits.clear()
         self._nbytes = 0
         self._hessians = None
         self._factors.clear()

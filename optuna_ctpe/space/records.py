@@ -614,7 +614,7 @@ def check_config(spec: SpaceSpec, config: Any) -> QuantConfig:
 
 
 class HasSpec(Protocol):
-    """Anything that carries a :class:`SpaceSpec`, such as :class:`~optuna_ctpe.HessianSearchSpace`.
+    """Anything that carries a :class:`SpaceSpec`, e.g. :class:`~optuna_ctpe.HessianSearchSpace`.
 
     The torch wings (:mod:`optuna_ctpe.nn`, :mod:`optuna_ctpe.deploy`) take a space as this
     protocol, or as its :class:`SpaceSpec`, so they work on the records without importing the

@@ -423,10 +423,10 @@ def _rewritten(source: Path, tmp_path: Path, change) -> Path:  # type: ignore[no
 
 
 def test_wrong_schema_and_foreign_files_are_refused(packed_file: Path, tmp_path: Path) -> None:
-    newer = _rewritten(packed_file, tmp_path, lambda d, t: d.update(version=2))
-    with pytest.raises(ValueError, match="packed-model schema version 2; this optuna-ctpe reads"):
+    newer = _rewritten(packed_file, tmp_path, lambda d, t: d.update(version=3))
+    with pytest.raises(ValueError, match="packed-model schema version 3; this optuna-ctpe reads"):
         load_packed(newer, DigitsCNN())
-    with pytest.raises(ValueError, match="schema version 2"):
+    with pytest.raises(ValueError, match="schema version 3"):
         read_packed_metadata(newer)
     other = _rewritten(packed_file, tmp_path, lambda d, t: d.update(schema="other"))
     with pytest.raises(ValueError, match="is not an optuna-ctpe packed model"):
