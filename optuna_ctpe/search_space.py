@@ -481,14 +481,24 @@ class HessianSearchSpace:
         """Write :meth:`apply`'s model as a packed safetensors file whose size is
         :meth:`size`'s (needs torch and safetensors): see
         :func:`optuna_ctpe.deploy.artifact.save_packed`, and
-        :func:`~optuna_ctpe.deploy.artifact.load_packed` to load it."""
+        :func:`~optuna_ctpe.deploy.artifact.load_packed` to load it.
+
+        A format configuration is written by
+        :func:`~optuna_ctpe.deploy.artifact.save_packed_formats` with the weights of
+        :meth:`format_quantizer` (GPTQ's included), unpruned only: the format file stores no
+        widths, so a configuration with a width below 1 raises ValueError.
+        """
         if config.formats:
-            # The packed writer stores bit-widths in the legacy format: a format configuration
-            # would be written as another model.
-            raise ValueError(
-                "formats are not yet exportable through the space; export a format "
-                "configuration with optuna_ctpe.deploy once it writes formats."
-            )
+            from optuna_ctpe.deploy.artifact import save_packed_formats
+
+            pruned = sorted(name for name, ratio in config.widths.items() if ratio < 1.0)
+            if pruned:
+                raise ValueError(
+                    "a format configuration is written unpruned; these width groups are pruned: "
+                    f"{pruned}"
+                )
+            quantizer = self.format_quantizer(model)
+            return save_packed_formats(model, config.formats, quantizer, path, metadata=metadata)
         from optuna_ctpe.deploy.artifact import save_packed
 
         kwargs = {"example_inputs": example_inputs, "metadata": metadata, "configured": configured}

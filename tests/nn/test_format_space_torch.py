@@ -115,14 +115,17 @@ def test_a_loaded_space_needs_batches_for_gptq(built) -> None:  # type: ignore[n
         assert torch.equal(out, space.apply(model, config)(batches[0][0]))
 
 
-def test_the_bit_width_path_refuses_a_format_configuration(built) -> None:  # type: ignore[no-untyped-def]
+def test_the_bit_width_path_refuses_a_format_configuration(built, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("safetensors")
+    from optuna_ctpe.deploy.artifact import save_packed
     from optuna_ctpe.nn.apply import apply_config
 
     model, _, _, space = built
     with pytest.raises(ValueError, match="apply_formats"):
         apply_config(space.spec, model, space.uniform("int4-pc-sym-rtn"))
-    with pytest.raises(ValueError, match="not yet exportable"):
-        space.save_packed(model, space.uniform("int4-pc-sym-rtn"), "unused.safetensors")
+    # The bit-width writer would store the legacy format: it refuses, the space's own routes.
+    with pytest.raises(ValueError, match="apply_formats"):
+        save_packed(space.spec, model, space.uniform("int4-pc-sym-rtn"), tmp_path / "x")
 
 
 def test_a_bit_width_space_is_unchanged_by_the_formats_code() -> None:
@@ -132,3 +135,37 @@ def test_a_bit_width_space_is_unchanged_by_the_formats_code() -> None:
     assert all(n.startswith("bits:") for n in space.choices)
     assert all(isinstance(c, int) for cs in space.choices.values() for c in cs)
     assert HessianSearchSpace.from_json(space.to_json()).choices == space.choices
+
+
+def test_save_packed_writes_a_format_configuration_that_loads_as_apply_makes_it(  # type: ignore[no-untyped-def]
+    built, tmp_path
+) -> None:
+    pytest.importorskip("safetensors")
+    from optuna_ctpe.deploy.artifact import load_packed
+
+    model, _, batches, space = built
+    names = list(space.distributions)
+    config = space.config_from_params(
+        {name: space.distributions[name].choices[i % 2] for i, name in enumerate(names)}
+    )
+    assert len(set(config.formats.values())) > 1  # a real mix of formats
+    packed = space.save_packed(model, config, tmp_path / "net.safetensors")
+    # The space's account is the file's; the tensors add under a byte of padding per packed
+    # tensor (codes and zero points of each of the 3 layers).
+    assert packed.accounted_bytes == space.size(config) / 8
+    assert 0 <= packed.payload_bytes - packed.accounted_bytes < 2 * 3
+    loaded = load_packed(tmp_path / "net.safetensors", model)
+    applied = space.apply(model, config)
+    x = batches[0][0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), applied(x))
+    for name, tensor in applied.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_save_packed_refuses_a_pruned_format_configuration(built, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model, _, _, space = built
+    config = space.config_from_params({name: d.choices[0] for name, d in space.distributions.items()})
+    pruned = type(config)(config.bits, {"0": 0.5}, config.formats)
+    with pytest.raises(ValueError, match="pruned"):
+        space.save_packed(model, pruned, tmp_path / "net.safetensors")
