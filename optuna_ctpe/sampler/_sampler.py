@@ -158,9 +158,9 @@ class ClusterTPESampler(BaseSampler):
             on the trial, and records the values as the trial's constraints ``ctpe:known:<name>``
             after it. A constraint that declares ``distributions`` (its scope) has them modelled
             jointly from the first trial on, start-up trials included; see
-            :class:`~optuna_ctpe.sampler.KnownConstraint` and ``docs/guide/09_known_constraints.md``
-            for what is guaranteed. Black-box constraints (``set_constraint``) keep working beside
-            it.
+            :class:`~optuna_ctpe.sampler.KnownConstraint` and
+            ``docs/guide/09_known_constraints.md`` for what is guaranteed. Black-box constraints
+            (``set_constraint``) keep working beside it.
 
     Raises:
         ValueError: If an argument is out of range or of the wrong kind.
