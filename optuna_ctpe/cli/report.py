@@ -171,13 +171,18 @@ def _chosen_rows(
 def _warm_start_section(
     study: optuna.Study, baselines: Mapping[str, Mapping[str, float]]
 ) -> list[str]:
-    """The ILP warm starts' predicted loss increase (Ω/2) and its rank beside their measured
-    accuracy and its rank, so a user sees whether the prediction held; none without warm starts.
+    """The ILP warm starts' (and the uniform baseline's) predicted loss increase (Ω/2) and its
+    rank beside their measured accuracy and its rank, so a user sees whether the prediction held
+    and what the search gained over the best uniform configuration; none without warm starts.
 
-    Ranks run over the warm starts: 1 is the least predicted loss, and the most accurate. Warm
+    Ranks run over these trials: 1 is the least predicted loss, and the most accurate. Warm
     starts enqueued before Ω was stored with them (older studies) show ``-`` as prediction.
     """
-    trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(_attrs.WARM_START)]
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get(_attrs.WARM_START) or _attrs.UNIFORM_BASELINE in t.user_attrs
+    ]
     if not trials:
         return []
     omega = {
@@ -195,7 +200,7 @@ def _warm_start_section(
     fp32 = baselines["fp32"][_attrs.ACCURACY]
     rows = [
         [
-            f"trial {t.number}",
+            f"trial {t.number}" + _uniform_label(t),
             omega.get(t.number, math.nan) / 2,
             predicted_rank.get(t.number, "-"),
             accuracy.get(t.number, math.nan),
@@ -213,6 +218,13 @@ def _warm_start_section(
         "measured rank",
     ]
     return ["ILP warm starts, predicted against measured:", format_table(headers, rows), ""]
+
+
+def _uniform_label(trial: FrozenTrial) -> str:
+    """`` (uniform <choice>)`` for the uniform baseline's trial, else nothing."""
+    if _attrs.UNIFORM_BASELINE not in trial.user_attrs:
+        return ""
+    return f" (uniform {trial.user_attrs[_attrs.UNIFORM_BASELINE]})"
 
 
 def _ranks(values: Mapping[int, float], *, descending: bool) -> dict[int, int]:
