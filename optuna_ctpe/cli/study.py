@@ -171,6 +171,9 @@ def prepare(
             if traces is not None:
                 log("the study has its search space already; --sensitivities is ignored")
             space = HessianSearchSpace.load_from_study(study)
+            if space.formats:
+                # GPTQ formats need the calibration batches; a loaded space has no quantizer.
+                space.format_quantizer(task.model, task.calibration_batches, task.loss_fn)
             latency = stored_latency(attrs, settings, space, task)
             return Prepared(space, attrs[_attrs.BASELINES], latency)
         claim = attrs.get(_attrs.SETUP)
@@ -211,11 +214,8 @@ def _set_up(
         log(f"building the search space from {traces.estimator} traces of a sensitivity file")
         source = {"estimator": traces.estimator, **traces.metadata}
     space = _measure_space(settings, task, traces, estimator)
-    measure = (
-        space.loss_increase(task.model, task.loss_fn, task.calibration_batches, task.example_inputs)
-        if space.distributions
-        else None
-    )
+    args = (task.model, task.loss_fn, task.calibration_batches, task.example_inputs)
+    measure = space.loss_increase(*args) if space.distributions else None
     uniform = _best_uniform(space, settings, measure)
     if uniform is not None:
         # Kept before anything reads the space (latency table, warm starts, the stored JSON).
@@ -272,6 +272,7 @@ def _measure_space(
             seed=settings.seed,
             traces=None if traces is None else traces.traces,
             estimator=estimator or "auto",
+            formats=None if settings.formats is None else list(settings.formats),
             **no_pruning,
         )
     except ValueError as e:
