@@ -117,10 +117,10 @@ def test_format_search_stores_formats_and_reports_them(
         config = space.config_from_params(trial.params)
         assert trial.user_attrs["size_bytes"] * 8 == pytest.approx(space.size(config))
     # The report names each layer's format: a header per layer, the chosen trial's formats.
-    best = max((t for t in complete if t.user_attrs["feasible"]), key=lambda t: t.value)
-    config = space.config_from_params(best.params)
-    rows = result.stdout.splitlines()
-    line = next(row for row in rows if row.startswith(f"trial {best.number}"))
+    line = next(row for row in result.stdout.splitlines() if row.startswith("trial "))
+    chosen = study.trials[int(line.split()[1])]
+    assert chosen.user_attrs["feasible"]
+    config = space.config_from_params(chosen.params)
     for layer in space.sensitivities:
         assert f"format:{layer}" in result.stdout
         assert config.formats[layer] in line.split()
@@ -202,3 +202,22 @@ def test_settings_without_formats_store_and_read_as_before() -> None:
     formats = Settings(**{**DEFAULTS, "formats": tuple(sorted(DEFAULT_FORMATS))})
     assert formats.to_attr()["formats"] == sorted(DEFAULT_FORMATS)
     assert Settings.from_attr(json.loads(json.dumps(formats.to_attr()))) == formats
+
+
+def test_a_trace_file_starts_a_format_study(tmp_path: Path, env: dict[str, str]) -> None:
+    """The trace file is format-independent: ``sensitivity --output`` serves format studies."""
+    traces = tmp_path / "traces.json"
+    measured = _run(["sensitivity", "--max-probes", "12", "--output", str(traces)], tmp_path, env)
+    assert measured.returncode == 0, measured.stderr
+    db = tmp_path / "t.db"
+    args = [
+        "search", "--storage", f"sqlite:///{db}", "--study-name", "t", "--sensitivities",
+        str(traces), "--formats", FORMATS, "--n-trials", "2", "--widths", "1.0", "--no-progress",
+    ]  # fmt: skip
+    result = _run(args, tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{db}")
+    assert study.user_attrs["ctpe:sensitivity_source"]["estimator"]
+    space = HessianSearchSpace.load_from_study(study)
+    assert set(space.formats) == set(FORMATS.split(","))
+    assert all(n.startswith("format:") for t in study.trials for n in t.params)
