@@ -51,6 +51,10 @@ RELATIVE_PARAMS = "ctpe:relative_params"
 WORKER = "ctpe:worker"
 #: User attribute on trials enqueued as ILP warm starts.
 WARM_START = "ctpe:warm_start"
+#: User attribute on the trial enqueued as the uniform baseline: the grid choice (bit-width or
+#: format name) every searched layer takes, the best of those whose uniform configuration fits
+#: the size budget (kept in the pruned space, so the search is never worse than it).
+UNIFORM_BASELINE = "ctpe:uniform_baseline"
 #: User attribute on a warm start: its summed Ω at enqueue time (HAWQ-V2's twice the predicted
 #: loss increase), which the final report shows beside the measured accuracy.
 PREDICTED_OMEGA = "ctpe:predicted_omega"

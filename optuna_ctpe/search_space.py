@@ -513,13 +513,24 @@ class HessianSearchSpace:
     ) -> Callable[[QuantConfig], float]:
         """``measure`` for :meth:`warm_starts` (needs torch): a configuration's calibration-loss
         increase over ``model``; see :func:`optuna_ctpe.nn.width_calibration.loss_increase_meter`.
+        In a format space each configuration is applied as :meth:`applied` does (the weights
+        of :meth:`format_quantizer`).
 
         Raises:
             ValueError: If ``batches`` is empty or the loss of ``model`` is not finite.
         """
+        from optuna_ctpe.nn.width_calibration import calibration_loss
         from optuna_ctpe.nn.width_calibration import loss_increase_meter
 
-        return loss_increase_meter(self._spec, model, loss_fn, batches, example_inputs)
+        if not self._spec.formats:
+            return loss_increase_meter(self._spec, model, loss_fn, batches, example_inputs)
+        base = calibration_loss(model, loss_fn, batches)  # validates batches and the loss
+
+        def measure(config: QuantConfig) -> float:
+            with self.applied(model, config, example_inputs) as net:
+                return calibration_loss(net, loss_fn, batches) - base
+
+        return measure
 
     # -- read-only views -------------------------------------------------------------------
 

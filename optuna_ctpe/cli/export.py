@@ -105,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"configuration: {result.config_path}")
     print(f"state dict:    {result.model_path}  (torch.load(path, weights_only=True))")
     packed = result.packed
+    if result.not_written is not None:
+        print(f"packed model:  not written: {result.not_written}")
+        print(f"ONNX model:    not written: {result.not_written}")
+        return 0
     if packed is None:
         print("packed model:  not written: pip install 'optuna-ctpe[deploy]' (safetensors)")
     else:
@@ -146,6 +150,9 @@ class ExportResult:
     accuracy: float
     packed: PackedFile | None = None
     onnx: OnnxExport | None = None
+    #: Why the packed model or the ONNX model was not written, when the reason is not a
+    #: missing extra (a format configuration with a pruned width).
+    not_written: str | None = None
 
 
 def _pick_study(storage: optuna.storages.BaseStorage, spec: StorageSpec, name: str | None) -> str:
@@ -231,6 +238,9 @@ def export(
     trial = _pick_trial(study, trial_number)
     space = HessianSearchSpace.load_from_study(study)  # present once any trial has completed
     task = load_task(settings.task, seed=settings.seed, cache_dir=cache_dir)
+    if space.formats:
+        # The weights the search scored: GPTQ's need the calibration batches again.
+        space.format_quantizer(task.model, task.calibration_batches, task.loss_fn)
     config = space.config_from_params(trial.params)
     net = build_model(space, task, config, settings.finetune_epochs)
     accuracy = float(task.evaluate(net))
@@ -244,6 +254,12 @@ def export(
     config_path = out / f"{stem}.json"
     torch.save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, model_path)
     document = _document(study.study_name, trial, settings, space, config, accuracy, model_path)
+    pruned = sorted(g for g, ratio in config.widths.items() if ratio < 1.0)
+    if config.formats and pruned:
+        # Format files (packed and ONNX) store unpruned models: the JSON and state dict only.
+        reason = f"a format configuration is written unpruned; width groups {pruned} are pruned"
+        config_path.write_text(json.dumps(document, indent=2) + "\n")
+        return ExportResult(config_path, model_path, trial, accuracy, not_written=reason)
     packed = _save_packed(space, task, config, net, out / f"{stem}.safetensors", document)
     if packed is not None:
         document["packed"] = packed.path.name
@@ -258,9 +274,16 @@ def _save_onnx(
     space: HessianSearchSpace, task: Task, config: QuantConfig, net: Any, path: Path
 ) -> OnnxExport | None:
     """The ONNX model with integer weights, or None without the ``deploy`` extra."""
-    from optuna_ctpe.deploy.onnx import export_onnx
-
     try:
+        if config.formats:
+            from optuna_ctpe.deploy.onnx import export_onnx_formats
+
+            quantizer = space.format_quantizer(task.model)
+            return export_onnx_formats(
+                task.model, config.formats, quantizer, path, task.example_inputs
+            )
+        from optuna_ctpe.deploy.onnx import export_onnx
+
         return export_onnx(
             space, task.model, config, path, task.example_inputs, configured=copy.deepcopy(net)
         )
@@ -281,13 +304,13 @@ def _save_packed(
 ) -> PackedFile | None:
     """The packed model, or None without the ``deploy`` extra (``safetensors``)."""
     try:
-        from optuna_ctpe.deploy.artifact import save_packed
+        import safetensors  # noqa: F401
     except ModuleNotFoundError as e:
         if e.name != "safetensors":
             raise
         return None
-    return save_packed(
-        space,
+    # A format configuration is written by save_packed_formats, from the space's quantizer.
+    return space.save_packed(
         task.model,
         config,
         path,
@@ -318,6 +341,8 @@ def _document(
         "params": trial.params,
         "bits": dict(config.bits),
         "widths": dict(config.widths),
+        # Format studies only: a bit-width export's JSON stays as it was.
+        **({"formats": dict(config.formats)} if config.formats else {}),
         _attrs.ACCURACY: trial.user_attrs[_attrs.ACCURACY],
         "reproduced_accuracy": reproduced_accuracy,
         _attrs.SIZE_BYTES: trial.user_attrs[_attrs.SIZE_BYTES],
@@ -365,9 +390,13 @@ def load_exported(
     space = HessianSearchSpace.from_json(document["search_space"])
     if task is None:
         task = load_task(document["task"], seed=document["seed"], cache_dir=cache_dir)
-    config = QuantConfig(document["bits"], document["widths"])
-    # apply() gives the pruned architecture; its weights are then replaced by the exported ones.
-    net = space.apply(task.model, config, task.example_inputs)
+    config = QuantConfig(document["bits"], document["widths"], formats=document.get("formats", {}))
+    # The pruned architecture, whose weights are then replaced by the exported ones: apply()'s
+    # (prune() for formats, whose quantizer would need the calibration batches for nothing).
+    if config.formats:
+        net = space.prune(task.model, config, task.example_inputs)
+    else:
+        net = space.apply(task.model, config, task.example_inputs)
     state = torch.load(config_path.with_name(document["state_dict"]), weights_only=True)
     net.load_state_dict(state)
     return net.eval()

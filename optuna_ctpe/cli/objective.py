@@ -275,8 +275,12 @@ class Objective:
         self._budget_bits = (
             None if settings.size_budget is None else settings.size_budget * space.fp32_bits
         )
-        # Without fine-tuning, trials configure the model in place instead of copying it.
-        self._models = _WorkingCopies(task.model) if settings.finetune_epochs == 0 else None
+        # Without fine-tuning, trials configure the model in place instead of copying it. A
+        # format space's weights come from the one quantizer of the task's model (GPTQ's need
+        # its calibration): its trials score a copy of that model, made one thread at a time.
+        in_place = settings.finetune_epochs == 0 and settings.formats is None
+        self._models = _WorkingCopies(task.model) if in_place else None
+        self._copy_lock = threading.Lock()
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         return self._evaluate(trial)
@@ -327,6 +331,10 @@ class Objective:
 
     def _score(self, config: QuantConfig, trial: optuna.Trial) -> float:
         """The task metric of ``config``'s model."""
+        if self._models is None and self._settings.formats is not None:
+            with self._copy_lock:
+                net = self._space.apply(self._task.model, config, self._task.example_inputs)
+            return float(self._task.evaluate(net))
         if self._models is None:
             net = build_model(
                 self._space,

@@ -43,7 +43,9 @@ __all__ = [
     "UsageError",
     "add_storage_options",
     "add_task_options",
+    "DEFAULT_FORMATS",
     "bits_list",
+    "formats_list",
     "latency_ms",
     "log",
     "n_jobs",
@@ -78,12 +80,26 @@ DEFAULTS: dict[str, Any] = {
     "widths": DEFAULT_WIDTHS,
     "hessian_pruning": True,
     "finetune_epochs": 0,
+    # None: a bit-width space (``--bits``), as before formats existed.
+    "formats": None,
     # Latency settings: None outside the latency objectives (see settings._new_settings).
     "latency_budget_ms": None,
     "latency_source": None,
     "latency_batch": None,
     "latency_runtime": None,
 }
+#: ``--formats default``: the weight formats a user would pick for a mixed-format search
+#: (docs/guide/08_formats.md, "Command line", says why): the safe per-channel int8 and int4 of
+#: round to nearest, and GPTQ's asymmetric 4, 3 and 2 bits in groups of 128 inputs, the
+#: layout GPTQ/AWQ checkpoints, torchao and ONNX's MatMulNBits use. Rows shorter than 128
+#: inputs (small models) fall back to one group per row, with a warning.
+DEFAULT_FORMATS = (
+    "int8-pc-sym-rtn",
+    "int4-pc-sym-rtn",
+    "int4-g128-asym-gptq",
+    "int3-g128-asym-gptq",
+    "int2-g128-asym-gptq",
+)
 #: ``--size-budget`` when ``--objective budget`` is given without one: 1/8 of FP32 (twice the
 #: compression of uniform 8-bit).
 DEFAULT_SIZE_BUDGET = 0.125
@@ -218,6 +234,30 @@ def _grid(
 def bits_list(text: str) -> tuple[int, ...]:
     """``--bits``: comma-separated bit-widths in [MIN_BITS, MAX_BITS]."""
     return _grid(text, int, check_bits, "bit-widths", f"integers in [{MIN_BITS}, {MAX_BITS}]")
+
+
+def formats_list(text: str) -> tuple[str, ...]:
+    """``--formats``: comma-separated weight format names (``int4-g128-asym-gptq``, see
+    :func:`optuna_ctpe.space.formats.parse_format`), or ``default`` for
+    :data:`DEFAULT_FORMATS`; sorted by name, so that the same set always compares equal."""
+    from optuna_ctpe.space.formats import parse_format
+
+    if text.strip() == "default":
+        return tuple(sorted(DEFAULT_FORMATS))
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(
+            f"must be 'default' or comma-separated format names, got {text!r}"
+        )
+    names = []
+    for item in items:
+        try:
+            names.append(parse_format(item).name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"formats must not repeat, got {text!r}")
+    return tuple(sorted(names))
 
 
 def widths_list(text: str) -> tuple[float, ...]:

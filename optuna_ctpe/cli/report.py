@@ -78,7 +78,9 @@ def search_report(
     headers = ["configuration", "accuracy", "size KB", "compression"]
     if latency is not None:
         headers += ["latency ms", "speedup vs FP32", "speedup vs 8-bit"]
-    headers += [f"bits:{n}" for n in layers] + [f"width:{g}" for g in groups]
+    # A format study shows each layer's format by name (its parameter's name too).
+    kind = "format" if space.formats else "bits"
+    headers += [f"{kind}:{n}" for n in layers] + [f"width:{g}" for g in groups]
     chosen = chosen_trials(study)
     rows = _baseline_rows(space, baselines, layers, len(groups), latency)
     configurations = _chosen_rows(space, chosen, layers, groups, latency)
@@ -135,10 +137,17 @@ def _baseline_rows(
     n_groups: int,
     latency: tuple[float, float] | None = None,
 ) -> list[list[Any]]:
-    """The FP32 and uniform 8-bit rows (layers with fixed bits keep them under uniform 8)."""
+    """The FP32 and uniform 8-bit rows (layers with fixed bits keep them under uniform 8; in a
+    format space, named by their formats)."""
     rows: list[list[Any]] = []
     for key, label, bits in (("fp32", "FP32", 32), ("uniform8", "uniform 8-bit", 8)):
-        per_layer = [space.fixed_bits.get(n, bits) if bits != 32 else 32 for n in layers]
+        per_layer: list[Any]
+        if bits == 32:
+            per_layer = ["fp32" if space.formats else 32] * len(layers)
+        elif space.formats:
+            per_layer = [space.uniform(bits).formats[n] for n in layers]
+        else:
+            per_layer = [space.fixed_bits.get(n, bits) for n in layers]
         cells = _metric_cells(baselines[key], latency)
         rows.append([label, *cells, *per_layer] + [1.0] * n_groups)
     return rows
@@ -162,7 +171,7 @@ def _chosen_rows(
         label = f"trial {trial.number}" + (f" (+{len(same) - 1} repeats)" if len(same) > 1 else "")
         rows.append(
             [label, *_metric_cells(trial.user_attrs, latency)]
-            + [config.bits[n] for n in layers]
+            + [(config.formats or config.bits)[n] for n in layers]
             + [config.widths[g] for g in groups]
         )
     return rows
@@ -171,13 +180,18 @@ def _chosen_rows(
 def _warm_start_section(
     study: optuna.Study, baselines: Mapping[str, Mapping[str, float]]
 ) -> list[str]:
-    """The ILP warm starts' predicted loss increase (Ω/2) and its rank beside their measured
-    accuracy and its rank, so a user sees whether the prediction held; none without warm starts.
+    """The ILP warm starts' (and the uniform baseline's) predicted loss increase (Ω/2) and its
+    rank beside their measured accuracy and its rank, so a user sees whether the prediction held
+    and what the search gained over the best uniform configuration; none without warm starts.
 
-    Ranks run over the warm starts: 1 is the least predicted loss, and the most accurate. Warm
+    Ranks run over these trials: 1 is the least predicted loss, and the most accurate. Warm
     starts enqueued before Ω was stored with them (older studies) show ``-`` as prediction.
     """
-    trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(_attrs.WARM_START)]
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get(_attrs.WARM_START) or _attrs.UNIFORM_BASELINE in t.user_attrs
+    ]
     if not trials:
         return []
     omega = {
@@ -195,7 +209,7 @@ def _warm_start_section(
     fp32 = baselines["fp32"][_attrs.ACCURACY]
     rows = [
         [
-            f"trial {t.number}",
+            f"trial {t.number}" + _uniform_label(t),
             omega.get(t.number, math.nan) / 2,
             predicted_rank.get(t.number, "-"),
             accuracy.get(t.number, math.nan),
@@ -213,6 +227,13 @@ def _warm_start_section(
         "measured rank",
     ]
     return ["ILP warm starts, predicted against measured:", format_table(headers, rows), ""]
+
+
+def _uniform_label(trial: FrozenTrial) -> str:
+    """`` (uniform <choice>)`` for the uniform baseline's trial, else nothing."""
+    if _attrs.UNIFORM_BASELINE not in trial.user_attrs:
+        return ""
+    return f" (uniform {trial.user_attrs[_attrs.UNIFORM_BASELINE]})"
 
 
 def _ranks(values: Mapping[int, float], *, descending: bool) -> dict[int, int]:

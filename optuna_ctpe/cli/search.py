@@ -33,6 +33,7 @@ from optuna_ctpe.cli.objectives import OBJECTIVES
 from optuna_ctpe.cli.options import add_storage_options
 from optuna_ctpe.cli.options import add_task_options
 from optuna_ctpe.cli.options import bits_list
+from optuna_ctpe.cli.options import DEFAULT_FORMATS
 from optuna_ctpe.cli.options import DEFAULT_LATENCY_BATCH
 from optuna_ctpe.cli.options import DEFAULT_LATENCY_RUNTIME
 from optuna_ctpe.cli.options import DEFAULT_LATENCY_SOURCE
@@ -40,6 +41,7 @@ from optuna_ctpe.cli.options import DEFAULT_N_TRIALS
 from optuna_ctpe.cli.options import DEFAULTS
 from optuna_ctpe.cli.options import EXIT_SIGINT
 from optuna_ctpe.cli.options import EXIT_SIGTERM
+from optuna_ctpe.cli.options import formats_list
 from optuna_ctpe.cli.options import latency_ms
 from optuna_ctpe.cli.options import log
 from optuna_ctpe.cli.options import n_jobs
@@ -133,7 +135,7 @@ def _add_loop_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_grid_options(parser: argparse.ArgumentParser) -> None:
-    """The grids of the search space: ``--bits`` and ``--widths``."""
+    """The grids of the search space: ``--bits`` (or ``--formats``) and ``--widths``."""
     parser.add_argument(
         "--bits",
         type=bits_list,
@@ -141,6 +143,18 @@ def _add_grid_options(parser: argparse.ArgumentParser) -> None:
         help=(
             f"grid of weight bit-widths, integers in [{MIN_BITS}, {MAX_BITS}] "
             f"(default: {show_grid(DEFAULTS['bits'])})"
+        ),
+    )
+    parser.add_argument(
+        "--formats",
+        type=formats_list,
+        metavar="NAME,NAME,...|default",
+        help=(
+            "search weight formats per layer instead of bit-widths: comma-separated format "
+            "names (int<bits>-<pc|g<size>>-<sym|fullsym|asym>-<rtn|gptq>, e.g. "
+            "int4-g128-asym-gptq), or 'default' for "
+            f"{','.join(DEFAULT_FORMATS)}; not with --bits, --finetune-epochs or a latency "
+            "objective (default: bit-widths)"
         ),
     )
     parser.add_argument(

@@ -54,6 +54,8 @@ class Settings:
         widths: Width-ratio grid.
         hessian_pruning: Whether choices are pruned by Hessian sensitivity.
         finetune_epochs: Fine-tuning epochs per trial (0: none).
+        formats: Weight format names of a format space (``--formats``; ``bits`` is then not
+            read), sorted; None for a bit-width space.
         latency_budget_ms: The latency budget of ``"latency-budget"``, in milliseconds; None
             otherwise.
         latency_source: How a trial's latency is had, with a latency objective: ``"table"``
@@ -66,9 +68,10 @@ class Settings:
             when the worker has a GPU, else the CPU; ``"measured"`` source only); None
             otherwise.
 
-    The four latency fields came after 0.1.0: settings stored without them read as None, so
-    old studies resume unchanged; a latency study stored before ``latency_runtime`` reads as
-    ``"onnxruntime"``, where it was timed.
+    The four latency fields and ``formats`` came after 0.1.0: settings stored without them
+    read as None, so old studies resume unchanged; a latency study stored before
+    ``latency_runtime`` reads as ``"onnxruntime"``, where it was timed. A bit-width study
+    (``formats`` None) stores no ``formats`` key, exactly as before.
     """
 
     task: str
@@ -83,6 +86,7 @@ class Settings:
     latency_source: str | None = None
     latency_batch: int | None = None
     latency_runtime: str | None = None
+    formats: tuple[str, ...] | None = None
 
     @classmethod
     def from_attr(cls, data: Mapping[str, Any]) -> Settings:
@@ -94,6 +98,8 @@ class Settings:
         }
         values["bits"] = tuple(values["bits"])
         values["widths"] = tuple(values["widths"])
+        if values["formats"] is not None:
+            values["formats"] = tuple(values["formats"])
         if objective_kind(values["objective"]).latency and values["latency_runtime"] is None:
             # Latency studies stored before --latency-runtime were all timed on onnxruntime.
             values["latency_runtime"] = DEFAULT_LATENCY_RUNTIME
@@ -103,6 +109,10 @@ class Settings:
         """The JSON-ready dict stored as the ``ctpe:settings`` user attribute."""
         data = asdict(self)
         data["bits"], data["widths"] = list(self.bits), list(self.widths)
+        if self.formats is None:
+            del data["formats"]  # a bit-width study stores what it stored before formats
+        else:
+            data["formats"] = list(self.formats)
         return data
 
     @property
@@ -143,6 +153,7 @@ _OPTION = {
     "latency_source": "--latency-source",
     "latency_batch": "--latency-batch",
     "latency_runtime": "--latency-runtime",
+    "formats": "--formats",
 }
 
 
@@ -176,6 +187,8 @@ def resolve(
 def _new_settings(requested: Mapping[str, Any]) -> Settings:
     values = {k: (DEFAULTS[k] if v is None else v) for k, v in requested.items()}
     kind = objective_kind(values["objective"])
+    if values["formats"] is not None:
+        _check_formats(requested, kind)
     if kind.size_budget == "default" and values["size_budget"] is None:
         values["size_budget"] = DEFAULT_SIZE_BUDGET
     if kind.size_budget == "none" and values["size_budget"] is not None:
@@ -209,6 +222,25 @@ def _new_settings(requested: Mapping[str, Any]) -> Settings:
     if values["latency_batch"] is None:
         values["latency_batch"] = DEFAULT_LATENCY_BATCH
     return Settings(**values)
+
+
+def _check_formats(requested: Mapping[str, Any], kind: ObjectiveKind) -> None:
+    """Refuse ``--formats`` with what cannot handle formats yet, rather than ignore it."""
+    if requested.get("bits") is not None:
+        raise UsageError(
+            "--bits and --formats exclude each other: a format space searches formats "
+            "(give bit-widths as formats, e.g. int4-pc-sym-rtn)."
+        )
+    if kind.latency:
+        raise UsageError(
+            f"--formats does not apply to --objective {kind.name}: the latency objectives "
+            "time bit-width configurations only."
+        )
+    if requested.get("finetune_epochs"):
+        raise UsageError(
+            "--formats does not apply with --finetune-epochs: quantization-aware "
+            "fine-tuning trains bit-width configurations only."
+        )
 
 
 def _adopted(requested: Mapping[str, Any], stored: Mapping[str, Any], study_name: str) -> Settings:

@@ -41,11 +41,16 @@ from typing import Any
 from optuna.distributions import CategoricalDistribution
 
 from optuna_ctpe._validation import check_real
+from optuna_ctpe.space.formats import as_format
+from optuna_ctpe.space.formats import format_bits
 from optuna_ctpe.space.params import BITS_PREFIX
 from optuna_ctpe.space.params import bits_param
 from optuna_ctpe.space.params import Choices
+from optuna_ctpe.space.params import FORMAT_PREFIX
+from optuna_ctpe.space.params import layer_param
 from optuna_ctpe.space.params import searched
 from optuna_ctpe.space.params import width_param
+from optuna_ctpe.space.params import WIDTH_PREFIX
 from optuna_ctpe.space.records import ParamTensor
 from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.size import FLOAT_BITS
@@ -139,13 +144,26 @@ class BudgetConstraint:
         free = [n for n in searched(self.choices) if n not in fixed]
         result = self._descend(values, free)
         if _total(self._excesses(self._costs(result))) > 0:
-            smallest = {**values, **{n: min(self.choices[n]) for n in free}}
+            smallest = {**values, **{n: self._smallest(n) for n in free}}
             restart = self._descend(smallest, free)
             if _total(self._excesses(self._costs(restart))) < _total(
                 self._excesses(self._costs(result))
             ):
                 result = restart
         return {**dict(params), **{n: result[n] for n in searched(self.choices)}}
+
+    def _smallest(self, name: str) -> Any:
+        """``name``'s choice of least storage: its least bit-width, or in a format space the
+        format of fewest bits on the layer's tensors (scales and zero points included)."""
+        options = self.choices[name]
+        if not name.startswith(FORMAT_PREFIX) or len(options) == 1:
+            return min(options)
+        # Formats rank the same at every width: price them on the unpruned tensors.
+        values = {n: 1.0 if n.startswith(WIDTH_PREFIX) else c[0] for n, c in self.choices.items()}
+        tensors, _ = self._affected[name]
+        return min(
+            options, key=lambda c: sum(self._tensor_bits(t, {**values, name: c}) for t in tensors)
+        )
 
     # -- costs -----------------------------------------------------------------------------
 
@@ -174,6 +192,10 @@ class BudgetConstraint:
         if t.scale_group is not None:
             group = self.spec.groups[t.scale_group]
             scales = scales // group.n_channels * group.kept(values[width_param(t.scale_group)])
+        if t.layer is not None and self.spec.formats:
+            # A format prices its own scales and zero points (space.size.layer_bits).
+            fmt = as_format(values[layer_param(self.spec, t.layer)])
+            return numel * fmt.bits if scales == 0 else format_bits(fmt, scales, numel // scales)
         bits = values[bits_param(t.layer)] if t.layer is not None else FLOAT_BITS
         return numel * bits + scales * FLOAT_BITS
 
@@ -210,8 +232,8 @@ class BudgetConstraint:
         out: dict[str, tuple[list[ParamTensor], list[str]]] = {}
         latency_layers = self.latency.layers if self.latency is not None else {}
         for name in searched(self.choices):
-            if name.startswith(BITS_PREFIX):
-                layer = name[len(BITS_PREFIX) :]
+            if name.startswith((BITS_PREFIX, FORMAT_PREFIX)):
+                layer = name.split(":", 1)[1]
                 tensors = [t for t in self.spec.tensors if t.layer == layer]
                 layers = [layer] if layer in latency_layers else []
             else:
@@ -305,7 +327,7 @@ def budget_constraint(
         latency_ms = check_real(latency_ms, "latency_ms", minimum=0.0, open_minimum=True)
         _check_entries(spec, choices, latency)
     constraint = BudgetConstraint(spec, choices, omega, size_bits, latency, latency_ms)
-    smallest = {n: min(c) for n, c in choices.items()}
+    smallest = {n: constraint._smallest(n) for n in choices}
     fitted = constraint.repair(smallest)
     excesses = constraint(fitted)
     if any(e > 0 for e in excesses):
