@@ -294,16 +294,7 @@ def load_packed(
         scale = tensors[f"scales/{key}"]
         packed = tensors[f"packed/{key}"]
         state[key] = decode(packed, scale, info["bits"], info["axis"], info["shape"], dtype)
-    for name, tensor in tensors.items():
-        if name.startswith("tensor/"):
-            state[name.removeprefix("tensor/")] = tensor
-    for alias, key in document["aliases"].items():
-        state[alias] = state[key]
-    _check_shapes(
-        {k: list(v.shape) for k, v in state.items()}, _shapes(net), "the artifact", "the model"
-    )
-    net.load_state_dict(state)
-    return net.eval()
+    return _loaded(net, state, tensors, document)
 
 
 def save_packed_formats(
@@ -449,6 +440,17 @@ def _load_formats(
         }
         dtype = getattr(torch, info["dtype"])
         state[key] = _format_codec.decode(stored, fmt, info["shape"], info["axis"], dtype)
+    return _loaded(net, state, tensors, document)
+
+
+def _loaded(
+    net: nn.Module,
+    state: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
+    document: Mapping[str, Any],
+) -> nn.Module:
+    """``net`` with the decoded weights in ``state``, the file's float tensors and its tied
+    aliases loaded, in eval mode; the shapes are checked against the model first."""
     for name, tensor in tensors.items():
         if name.startswith("tensor/"):
             state[name.removeprefix("tensor/")] = tensor

@@ -124,6 +124,35 @@ class OnnxExport:
         return counts
 
 
+def _checked_arguments(
+    path: Any,
+    example_inputs: Any,
+    opset: Any,
+    accuracy_level: Any,
+    dynamic_batch: Any,
+    verify: Any,
+) -> tuple[Any, int, int]:
+    """The arguments both exporters share, checked: ``(onnx module, opset, accuracy_level)``.
+
+    Raises:
+        ValueError: Naming the first bad argument and its value.
+        ImportError: If ``onnx`` is missing.
+    """
+    onnx = _require("onnx")
+    opset = check_integer(
+        opset, "opset", minimum=MIN_OPSET, maximum=onnx.defs.onnx_opset_version()
+    )
+    accuracy_level = check_integer(accuracy_level, "accuracy_level", minimum=0, maximum=4)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a str or os.PathLike, got {path!r}.")
+    if example_inputs is None:
+        raise ValueError("example_inputs is required: the exporter traces the model on them.")
+    for flag, name in ((dynamic_batch, "dynamic_batch"), (verify, "verify")):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}.")
+    return onnx, opset, accuracy_level
+
+
 def export_onnx(
     space: SpaceSpec | HasSpec,
     model: nn.Module,
@@ -199,18 +228,9 @@ def export_onnx(
         ImportError: If ``onnx``/``onnxscript`` (or, with ``verify``, ``onnxruntime``) is
             missing.
     """
-    onnx = _require("onnx")
-    opset = check_integer(
-        opset, "opset", minimum=MIN_OPSET, maximum=onnx.defs.onnx_opset_version()
+    onnx, opset, accuracy_level = _checked_arguments(
+        path, example_inputs, opset, accuracy_level, dynamic_batch, verify
     )
-    accuracy_level = check_integer(accuracy_level, "accuracy_level", minimum=0, maximum=4)
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"path must be a str or os.PathLike, got {path!r}.")
-    if example_inputs is None:
-        raise ValueError("example_inputs is required: the exporter traces the model on them.")
-    for flag, name in ((dynamic_batch, "dynamic_batch"), (verify, "verify")):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {flag!r}.")
     _require("onnxscript")  # the dynamo exporter's dependency, named before a long trace
     if verify:
         _require("onnxruntime")
@@ -318,18 +338,9 @@ def export_onnx_formats(
     from optuna_ctpe.space.formats import as_format
     from optuna_ctpe.space.formats import format_bits
 
-    onnx = _require("onnx")
-    opset = check_integer(
-        opset, "opset", minimum=MIN_OPSET, maximum=onnx.defs.onnx_opset_version()
+    onnx, opset, accuracy_level = _checked_arguments(
+        path, example_inputs, opset, accuracy_level, dynamic_batch, verify
     )
-    accuracy_level = check_integer(accuracy_level, "accuracy_level", minimum=0, maximum=4)
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"path must be a str or os.PathLike, got {path!r}.")
-    if example_inputs is None:
-        raise ValueError("example_inputs is required: the exporter traces the model on them.")
-    for flag, name in ((dynamic_batch, "dynamic_batch"), (verify, "verify")):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {flag!r}.")
     if not isinstance(formats, Mapping):
         raise ValueError(f"formats must be a mapping of layer names to formats, got {formats!r}.")
     _require("onnxscript")
