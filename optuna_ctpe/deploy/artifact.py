@@ -284,12 +284,7 @@ def load_packed(
     modules = dict(net.named_modules())
     state: dict[str, torch.Tensor] = {}
     for key, info in document["quantized"].items():
-        module = modules.get(info["module_name"])
-        if type(module).__name__ != info["module"]:
-            raise ValueError(
-                f"layer {info['layer']!r} is a {type(module).__name__} in model, but the "
-                f"artifact stores a {info['module']}."
-            )
+        _check_module_type(modules, info)
         dtype = getattr(torch, info["dtype"])
         scale = tensors[f"scales/{key}"]
         packed = tensors[f"packed/{key}"]
@@ -426,12 +421,7 @@ def _load_formats(
     modules = dict(net.named_modules())
     state: dict[str, torch.Tensor] = {}
     for key, info in document["quantized"].items():
-        module = modules.get(info["module_name"])
-        if type(module).__name__ != info["module"]:
-            raise ValueError(
-                f"layer {info['layer']!r} is a {type(module).__name__} in model, but the "
-                f"artifact stores a {info['module']}."
-            )
+        _check_module_type(modules, info)
         fmt = parse_format(info["format"])
         stored = {
             part: tensors[f"{part}/{key}"]
@@ -441,6 +431,16 @@ def _load_formats(
         dtype = getattr(torch, info["dtype"])
         state[key] = _format_codec.decode(stored, fmt, info["shape"], info["axis"], dtype)
     return _loaded(net, state, tensors, document)
+
+
+def _check_module_type(modules: Mapping[str, nn.Module], info: Mapping[str, Any]) -> None:
+    """The model's module of a stored weight must be of the type the file recorded."""
+    module = modules.get(info["module_name"])
+    if type(module).__name__ != info["module"]:
+        raise ValueError(
+            f"layer {info['layer']!r} is a {type(module).__name__} in model, but the "
+            f"artifact stores a {info['module']}."
+        )
 
 
 def _loaded(
