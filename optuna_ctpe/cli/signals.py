@@ -80,7 +80,10 @@ def check_interrupted() -> None:
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
     """Install the handler for SIGINT and SIGTERM for the block (main thread only, as Python
-    requires); the previous handlers are restored on exit."""
+    requires); the previous handlers are restored on exit, and a signal the block received is
+    forgotten there: it belongs to this command, and :func:`check_interrupted` in later code of
+    the same process (another command run in-process, a library call of the objective) must
+    not raise it again."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -91,6 +94,7 @@ def handle_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _state.pending = None
 
 
 @contextlib.contextmanager

@@ -46,6 +46,25 @@ def handled() -> Iterator[None]:
 
 
 @pytest.mark.parametrize(("signum", "error"), SIGNALS, ids=IDS)
+def test_a_signal_does_not_outlive_the_block_that_handled_it(signum: int, error: type) -> None:
+    # Once raised inside the block, the signal is not raised again by later code of the same
+    # process (a later in-process command, or the objective called as a library).
+    def outlived() -> bool:
+        try:
+            check_interrupted()
+        except KeyboardInterrupt:  # Terminated too
+            return True
+        return False
+
+    with pytest.raises(error), handle_signals(), deferred(), interruptible():
+        signal.raise_signal(signum)
+    assert not outlived()
+    with pytest.raises(error), handle_signals(), deferred():
+        signal.raise_signal(signum)  # recorded; raised where the deferral ends
+    assert not outlived()
+
+
+@pytest.mark.parametrize(("signum", "error"), SIGNALS, ids=IDS)
 def test_interruptible_raises_at_once(handled: None, signum: int, error: type) -> None:
     reached = []
     with pytest.raises(error), deferred(), interruptible():
