@@ -154,15 +154,12 @@ def open_storage(spec: StorageSpec, *, heartbeat: bool) -> BaseStorage:
         return JournalStorage(JournalFileBackend(spec.location))
     from sqlalchemy.exc import IntegrityError
     from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import ProgrammingError
+
+    sqlite = spec.location.startswith("sqlite")
 
     def open_rdb() -> RDBStorage:
-        # SQLite gives up on a locked database after 5 s by default; workers sharing one file
-        # (and their heartbeat threads) must wait for each other's writes instead of failing.
-        kwargs: dict[str, Any] = {
-            "engine_kwargs": (
-                {"connect_args": {"timeout": 120}} if spec.location.startswith("sqlite") else None
-            )
-        }
+        kwargs: dict[str, Any] = {"engine_kwargs": _SQLITE_ENGINE_KWARGS if sqlite else None}
         with warnings.catch_warnings():
             # The heartbeat has been "experimental" since Optuna 2.8; it is what Optuna documents
             # for fault-tolerant distributed optimisation, so the warning is only noise here.
@@ -176,17 +173,46 @@ def open_storage(spec: StorageSpec, *, heartbeat: bool) -> BaseStorage:
                     # memory) is not retried forever.
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                 )
-            return RDBStorage(spec.location, **kwargs)
+            storage = RDBStorage(spec.location, **kwargs)
+        if sqlite:
+            _begin_immediately(storage.engine)
+        return storage
 
     for attempt in range(_SCHEMA_ATTEMPTS - 1):
         try:
             return open_rdb()
-        except (IntegrityError, OperationalError):
+        except (IntegrityError, OperationalError, ProgrammingError):
             # Workers started together on a new database race to create Optuna's schema (the
-            # loser fails on the alembic_version row or an existing table); once the winner has
-            # committed, opening again finds the schema in place.
+            # loser fails on the alembic_version row, or on an existing table: PostgreSQL's
+            # DuplicateTable is a ProgrammingError); once the winner has committed, opening again
+            # finds the schema in place.
             time.sleep(0.2 * (attempt + 1))
     return open_rdb()
+
+
+#: SQLite engine options: wait up to 120 s for a lock (the default gives up after 5 s, and
+#: workers sharing one file, with their heartbeat threads, must wait for each other's writes
+#: instead of failing), and no transactions begun by the driver (see :func:`_begin_immediately`).
+_SQLITE_ENGINE_KWARGS = {"connect_args": {"timeout": 120, "isolation_level": None}}
+
+
+def _begin_immediately(engine: Any) -> None:
+    """Make every transaction on an SQLite ``engine`` take the write lock when it begins.
+
+    Python's sqlite3 driver opens a transaction only at the first write, so the read that
+    precedes it runs outside any transaction. Optuna's ``ask`` pops an enqueued trial by reading
+    that it is WAITING and then marking it RUNNING (``SELECT ... FOR UPDATE``, which SQLite
+    ignores): two workers could both read WAITING, both run the trial, and the second to finish
+    failed with "Cannot tell a COMPLETE trial". ``BEGIN IMMEDIATE`` makes the read and the write
+    one atomic step; waiting for the lock is bounded by the 120 s timeout. This is SQLAlchemy's
+    documented recipe for transactional SQLite (pysqlite "serializable isolation").
+    """
+    from sqlalchemy import event
+
+    def begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine, "begin", begin)
 
 
 def worker_id() -> str:
