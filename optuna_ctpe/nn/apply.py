@@ -17,7 +17,6 @@ Requires the ``torch`` extra.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 from collections.abc import Mapping
 import contextlib
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from optuna_ctpe._validation import check_integer
+from optuna_ctpe.nn._weight_store import WeightStore
 from optuna_ctpe.nn.layers import LayerWeight
 from optuna_ctpe.nn.layers import model_layers
 from optuna_ctpe.nn.layers import weight_of
@@ -305,27 +305,6 @@ def quantized_like(weight: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
         return torch.empty_like(source).copy_(quantize_weight(source, bits, axis))
 
 
-class _Entry:
-    """A cached quantized tensor and the float storage and version it was computed from."""
-
-    def __init__(self, weight: nn.Parameter, quantized: torch.Tensor) -> None:
-        # Holding the float storage keeps its address from being reused by another tensor.
-        self.source = weight.data
-        self.version = weight._version
-        self.quantized = quantized
-
-    def matches(self, weight: nn.Parameter) -> bool:
-        s = self.source
-        return (
-            weight.data_ptr() == s.data_ptr()
-            and weight._version == self.version
-            and weight.shape == s.shape
-            and weight.stride() == s.stride()
-            and weight.dtype == s.dtype
-            and weight.device == s.device
-        )
-
-
 class WeightCache:
     """Quantized weights of one model per (layer, bit-width), reused from trial to trial.
 
@@ -344,44 +323,35 @@ class WeightCache:
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        self.max_bytes = check_integer(max_bytes, "max_bytes", minimum=0)
-        self._entries: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
-        self._nbytes = 0
+        self._store = WeightStore(check_integer(max_bytes, "max_bytes", minimum=0))
+
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes of quantized tensors kept."""
+        return self._store.max_bytes
 
     @property
     def nbytes(self) -> int:
         """The bytes of quantized tensors held."""
-        return self._nbytes
+        return self._store.nbytes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._store)
 
     def get(self, layer: LayerWeight, bits: int) -> torch.Tensor:
         """``layer``'s weight quantized to ``bits`` (see :func:`quantized_like`), from the cache
         when it holds an entry for the weight as it is now."""
         key = (layer.param_name, bits)
-        weight = layer.weight
-        entry = self._entries.get(key)
-        if entry is not None and entry.matches(weight):
-            self._entries.move_to_end(key)
-            return entry.quantized
-        self.discard(key)
-        q = quantized_like(weight, bits, layer.out_axis)
-        size = q.numel() * q.element_size()
-        if size <= self.max_bytes:
-            while self._nbytes + size > self.max_bytes:
-                self.discard(next(iter(self._entries)))
-            self._entries[key] = _Entry(weight, q)
-            self._nbytes += size
+        q = self._store.lookup(key, layer.weight)
+        if q is None:
+            q = quantized_like(layer.weight, bits, layer.out_axis)
+            self._store.store(key, layer.weight, q)
         return q
 
     def discard(self, key: tuple[str, int]) -> None:
         """Drop the entry of ``key`` (a ``(parameter name, bits)`` pair), if any."""
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._nbytes -= entry.quantized.numel() * entry.quantized.element_size()
+        self._store.discard(key)
 
     def clear(self) -> None:
         """Drop every entry."""
-        self._entries.clear()
-        self._nbytes = 0
+        self._store.clear()

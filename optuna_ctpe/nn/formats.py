@@ -22,8 +22,8 @@ Requires the ``torch`` extra.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
+from collections.abc import Hashable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from optuna_ctpe._validation import check_integer
-from optuna_ctpe.nn.apply import _Entry
 from optuna_ctpe.nn.apply import check_model
 from optuna_ctpe.nn.apply import configured_copy
 from optuna_ctpe.nn.apply import DEFAULT_CACHE_BYTES
+from optuna_ctpe.nn._weight_store import WeightStore
 from optuna_ctpe.nn.gptq import collect_hessians
 from optuna_ctpe.nn.gptq import GPTQSettings
 from optuna_ctpe.nn.gptq import gptq_rows
@@ -128,27 +128,33 @@ class FormatQuantizer:
             raise ValueError(f"settings must be a GPTQSettings or None, got {settings!r}.")
         self.model = model
         self.settings = settings
-        self.max_bytes = check_integer(max_bytes, "max_bytes", minimum=0)
         self.fallbacks: dict[tuple[str, str], str] = {}
         self._batches = calibration_batches
         self._forward = forward
         self._layer_names = None if layers is None else list(layers)
         self._hessians: dict[str, InputHessian] | None = None
         self._factors: dict[str, HessianFactor] = {}
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         # The grid of each computed (layer, format): a few numbers per row, kept beside the
-        # entries (and dropped with them) so that codes() reads GPTQ's grids, which are fitted
-        # during its sweep and cannot be fitted again from the float weight.
-        self._fits: dict[tuple[str, str], GridFit] = {}
-        self._nbytes = 0
+        # stored tensors (and dropped with them) so that codes() reads GPTQ's grids, which are
+        # fitted during its sweep and cannot be fitted again from the float weight.
+        self._fits: dict[Hashable, GridFit] = {}
+        self._store = WeightStore(
+            check_integer(max_bytes, "max_bytes", minimum=0),
+            on_discard=lambda key: self._fits.pop(key, None),
+        )
+
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes of quantized tensors kept."""
+        return self._store.max_bytes
 
     @property
     def nbytes(self) -> int:
         """The bytes of quantized tensors held."""
-        return self._nbytes
+        return self._store.nbytes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._store)
 
     def hessians(self) -> dict[str, InputHessian]:
         """The layers' input Hessians, collected in one calibration pass on first use.
@@ -184,23 +190,15 @@ class FormatQuantizer:
         fmt = as_format(fmt, f"the format of layer {layer.name!r}")
         key = (layer.param_name, fmt.name)
         weight = layer.weight
-        entry = self._entries.get(key)
-        if entry is not None and entry.matches(weight):
-            self._entries.move_to_end(key)
-            return entry.quantized
-        self.discard(key)
+        q = self._store.lookup(key, weight)
+        if q is not None:
+            return q
         with torch.no_grad():
-            source = weight.detach()
             values, fit = self._quantize(layer, fmt)
-            q = torch.empty_like(source).copy_(values)
+            q = torch.empty_like(weight.detach()).copy_(values)
         if fit is not None:
             self._fits[key] = fit
-        size = q.numel() * q.element_size()
-        if size <= self.max_bytes:
-            while self._nbytes + size > self.max_bytes:
-                self.discard(next(iter(self._entries)))
-            self._entries[key] = _Entry(weight, q)
-            self._nbytes += size
+        self._store.store(key, weight, q)
         return q
 
     def codes(
@@ -299,10 +297,7 @@ class FormatQuantizer:
 
     def discard(self, key: tuple[str, str]) -> None:
         """Drop the entry of ``key`` (a ``(parameter name, format name)`` pair), if any."""
-        entry = self._entries.pop(key, None)
-        self._fits.pop(key, None)
-        if entry is not None:
-            self._nbytes -= entry.quantized.numel() * entry.quantized.element_size()
+        self._store.discard(key)
 
     def like(self, model: nn.Module) -> FormatQuantizer:
         """A new, empty quantizer of ``model`` (a width-pruned copy, say) with this one's
@@ -317,9 +312,8 @@ class FormatQuantizer:
 
     def clear(self) -> None:
         """Drop every quantized tensor and the Hessians (collected again when next needed)."""
-        self._entries.clear()
+        self._store.clear()
         self._fits.clear()
-        self._nbytes = 0
         self._hessians = None
         self._factors.clear()
 
