@@ -214,13 +214,14 @@ def feasible_mask(
 ) -> np.ndarray:
     """Which candidates (internal representations, one array per parameter) are feasible
     together with the parameters in ``given``."""
-    n = len(next(iter(candidates.values())))
+    external = {
+        name: [distributions[name].to_external_repr(v) for v in column.tolist()]
+        for name, column in candidates.items()
+    }
+    n = len(next(iter(external.values())))
     mask = np.empty(n, dtype=bool)
     for i in range(n):
-        params = {
-            name: distributions[name].to_external_repr(candidates[name][i].item())
-            for name in candidates
-        }
+        params = {name: column[i] for name, column in external.items()}
         mask[i] = violation(known, {**given, **params}) == 0.0
     return mask
 

@@ -209,6 +209,12 @@ class BudgetConstraint:
         return entries[key]
 
     def _costs(self, values: Mapping[str, Any]) -> list[float]:
+        if self._additive is not None:
+            base, terms = self._additive
+            return [
+                b + sum(options[values[name]][i] for name, options in terms.items())
+                for i, b in enumerate(base)
+            ]
         costs = []
         if self.size_bits is not None:
             costs.append(sum(self._tensor_bits(t, values) for t in self.spec.tensors))
@@ -257,22 +263,83 @@ class BudgetConstraint:
             costs.append(sum(self._layer_ms(n, values) for n in layers))
         return costs
 
+    @functools.cached_property
+    def _additive(self) -> tuple[list[float], dict[str, dict[Any, list[float]]]] | None:
+        """The costs as a constant plus one term per searched parameter and choice, when every
+        tensor and latency layer depends on one searched parameter at most (no searched width
+        shares a tensor with a searched bit-width or format); None otherwise.
+
+        A sampler checks its every candidate, so a call should cost a few table lookups, not a
+        walk over the model's tensors.
+        """
+        owner: dict[Any, str] = {}
+        for name, (tensors, layers) in self._affected.items():
+            for part in [("tensor", id(t)) for t in tensors] + [("layer", n) for n in layers]:
+                if owner.setdefault(part, name) != name:
+                    return None
+        values = {name: options[0] for name, options in self.choices.items()}
+        terms = {
+            name: {
+                option: self._part_costs(tensors, layers, {**values, name: option})
+                for option in self.choices[name]
+            }
+            for name, (tensors, layers) in self._affected.items()
+        }
+        latency_layers = self.latency.layers if self.latency is not None else {}
+        base = self._part_costs(
+            [t for t in self.spec.tensors if ("tensor", id(t)) not in owner],
+            [n for n in latency_layers if ("layer", n) not in owner],
+            values,
+        )
+        if self.latency is not None:
+            base[-1] += self.latency.remainder_ms
+        return base, terms
+
+    @functools.cached_property
+    def _related(self) -> dict[str, set[str]]:
+        """Per searched parameter, the parameters whose part costs a change of it alters (those
+        sharing a tensor or a latency layer with it, itself included)."""
+        affected = {
+            name: ({id(t) for t in tensors}, set(layers))
+            for name, (tensors, layers) in self._affected.items()
+        }
+        return {
+            name: {
+                other
+                for other, (other_tensors, other_layers) in affected.items()
+                if tensors & other_tensors or layers & other_layers
+            }
+            for name, (tensors, layers) in affected.items()
+        }
+
     def _descend(self, values: dict[str, Any], free: list[str]) -> dict[str, Any]:
         """The greedy exchange from ``values``, changing only ``free`` parameters."""
         values = dict(values)
         affected = self._affected
         costs = self._costs(values)
         excess = _total(self._excesses(costs))
+        # Part costs of every option of a parameter, kept until a change touches its tensors:
+        # a step then re-prices a few parameters instead of all of them.
+        parts: dict[str, dict[Any, list[float]]] = {}
+
+        def option_costs(name: str) -> dict[Any, list[float]]:
+            if name not in parts:
+                tensors, layers = affected[name]
+                parts[name] = {
+                    option: self._part_costs(tensors, layers, {**values, name: option})
+                    for option in self.choices[name]
+                }
+            return parts[name]
+
         while excess > 0:
             best: tuple[float, str, Any, list[float]] | None = None
             for name in free:
-                tensors, layers = affected[name]
+                table = option_costs(name)
                 current = values[name]
-                before = self._part_costs(tensors, layers, values)
-                for option in self.choices[name]:
+                before = table[current]
+                for option, after in table.items():
                     if option == current:
                         continue
-                    after = self._part_costs(tensors, layers, {**values, name: option})
                     new_costs = [c - b + a for c, b, a in zip(costs, before, after)]
                     saved = excess - _total(self._excesses(new_costs))
                     if saved <= 1e-12:
@@ -284,6 +351,8 @@ class BudgetConstraint:
                 break  # no single change lowers the excess
             _, name, option, costs = best
             values[name] = option
+            for other in self._related[name]:
+                parts.pop(other, None)
             excess = _total(self._excesses(costs))
         return values
 
