@@ -327,6 +327,8 @@ class HessianSearchSpace:
         """
         from optuna_ctpe.nn.measure import measure
 
+        if isinstance(ties, str) and ties != "fused":
+            raise ValueError(f'ties must be a sequence of ties or "fused", got {ties!r}.')
         quantizer = None
         if formats is not None:
             from optuna_ctpe.nn.formats import FormatQuantizer
@@ -361,8 +363,6 @@ class HessianSearchSpace:
         if ties is None:
             return space
         if isinstance(ties, str):
-            if ties != "fused":
-                raise ValueError(f'ties must be a sequence of ties or "fused", got {ties!r}.')
             from optuna_ctpe.nn.heads import fused_layer_sets
 
             measured = set(space._spec.layers)
