@@ -720,7 +720,8 @@ class HessianSearchSpace:
         Example:
             .. code-block:: python
 
-                from optuna_ctpe import HessianSearchSpace, LayerSensitivity
+                from optuna_ctpe import HessianSearchSpace
+                from optuna_ctpe.space.records import LayerSensitivity
 
                 layers = [
                     LayerSensitivity(n, 1.0, 100, {4: 0.5, 8: 0.01}) for n in ("q", "k", "v", "o")

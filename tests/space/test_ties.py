@@ -15,10 +15,10 @@ import pytest
 
 from optuna_ctpe import ClusterTPESampler
 from optuna_ctpe import HessianSearchSpace
+from optuna_ctpe.space.omega import omega_reference
 from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import ParamTensor
 from optuna_ctpe.space.records import QuantConfig
-from optuna_ctpe.space.omega import omega_reference
 from optuna_ctpe.space.records import WidthGroupSensitivity
 from optuna_ctpe.space.size import layer_bits
 from optuna_ctpe.space.warm_start import warm_start_configs
@@ -256,10 +256,10 @@ def test_warm_starts_tie_and_fit(make) -> None:  # type: ignore[no-untyped-def]
     target = ratio * untied.size(untied.uniform(untied.spec.grid[-1]))
     # Untied, the ILP gives tied layers different choices: the test can fail.
     untied_configs = warm_start_configs(
-        untied.spec, untied.choices, untied._omega, target, 3
+        untied.spec, untied.choices, untied.omega, target, 3
     )
     assert not all(_tied(c, ties) for c in untied_configs)
-    configs = warm_start_configs(tied.spec, tied.choices, tied._omega, target, 3)
+    configs = warm_start_configs(tied.spec, tied.choices, tied.omega, target, 3)
     assert configs and all(_tied(c, ties) for c in configs)
     assert all(tied.size(c) <= target for c in configs)
     for params in tied.warm_starts(size_bits=int(target), n=3):
