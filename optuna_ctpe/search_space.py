@@ -152,6 +152,9 @@ class HessianSearchSpace:
         always_kept: Choices (format names, or bit-widths) pruning keeps in every searched
             layer, so the uniform configurations they make stay in the space (see
             :meth:`keeping`).
+        ties: Groups of searched layers that must share one choice (layers a runtime fuses,
+            such as q/k/v projections: :func:`optuna_ctpe.nn.heads.fused_layer_sets`), each
+            searched as one parameter named after its first layer; see :meth:`tied`.
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class HessianSearchSpace:
         trace_z: float = DEFAULT_TRACE_Z,
         formats: Sequence[Any] | None = None,
         always_kept: Sequence[Any] = (),
+        ties: Sequence[Sequence[str]] = (),
     ) -> None:
         self._set_spec(
             make_spec(
@@ -180,6 +184,7 @@ class HessianSearchSpace:
                 trace_z,
                 formats,
                 always_kept,
+                ties,
             )
         )
 
@@ -240,6 +245,7 @@ class HessianSearchSpace:
         calibrate_widths: bool = False,
         formats: Sequence[Any] | None = None,
         format_error: str = "output",
+        ties: Sequence[Sequence[str]] | str | None = None,
     ) -> HessianSearchSpace:
         """Measure ``model``'s sensitivities and build the pruned space (needs torch).
 
@@ -307,6 +313,10 @@ class HessianSearchSpace:
                 in units of ``‖ΔW‖²``, or ``"weight"``, ``‖ΔW‖²`` itself, which ranks every GPTQ
                 format below round to nearest on its grid
                 (:func:`optuna_ctpe.nn.formats.format_errors` says why).
+            ties: Groups of layers that must share one choice (see :meth:`tied`, which
+                applies them), or ``"fused"`` for the sets a runtime fuses in ``model``
+                (:func:`optuna_ctpe.nn.heads.fused_layer_sets`: q/k/v projections, gate and up
+                projections). None: no ties.
 
         Raises:
             ValueError: On a bad grid, an unknown layer name, an unknown ``estimator`` or a NaN
@@ -317,6 +327,8 @@ class HessianSearchSpace:
         """
         from optuna_ctpe.nn.measure import measure
 
+        if isinstance(ties, str) and ties != "fused":
+            raise ValueError(f'ties must be a sequence of ties or "fused", got {ties!r}.')
         quantizer = None
         if formats is not None:
             from optuna_ctpe.nn.formats import FormatQuantizer
@@ -348,7 +360,15 @@ class HessianSearchSpace:
         )
         space = cls(**records, budget=budget, trace_z=trace_z)
         space._quantizer = quantizer
-        return space
+        if ties is None:
+            return space
+        if isinstance(ties, str):
+            from optuna_ctpe.nn.heads import fused_layer_sets
+
+            measured = set(space._spec.layers)
+            found = [tuple(n for n in tie if n in measured) for tie in fused_layer_sets(model)]
+            ties = [tie for tie in found if len(tie) > 1]
+        return space.tied(ties)
 
     def apply(
         self, model: torch.nn.Module, config: QuantConfig, example_inputs: Any = None
@@ -497,6 +517,7 @@ class HessianSearchSpace:
                     "a format configuration is written unpruned; these width groups are pruned: "
                     f"{pruned}"
                 )
+            check_config(self._spec, config)  # a tied space refuses an untied configuration
             quantizer = self.format_quantizer(model)
             return save_packed_formats(model, config.formats, quantizer, path, metadata=metadata)
         from optuna_ctpe.deploy.artifact import save_packed
@@ -555,6 +576,11 @@ class HessianSearchSpace:
     def always_kept(self) -> tuple[Any, ...]:
         """The choices pruning keeps in every searched layer (:meth:`keeping`)."""
         return self._spec.always_kept
+
+    @property
+    def ties(self) -> tuple[tuple[str, ...], ...]:
+        """Groups of layers that share one choice (:meth:`tied`), each in model order."""
+        return self._spec.ties
 
     @property
     def widths(self) -> tuple[float, ...]:
@@ -666,6 +692,78 @@ class HessianSearchSpace:
             self._spec.trace_z,
             self._spec.formats or None,
             kept,
+            self._spec.ties,
+        )
+        return self._from_spec(spec, self._quantizer)
+
+    def tied(self, ties: Sequence[Sequence[str]]) -> HessianSearchSpace:
+        """The same sensitivities with ``ties`` as the space's ties (replacing any): each tie
+        is a group of layers that must share one choice, e.g. the layers a runtime fuses
+        (vLLM and TensorRT-LLM fuse q/k/v projections and a Llama MLP's gate and up
+        projections, and cannot load a checkpoint where they differ).
+
+        A tie is one parameter, named after its first layer in model order (``bits:<layer>``
+        or ``format:<layer>``); the others take its value in every configuration
+        (:meth:`suggest`, :meth:`config_from_params`, :meth:`warm_starts`, the repair of
+        :meth:`size_constraint`), and :meth:`to_params` emits it alone. Pruning keeps the
+        choices every layer of the tie keeps (:mod:`optuna_ctpe.space.pruning`, step 9); the
+        ILP and the priors weigh a tie's choice by its layers' summed Ω and size. A
+        configuration whose tied layers differ is refused where the space checks one
+        (:meth:`size`, :meth:`apply`, :meth:`save_packed`, the ONNX export).
+
+        A tie holding a fixed layer (the first or last layer, fixed by
+        ``keep_first_last_bits``) cannot be searched: every layer of it is fixed at that
+        layer's bit-width instead, and the tie is dropped; so ``space.tied(fused_layer_sets(
+        model))`` works on any space :meth:`from_model` built. Stored with the space (JSON,
+        study).
+
+        Example:
+            .. code-block:: python
+
+                from optuna_ctpe import HessianSearchSpace
+                from optuna_ctpe.space.records import LayerSensitivity
+
+                layers = [
+                    LayerSensitivity(n, 1.0, 100, {4: 0.5, 8: 0.01}) for n in ("q", "k", "v", "o")
+                ]
+                space = HessianSearchSpace(layers, bits=(4, 8)).tied([("q", "k", "v")])
+                list(space.distributions)  # ['bits:q', 'bits:o']
+                space.config_from_params({"bits:q": 4, "bits:o": 8}).bits["v"]  # 4
+
+        Raises:
+            ValueError: If a tie is not two or more known layers, a layer is in two ties, or
+                the fixed layers of one tie have different bit-widths.
+        """
+        fixed = dict(self._spec.fixed_bits)
+        if isinstance(ties, (str, Mapping)) or not isinstance(ties, (list, tuple)):
+            raise ValueError(f"ties must be a sequence of sequences of layer names, got {ties!r}.")
+        searched_ties = []
+        for i, tie in enumerate(ties):
+            pinned = {fixed[n] for n in tie if isinstance(n, str) and n in fixed}
+            if not pinned:
+                searched_ties.append(tie)
+                continue
+            if len(pinned) > 1:
+                raise ValueError(
+                    f"ties[{i}] holds fixed layers of different bit-widths {sorted(pinned)} "
+                    f"({list(tie)}); they cannot share one choice."
+                )
+            unknown = [n for n in tie if n not in self._spec.layers]
+            if unknown:
+                raise ValueError(f"ties[{i}] names unknown layers {unknown}.")
+            fixed.update(dict.fromkeys(tie, pinned.pop()))
+        spec = make_spec(
+            list(self._spec.layers.values()),
+            list(self._spec.groups.values()),
+            self._spec.tensors,
+            self._spec.bits,
+            self._spec.widths,
+            self._spec.budget,
+            fixed,
+            self._spec.trace_z,
+            self._spec.formats or None,
+            self._spec.always_kept,
+            searched_ties,
         )
         return self._from_spec(spec, self._quantizer)
 
@@ -767,7 +865,7 @@ class HessianSearchSpace:
         Raises:
             ValueError: If a searched parameter is missing or has a value outside its choices.
         """
-        return _params.config_from_params(self._choices, params)
+        return _params.config_from_params(self._choices, params, self._spec.ties)
 
     def to_params(self, config: QuantConfig) -> dict[str, Any]:
         """The searched parameters of ``config``, e.g. for :meth:`optuna.Study.enqueue_trial`."""

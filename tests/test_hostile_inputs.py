@@ -84,9 +84,9 @@ def test_non_json_inputs_are_clear_errors() -> None:
         HessianSearchSpace.from_json(None)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("version", [0, 3, "1", 1.5, None, [1]])
+@pytest.mark.parametrize("version", [0, 4, "1", 1.5, None, [1]])
 def test_wrong_schema_version_is_refused(version) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match=r"schema version .*reads versions \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"schema version .*reads versions \[1, 2, 3\]"):
         HessianSearchSpace.from_json(_with(("version",), version))
 
 

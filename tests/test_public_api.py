@@ -74,6 +74,8 @@ SPACE_PUBLIC = {
     "size_constraint",
     "suggest",
     "tensors",
+    "tied",
+    "ties",
     "to_json",
     "trace_z",
     "to_params",

@@ -82,6 +82,8 @@ DEFAULTS: dict[str, Any] = {
     "finetune_epochs": 0,
     # None: a bit-width space (``--bits``), as before formats existed.
     "formats": None,
+    # No ties: every layer its own choice, as before ties existed.
+    "tie_fused": False,
     # Latency settings: None outside the latency objectives (see settings._new_settings).
     "latency_budget_ms": None,
     "latency_source": None,

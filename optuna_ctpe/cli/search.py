@@ -158,6 +158,17 @@ def _add_grid_options(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
+        "--tie-fused",
+        action="store_const",
+        const=True,
+        dest="tie_fused",
+        help=(
+            "give the layers a serving runtime fuses one shared choice: the query/key/value "
+            "projections of each attention module and a gated MLP's gate and up projections "
+            "(vLLM and TensorRT-LLM cannot load them in different formats)"
+        ),
+    )
+    parser.add_argument(
         "--widths",
         type=widths_list,
         metavar="W,W,...",

@@ -67,11 +67,15 @@ class Settings:
             ``"onnxruntime"`` (its CPU provider) or ``"torch"`` (torchao's kernels, on CUDA
             when the worker has a GPU, else the CPU; ``"measured"`` source only); None
             otherwise.
+        tie_fused: Whether the layers a serving runtime fuses (q/k/v projections, gate and up
+            projections: :func:`optuna_ctpe.nn.heads.fused_layer_sets`) share one choice
+            (``--tie-fused``).
 
     The four latency fields and ``formats`` came after 0.1.0: settings stored without them
     read as None, so old studies resume unchanged; a latency study stored before
     ``latency_runtime`` reads as ``"onnxruntime"``, where it was timed. A bit-width study
-    (``formats`` None) stores no ``formats`` key, exactly as before.
+    (``formats`` None) stores no ``formats`` key, exactly as before; likewise a study without
+    ``--tie-fused`` stores no ``tie_fused`` key.
     """
 
     task: str
@@ -87,6 +91,7 @@ class Settings:
     latency_batch: int | None = None
     latency_runtime: str | None = None
     formats: tuple[str, ...] | None = None
+    tie_fused: bool = False
 
     @classmethod
     def from_attr(cls, data: Mapping[str, Any]) -> Settings:
@@ -113,6 +118,8 @@ class Settings:
             del data["formats"]  # a bit-width study stores what it stored before formats
         else:
             data["formats"] = list(self.formats)
+        if not self.tie_fused:
+            del data["tie_fused"]  # a study without ties stores what it stored before them
         return data
 
     @property
@@ -154,6 +161,7 @@ _OPTION = {
     "latency_batch": "--latency-batch",
     "latency_runtime": "--latency-runtime",
     "formats": "--formats",
+    "tie_fused": "--tie-fused",
 }
 
 
@@ -250,10 +258,13 @@ def _adopted(requested: Mapping[str, Any], stored: Mapping[str, Any], study_name
         if value is None or value == have:
             continue
         option = _OPTION[key]
-        # --no-hessian-pruning is a flag: it has no value to show.
-        given = option if key == "hessian_pruning" else f"{option} {show_grid(value)}"
+        # --no-hessian-pruning and --tie-fused are flags: they have no value to show.
+        flag = key in ("hessian_pruning", "tie_fused")
+        given = option if flag else f"{option} {show_grid(value)}"
         if key == "hessian_pruning":
             created = "Hessian pruning"
+        elif key == "tie_fused":
+            created = f"no {option}"
         elif have is None:  # a latency setting of a study without a latency objective
             created = f"no {option}"
         else:

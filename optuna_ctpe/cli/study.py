@@ -273,6 +273,7 @@ def _measure_space(
             traces=None if traces is None else traces.traces,
             estimator=estimator or "auto",
             formats=None if settings.formats is None else list(settings.formats),
+            ties="fused" if settings.tie_fused else None,
             **no_pruning,
         )
     except ValueError as e:

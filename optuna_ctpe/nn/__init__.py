@@ -28,11 +28,12 @@ line's parser offers before torch is imported) live here. Requires the ``torch``
 
 from __future__ import annotations
 
+from typing import Any
 from typing import get_args
 from typing import Literal
 
 
-__all__ = ["ESTIMATOR_NAMES", "EstimatorName"]
+__all__ = ["ESTIMATOR_NAMES", "EstimatorName", "fused_layer_sets"]
 
 #: The names ``HessianSearchSpace.from_model(estimator=)`` and ``--estimator`` take, ``"auto"``
 #: (:func:`optuna_ctpe.nn.sensitivity.resolve_estimator`) or one of the four estimators of
@@ -41,3 +42,12 @@ EstimatorName = Literal["auto", "hutchinson", "fisher", "ggn", "split"]
 
 #: Every estimator name, ``"auto"`` first (the one registry of them).
 ESTIMATOR_NAMES: tuple[str, ...] = get_args(EstimatorName)
+
+
+def __getattr__(name: str) -> Any:
+    # ``optuna_ctpe.nn.fused_layer_sets`` without importing torch on ``import optuna_ctpe.nn``.
+    if name == "fused_layer_sets":
+        from optuna_ctpe.nn.heads import fused_layer_sets
+
+        return fused_layer_sets
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

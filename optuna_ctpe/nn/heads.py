@@ -1,7 +1,8 @@
 """Transformers under torch-pruning: attention heads as width units (the query/key/value
 projections of a model's attention modules and their head counts, for torch-pruning's whole-head
-pruning), the tensors of a model's output (:func:`output_tensors`) and the layers torch-pruning
-cannot prune (:func:`check_prunable`).
+pruning), the tensors of a model's output (:func:`output_tensors`), the layers torch-pruning
+cannot prune (:func:`check_prunable`), and the layers a serving runtime fuses, which must share
+one weight format (:func:`fused_layer_sets`).
 
 Pruning the output channels of a query/key/value projection one by one would regroup the
 surviving channels into heads of mixed origin: a different function, not a narrower one. So
@@ -28,12 +29,22 @@ import torch
 from torch import nn
 
 from optuna_ctpe.nn.layers import is_hf_conv1d
+from optuna_ctpe.nn.layers import model_layers
 
 
-__all__ = ["AttentionHeads", "attention_heads", "check_prunable", "output_tensors"]
+__all__ = [
+    "AttentionHeads",
+    "attention_heads",
+    "check_prunable",
+    "fused_layer_sets",
+    "output_tensors",
+]
 
 _PROJECTIONS = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
 _HEAD_COUNTS = ("num_attention_heads", "num_heads")
+# Sibling projections that vLLM and TensorRT-LLM load as one fused matrix: attention's query,
+# key and value, and a gated MLP's gate and up projections (Llama, Mistral, Qwen, Gemma).
+_FUSED = (*_PROJECTIONS, ("gate_proj", "up_proj"))
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,51 @@ def attention_heads(model: nn.Module) -> AttentionHeads:
             else:
                 unprunable.extend(projections)
     return AttentionHeads(num_heads, unprunable, siblings)
+
+
+def fused_layer_sets(model: nn.Module) -> list[tuple[str, ...]]:
+    """The sets of layers of ``model`` that serving runtimes fuse into one matrix, which must
+    therefore share one weight format (ties for
+    :meth:`~optuna_ctpe.HessianSearchSpace.tied`), in module order.
+
+    Recognised by duck typing, as :func:`attention_heads` recognises attention (no import of
+    ``transformers``): a module whose ``nn.Linear`` children ``query``/``key``/``value`` (BERT,
+    ViT), ``q_proj``/``k_proj``/``v_proj`` (Llama, Mistral, Qwen, OPT; grouped-query attention
+    included, whose key and value are narrower) or ``gate_proj``/``up_proj`` (a Llama-style
+    gated MLP) are all present gives one set. GPT-2's ``c_attn`` is already one fused layer and
+    gives none. Only layers this package quantizes (:func:`~optuna_ctpe.nn.layers.model_layers`,
+    embeddings excluded) are named, by their layer names.
+
+    Example:
+        .. code-block:: python
+
+            from transformers import LlamaConfig, LlamaForCausalLM
+            from optuna_ctpe.nn.heads import fused_layer_sets
+
+            config = LlamaConfig(
+                vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2,
+            )
+            fused_layer_sets(LlamaForCausalLM(config))
+            # [('model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj',
+            #   'model.layers.0.self_attn.v_proj'),
+            #  ('model.layers.0.mlp.gate_proj', 'model.layers.0.mlp.up_proj')]
+
+    Args:
+        model: The network.
+    """
+    known = {
+        id(layer.module): name
+        for name, layer in model_layers(model).items()
+        if isinstance(layer.module, nn.Linear) and layer.attr == "weight"
+    }
+    out: list[tuple[str, ...]] = []
+    for module in model.modules():
+        for names in _FUSED:
+            children = [getattr(module, n, None) for n in names]
+            if all(isinstance(c, nn.Linear) and id(c) in known for c in children):
+                out.append(tuple(known[id(c)] for c in children))
+    return out
 
 
 def _head_count(module: nn.Module) -> int | None:

@@ -43,12 +43,12 @@ from optuna.distributions import CategoricalDistribution
 from optuna_ctpe._validation import check_real
 from optuna_ctpe.space.formats import as_format
 from optuna_ctpe.space.formats import format_bits
+from optuna_ctpe.space.omega import tied_table
 from optuna_ctpe.space.params import BITS_PREFIX
-from optuna_ctpe.space.params import bits_param
 from optuna_ctpe.space.params import Choices
 from optuna_ctpe.space.params import FORMAT_PREFIX
-from optuna_ctpe.space.params import layer_param
 from optuna_ctpe.space.params import searched
+from optuna_ctpe.space.params import tied_param
 from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.params import WIDTH_PREFIX
 from optuna_ctpe.space.records import ParamTensor
@@ -194,16 +194,16 @@ class BudgetConstraint:
             scales = scales // group.n_channels * group.kept(values[width_param(t.scale_group)])
         if t.layer is not None and self.spec.formats:
             # A format prices its own scales and zero points (space.size.layer_bits).
-            fmt = as_format(values[layer_param(self.spec, t.layer)])
+            fmt = as_format(values[tied_param(self.spec, t.layer)])
             return numel * fmt.bits if scales == 0 else format_bits(fmt, scales, numel // scales)
-        bits = values[bits_param(t.layer)] if t.layer is not None else FLOAT_BITS
+        bits = values[tied_param(self.spec, t.layer)] if t.layer is not None else FLOAT_BITS
         return numel * bits + scales * FLOAT_BITS
 
     def _layer_ms(self, layer: str, values: Mapping[str, Any]) -> float:
         assert self.latency is not None
         groups, entries = self.latency.layers[layer]
         key = (
-            int(values[bits_param(layer)]),
+            int(values[tied_param(self.spec, layer)]),
             tuple(float(values[width_param(g)]) for g in groups),
         )
         return entries[key]
@@ -232,6 +232,12 @@ class BudgetConstraint:
     # -- the exchange rule -----------------------------------------------------------------
 
     @functools.cached_property
+    def _param_omega(self) -> dict[str, dict[Any, float]]:
+        """Ω per parameter, a tie's summed over its layers
+        (:func:`~optuna_ctpe.space.omega.tied_table`)."""
+        return tied_table(self.spec, self.omega)
+
+    @functools.cached_property
     def _affected(self) -> dict[str, tuple[list[ParamTensor], list[str]]]:
         """Per searched parameter: the tensors whose size and the layers whose latency it
         changes (a change is priced on these alone)."""
@@ -239,9 +245,10 @@ class BudgetConstraint:
         latency_layers = self.latency.layers if self.latency is not None else {}
         for name in searched(self.choices):
             if name.startswith((BITS_PREFIX, FORMAT_PREFIX)):
-                layer = name.split(":", 1)[1]
-                tensors = [t for t in self.spec.tensors if t.layer == layer]
-                layers = [layer] if layer in latency_layers else []
+                # A tie's parameter changes every layer of the tie.
+                tie = self.spec.tie_of(name.split(":", 1)[1])
+                tensors = [t for t in self.spec.tensors if t.layer in tie]
+                layers = [n for n in tie if n in latency_layers]
             else:
                 group = name[len(width_param("")) :]
                 tensors = [
@@ -344,7 +351,8 @@ class BudgetConstraint:
                     saved = excess - _total(self._excesses(new_costs))
                     if saved <= 1e-12:
                         continue
-                    rate = (self.omega[name][option] - self.omega[name][current]) / saved
+                    table = self._param_omega[name]
+                    rate = (table[option] - table[current]) / saved
                     if best is None or rate < best[0]:
                         best = (rate, name, option, new_costs)
             if best is None:
@@ -432,7 +440,7 @@ def _check_entries(spec: SpaceSpec, choices: Choices, latency: LatencyEntries) -
             f"{sorted(spec.layers)}."
         )
     for name, (groups, entries) in latency.layers.items():
-        keys = [(int(b), ()) for b in choices[bits_param(name)]]
+        keys = [(int(b), ()) for b in choices[tied_param(spec, name)]]
         for g in groups:
             keys = [(b, (*r, float(w))) for b, r in keys for w in choices[width_param(g)]]
         missing = [k for k in keys if k not in entries]

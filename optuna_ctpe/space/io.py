@@ -12,6 +12,11 @@ each layer's ``errors`` are then keyed by them) and ``always_kept``. A space wit
 written as version 1, exactly as before, so files of bit-width spaces stay readable by 0.1.x;
 version 1 files load as the bit-width spaces they always were.
 
+Version 3 adds ``ties`` (groups of layers sharing one parameter; the stored ``choices`` then
+name only the ties' leaders). Only a space with ties is written as version 3, so a reader
+that knows no ties refuses it by its version instead of loading it untied; every other space
+is written as before, and files of versions 1 and 2 load unchanged, without ties.
+
 In a study the JSON is stored with :func:`optuna_ctpe._attrs.write_chunked` under
 :data:`optuna_ctpe._attrs.SEARCH_SPACE` (chunks ``ctpe:search_space:<i>`` that fit the
 2,048-character attribute columns of old RDB schemas, and a header with the chunk count and a
@@ -40,9 +45,9 @@ if TYPE_CHECKING:
 
 
 SCHEMA = "optuna-ctpe/hessian-search-space"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The versions :func:`from_json` reads.
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)
 
 
 def to_json(spec: SpaceSpec, choices: Choices | None = None) -> str:
@@ -53,7 +58,7 @@ def to_json(spec: SpaceSpec, choices: Choices | None = None) -> str:
     extended = bool(spec.formats or spec.always_kept)
     data = {
         "schema": SCHEMA,
-        "version": SCHEMA_VERSION if extended else 1,
+        "version": 3 if spec.ties else 2 if extended else 1,
         "bits": list(spec.bits),
         "widths": list(spec.widths),
         "budget": spec.budget if math.isfinite(spec.budget) else "inf",
@@ -61,6 +66,7 @@ def to_json(spec: SpaceSpec, choices: Choices | None = None) -> str:
         "trace_z": spec.trace_z,
         **({"formats": list(spec.formats)} if spec.formats else {}),
         **({"always_kept": list(spec.always_kept)} if spec.always_kept else {}),
+        **({"ties": [list(tie) for tie in spec.ties]} if spec.ties else {}),
         "layers": [
             {
                 "name": layer.name,
@@ -125,6 +131,8 @@ def from_json(text: str | bytes | Mapping[str, Any]) -> SpaceSpec:
             data.get("trace_z", 0.0),
             data.get("formats"),
             data.get("always_kept", ()),
+            # Version 3 only: files before ties have none.
+            data.get("ties", ()) if data["version"] >= 3 else (),
         )
         stored = {name: tuple(c) for name, c in data["choices"].items()}
     except (KeyError, TypeError, AttributeError) as e:

@@ -15,6 +15,7 @@ layer whose trace cannot be told from zero is not taken for an insensitive one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from optuna_ctpe._validation import check_real
@@ -94,6 +95,25 @@ def omega_table(spec: SpaceSpec, *, upper: bool = False) -> dict[str, dict[Any, 
         if group.loss_increase is not None:
             table = {w: max(2.0 * group.loss_increase[w], o) for w, o in table.items()}
         out[width_param(name)] = table
+    return out
+
+
+def tied_table(
+    spec: SpaceSpec, omega: Mapping[str, Mapping[Any, float]]
+) -> dict[str, dict[Any, float]]:
+    """``omega`` (an :func:`omega_table`, one entry per layer) per parameter of the space: a
+    tie's leader parameter gets the summed Ω of the tie's layers at each choice, its followers'
+    entries are dropped; without ties, a copy of ``omega``.
+
+    The per-layer table stays what :func:`~optuna_ctpe.space.size.perturbation` sums; this one
+    is what the choices of a parameter are weighed by (the ILP, the priors, the repair rule).
+    """
+    out = {name: dict(table) for name, table in omega.items()}
+    for tie in spec.ties:
+        params = [layer_param(spec, n) for n in tie]
+        out[params[0]] = {c: sum(omega[p][c] for p in params) for c in omega[params[0]]}
+        for p in params[1:]:
+            del out[p]
     return out
 
 

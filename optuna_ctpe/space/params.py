@@ -6,11 +6,16 @@ names (strings, so optuna-dashboard and reports show ``int3-g128-asym-gptq``); a
 space keeps integer choices under ``bits:``, as always. A space's *choices* map every parameter
 name (searched or not) to the values pruning kept, smallest first; the searched parameters are
 those with more than one.
+
+A tie (:attr:`~optuna_ctpe.space.records.SpaceSpec.ties`) is one parameter, that of its first
+layer (the leader); its other layers (the followers) have none, and a configuration gives them
+the leader's value (:func:`config_from_params` with ``ties``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 from optuna_ctpe._validation import check_ratio
@@ -43,6 +48,12 @@ def layer_param(spec: SpaceSpec, layer: str) -> str:
     return format_param(layer) if spec.formats else bits_param(layer)
 
 
+def tied_param(spec: SpaceSpec, layer: str) -> str:
+    """The parameter that carries ``layer``'s choice in ``spec``: its tie leader's
+    (:func:`layer_param` of :meth:`~optuna_ctpe.space.records.SpaceSpec.leader`)."""
+    return layer_param(spec, spec.leader(layer))
+
+
 def width_param(group: str) -> str:
     """The parameter name of ``group``'s width ratio."""
     return WIDTH_PREFIX + group
@@ -53,7 +64,9 @@ def searched(choices: Choices) -> list[str]:
     return [name for name, c in choices.items() if len(c) > 1]
 
 
-def config_from_params(choices: Choices, params: Mapping[str, Any]) -> QuantConfig:
+def config_from_params(
+    choices: Choices, params: Mapping[str, Any], ties: Sequence[Sequence[str]] = ()
+) -> QuantConfig:
     """The configuration of a parameter dict, e.g. ``study.best_params``.
 
     Unsearched parameters take their single choice; parameters of other names are ignored, so
@@ -62,6 +75,9 @@ def config_from_params(choices: Choices, params: Mapping[str, Any]) -> QuantConf
     Args:
         choices: Parameter name -> the choices pruning kept, for every parameter of the space.
         params: Parameter name -> value.
+        ties: The space's ties (:attr:`~optuna_ctpe.space.records.SpaceSpec.ties`): each
+            follower takes its leader's value (the parameter of a follower, if ``params`` holds
+            one, is ignored).
 
     Raises:
         ValueError: If a searched parameter is missing or has a value outside its choices.
@@ -86,6 +102,10 @@ def config_from_params(choices: Choices, params: Mapping[str, Any]) -> QuantConf
             formats[name[len(FORMAT_PREFIX) :]] = str(value)
         else:
             widths[name[len(WIDTH_PREFIX) :]] = float(value)
+    for tie in ties:
+        for values in (bits, formats):
+            if tie[0] in values:
+                values.update(dict.fromkeys(tie[1:], values[tie[0]]))
     return QuantConfig(bits, widths, formats)
 
 
@@ -104,7 +124,9 @@ def to_params(choices: Choices, config: QuantConfig) -> dict[str, Any]:
     return {name: config_value(config, name) for name in searched(choices)}
 
 
-def extreme_config(choices: Choices, largest: bool) -> QuantConfig:
+def extreme_config(
+    choices: Choices, largest: bool, ties: Sequence[Sequence[str]] = ()
+) -> QuantConfig:
     """The configuration taking every parameter's largest choice, or every smallest one.
 
     Choices are kept smallest first (bit-widths and ratios ascending, a layer's formats by its
@@ -112,7 +134,7 @@ def extreme_config(choices: Choices, largest: bool) -> QuantConfig:
     largest the safest.
     """
     return config_from_params(
-        choices, {name: c[-1] if largest else c[0] for name, c in choices.items()}
+        choices, {name: c[-1] if largest else c[0] for name, c in choices.items()}, ties
     )
 
 

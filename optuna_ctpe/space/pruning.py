@@ -44,6 +44,12 @@ rule. This module implements OUR interpretation, built from HAWQ-V2 and NNCF's H
    cheap to measure and the search must never be worse than the best of them
    (:meth:`optuna_ctpe.HessianSearchSpace.keeping`, and
    :meth:`~optuna_ctpe.HessianSearchSpace.relaxed_for_size`, which keeps one that fits).
+9. Ties (:attr:`~optuna_ctpe.space.records.SpaceSpec.ties`): steps 1-8 run on every layer as
+   if untied; a tie then keeps the choices every one of its layers keeps (so a choice survives
+   only if it passes the rule for each layer: the tie's worst Ω is held to the threshold),
+   or, if no choice is kept by all (formats whose safest survivor differs between layers),
+   those any of them keeps. The kept choices are ordered by the tie's summed stored bits.
+   They are the choices of the leader's parameter; followers have none.
 
 The rule knows nothing of a size target; :func:`relaxed_budget` raises the threshold just
 enough for the pruned space to hold a configuration of a given size.
@@ -60,6 +66,7 @@ import numpy as np
 
 from optuna_ctpe._validation import check_real
 from optuna_ctpe.space.omega import omega_reference
+from optuna_ctpe.space.omega import tied_table
 from optuna_ctpe.space.omega import upper_trace
 from optuna_ctpe.space.params import Choices
 from optuna_ctpe.space.params import FORMAT_PREFIX
@@ -115,9 +122,13 @@ def prune(spec: SpaceSpec, omega: OmegaTable) -> dict[str, tuple[Any, ...]]:
         for name in layers:
             extra = [c for c in spec.always_kept if c not in kept[name]]
             kept[name] = _by_layer_size(spec, name, [*kept[name], *extra])
+    for tie in spec.ties:
+        common = [c for c in kept[tie[0]] if all(c in kept[n] for n in tie[1:])]
+        merged = common or list(dict.fromkeys(c for n in tie for c in kept[n]))
+        kept[tie[0]] = _by_tie_size(spec, tie, merged)
     choices: dict[str, tuple[Any, ...]] = {
         layer_param(spec, name): tuple(kept[name]) if name in kept else (spec.fixed_choice(name),)
-        for name in spec.layers
+        for name in spec.leaders()
     }
     for name in spec.groups:
         choices[width_param(name)] = tuple(
@@ -133,6 +144,17 @@ def _by_layer_size(spec: SpaceSpec, layer: str, options: list[Any]) -> list[Any]
     full = dict.fromkeys(spec.groups, 1.0)
     rank = {c: i for i, c in enumerate(spec.grid)}
     return sorted(options, key=lambda c: (layer_bits(spec, layer, c, full), rank[c]))
+
+
+def _by_tie_size(spec: SpaceSpec, tie: tuple[str, ...], options: list[Any]) -> list[Any]:
+    """``options`` smallest first by the tie's summed stored bits, ties in grid order."""
+    if not spec.formats:
+        return sorted(options)
+    full = dict.fromkeys(spec.groups, 1.0)
+    rank = {c: i for i, c in enumerate(spec.grid)}
+    return sorted(
+        options, key=lambda c: (sum(layer_bits(spec, n, c, full) for n in tie), rank[c])
+    )
 
 
 def _kept_formats(spec: SpaceSpec, omega: OmegaTable, limit: float) -> dict[str, list[Any]]:
@@ -274,13 +296,18 @@ def prior_weights(
     floor = check_real(floor, "floor", minimum=0.0, maximum=1.0)
     limit = threshold(spec)
     scale = limit if math.isfinite(limit) else (omega_reference(spec) or 1.0)
+    # A tie's parameter is weighed by the summed Ω (and, for formats, bits) of its layers.
+    omega = tied_table(spec, omega)
     out: dict[str, list[float]] = {}
     full = dict.fromkeys(spec.groups, 1.0)
     for name in searched(choices):
         options = list(choices[name])
-        # A format's saving is that of the layer's stored bits, priced exactly.
+        # A format's saving is that of the layer's (the tie's) stored bits, priced exactly.
         amount = (
-            [layer_bits(spec, name[len(FORMAT_PREFIX) :], c, full) for c in options]
+            [
+                sum(layer_bits(spec, n, c, full) for n in spec.tie_of(name[len(FORMAT_PREFIX) :]))
+                for c in options
+            ]
             if name.startswith(FORMAT_PREFIX)
             else options
         )

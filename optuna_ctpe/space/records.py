@@ -260,6 +260,11 @@ class SpaceSpec:
         always_kept: Choices (format names, or bit-widths in a bit-width space) that pruning
             keeps in every searched layer, so that the uniform configurations they make stay
             in the space (:meth:`~optuna_ctpe.HessianSearchSpace.keeping`); empty by default.
+        ties: Disjoint groups of two or more searched layers that must share one choice (a
+            runtime fuses them: q/k/v projections, a Llama MLP's gate and up projections), each
+            in model order; empty by default. A tie is one parameter of the space, named after
+            its first layer (its *leader*); the others (its *followers*) take the leader's
+            choice and have no parameter.
     """
 
     layers: Mapping[str, LayerSensitivity]
@@ -272,10 +277,28 @@ class SpaceSpec:
     trace_z: float = 0.0
     formats: tuple[str, ...] = ()
     always_kept: tuple[Any, ...] = ()
+    ties: tuple[tuple[str, ...], ...] = ()
 
     def searched_layers(self) -> list[str]:
         """The layers whose bit-width is searched (not fixed), in model order."""
         return [n for n in self.layers if n not in self.fixed_bits]
+
+    def tie_of(self, layer: str) -> tuple[str, ...]:
+        """The layers that share ``layer``'s choice, in model order: its tie, or ``(layer,)``."""
+        for tie in self.ties:
+            if layer in tie:
+                return tie
+        return (layer,)
+
+    def leader(self, layer: str) -> str:
+        """The layer whose parameter carries ``layer``'s choice: its tie's first layer, or
+        ``layer`` itself."""
+        return self.tie_of(layer)[0]
+
+    def leaders(self) -> list[str]:
+        """Every layer that has a parameter (all but the followers of ties), in model order."""
+        followers = {n for tie in self.ties for n in tie[1:]}
+        return [n for n in self.layers if n not in followers]
 
     @property
     def grid(self) -> tuple[Any, ...]:
@@ -355,6 +378,7 @@ def make_spec(
     trace_z: float = DEFAULT_TRACE_Z,
     formats: Sequence[Any] | None = None,
     always_kept: Sequence[Any] = (),
+    ties: Sequence[Sequence[str]] = (),
 ) -> SpaceSpec:
     """Check every field and build the :class:`SpaceSpec`.
 
@@ -391,6 +415,7 @@ def make_spec(
     outside = [c for c in kept if c not in grid or isinstance(c, bool)]
     if outside:
         raise ValueError(f"always_kept holds {outside}, which are not choices of the grid {grid}.")
+    checked_ties = check_ties(ties, layer_map, fixed)
     return SpaceSpec(
         layers=layer_map,
         groups=group_map,
@@ -402,7 +427,74 @@ def make_spec(
         trace_z=checked_z,
         formats=format_names,
         always_kept=tuple(c for c in grid if c in kept),
+        ties=checked_ties,
     )
+
+
+def check_ties(
+    ties: Any, layers: Mapping[str, Any], fixed_bits: Mapping[str, int]
+) -> tuple[tuple[str, ...], ...]:
+    """``ties`` as disjoint tuples of two or more searched layers, each in model order, the
+    ties ordered by their first layer.
+
+    Every layer of a space shares its grid, so any searched layers can be tied.
+    """
+    if isinstance(ties, (str, Mapping)) or not isinstance(ties, Sequence):
+        raise ValueError(f"ties must be a sequence of sequences of layer names, got {ties!r}.")
+    order = {name: i for i, name in enumerate(layers)}
+    seen: dict[str, int] = {}
+    out = []
+    for i, tie in enumerate(ties):
+        members = _tie_members(tie, i)
+        _check_tie_known(members, i, order)
+        _check_tie_searched(members, i, fixed_bits)
+        _check_tie_disjoint(members, i, seen)
+        out.append(tuple(sorted(members, key=order.__getitem__)))
+    return tuple(sorted(out, key=lambda t: order[t[0]]))
+
+
+def _tie_members(tie: Any, i: int) -> list[str]:
+    """The distinct layer names of ``ties[i]``: two or more strings."""
+    if isinstance(tie, (str, Mapping)) or not isinstance(tie, Sequence):
+        raise ValueError(f"ties[{i}] must be a sequence of layer names, got {tie!r}.")
+    bad = [n for n in tie if not isinstance(n, str) or not n]
+    if bad:
+        raise ValueError(f"ties[{i}] must hold layer names, got {bad[0]!r} in {list(tie)}.")
+    repeated = sorted({n for n in tie if list(tie).count(n) > 1})
+    if repeated:
+        raise ValueError(f"ties[{i}] names the layers {repeated} more than once: {list(tie)}.")
+    if len(tie) < 2:
+        raise ValueError(
+            f"ties[{i}] must tie two or more layers, got {list(tie)}; a layer alone needs no tie."
+        )
+    return list(tie)
+
+
+def _check_tie_known(members: list[str], i: int, order: Mapping[str, int]) -> None:
+    unknown = [n for n in members if n not in order]
+    if unknown:
+        raise ValueError(
+            f"ties[{i}] names unknown layers {unknown}; known layers: {sorted(order)}."
+        )
+
+
+def _check_tie_searched(members: list[str], i: int, fixed_bits: Mapping[str, int]) -> None:
+    fixed = [n for n in members if n in fixed_bits]
+    if fixed:
+        raise ValueError(
+            f"ties[{i}] holds the fixed layers {fixed} ({list(members)}); a tie is searched. Fix "
+            "every layer of the tie at one bit-width instead (fixed_bits), or search them all."
+        )
+
+
+def _check_tie_disjoint(members: list[str], i: int, seen: dict[str, int]) -> None:
+    twice = [n for n in members if n in seen]
+    if twice:
+        raise ValueError(
+            f"ties[{i}] holds the layers {twice}, already tied by ties[{seen[twice[0]]}]; "
+            "a layer belongs to one tie at most (merge the two)."
+        )
+    seen.update(dict.fromkeys(members, i))
 
 
 def check_formats_grid(formats: Any) -> tuple[str, ...]:
@@ -610,7 +702,23 @@ def check_config(spec: SpaceSpec, config: Any) -> QuantConfig:
         check_bit(b, f"config.bits[{name!r}]")
     for name, w in config.widths.items():
         check_ratio(w, f"config.widths[{name!r}]")
+    check_ties_hold(spec, config)
     return config
+
+
+def check_ties_hold(spec: SpaceSpec, config: QuantConfig) -> None:
+    """Refuse ``config`` if the layers of a tie of ``spec`` do not share one choice (a runtime
+    that fuses them could not load it)."""
+    choices = config.layer_choices()
+    for tie in spec.ties:
+        values = {n: choices[n] for n in tie if n in choices}
+        if len(set(values.values())) > 1:
+            leader = values.get(tie[0])
+            differ = [n for n, v in values.items() if v != leader]
+            raise ValueError(
+                f"config breaks the tie {list(tie)}: its layers must share one choice, got "
+                f"{values} ({differ} differ from {tie[0]!r})."
+            )
 
 
 class HasSpec(Protocol):

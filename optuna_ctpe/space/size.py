@@ -173,7 +173,7 @@ def smallest_size(spec: SpaceSpec, choices: Choices) -> int:
     Size grows with every choice (kept smallest first), so it is the one taking every
     smallest choice.
     """
-    return size_bits(spec, extreme_config(choices, largest=False))
+    return size_bits(spec, extreme_config(choices, largest=False, ties=spec.ties))
 
 
 def fp32_bits(spec: SpaceSpec) -> int:
@@ -226,8 +226,10 @@ def perturbation(
 
 
 def log10_size_before(spec: SpaceSpec) -> float:
-    """log10 of the number of configurations before pruning (fixed layers excluded)."""
-    counts = [len(spec.grid)] * len(spec.searched_layers()) + [len(spec.widths)] * len(spec.groups)
+    """log10 of the number of configurations before pruning (fixed layers excluded; a tie
+    counts once)."""
+    searched = [n for n in spec.leaders() if n not in spec.fixed_bits]
+    counts = [len(spec.grid)] * len(searched) + [len(spec.widths)] * len(spec.groups)
     return _log10_product(counts)
 
 

@@ -182,18 +182,26 @@ def _linear_problem(
         else:
             per_bit[t.layer] += numel
     omegas, costs = [], []
-    for n in spec.layers:
+    # One variable set per parameter: a tie's choice is priced on all its layers together.
+    for n in spec.leaders():
         param = layer_param(spec, n)
         options = choices[param]
+        tie = spec.tie_of(n)
         # A fixed layer has one choice, possibly off the grid: its Ω is a constant.
         omegas.append(
-            np.zeros(1) if n in spec.fixed_bits else np.array([omega[param][c] for c in options])
+            np.zeros(1)
+            if n in spec.fixed_bits
+            else np.array(
+                [sum(omega[layer_param(spec, m)][c] for m in tie) for c in options], dtype=float
+            )
         )
         if spec.formats:
             # A format's scales and zero points depend on it: each choice is priced whole.
-            per_choice = np.array([layer_bits(spec, n, c, point.widths) for c in options], float)
+            per_choice = np.array(
+                [sum(layer_bits(spec, m, c, point.widths) for m in tie) for c in options], float
+            )
         else:
-            per_choice = np.array([per_bit[n] * b for b in options], dtype=float)
+            per_choice = np.array([sum(per_bit[m] for m in tie) * b for b in options], float)
         costs.append(per_choice)
     base = size_bits(spec, point)
     for g in groups:
@@ -239,17 +247,20 @@ def linearised_ilp(
     groups = list(spec.groups) if vary_widths else []
     best: QuantConfig | None = None
     best_omega = math.inf
-    point = extreme_config(choices, largest=True)
+    point = extreme_config(choices, largest=True, ties=spec.ties)
     seen: set[QuantConfig] = set()
+    leaders = spec.leaders()
     for _ in range(_MAX_LINEARISATIONS):
         omegas, costs, constant = _linear_problem(spec, choices, omega, point, groups)
         try:
             picks = ilp_allocation(omegas, costs, target - constant)
         except ValueError:
             break
-        values = {n: choices[layer_param(spec, n)][i] for n, i in zip(spec.layers, picks)}
+        # Each layer takes the pick of its parameter (a follower its leader's).
+        picked = {n: choices[layer_param(spec, n)][i] for n, i in zip(leaders, picks)}
+        values = {n: picked[spec.leader(n)] for n in spec.layers}
         widths = dict(point.widths)
-        for g, i in zip(groups, picks[len(spec.layers) :]):
+        for g, i in zip(groups, picks[len(leaders) :]):
             widths[g] = choices[width_param(g)][i]
         point = make_config(spec, values, widths)
         if point in seen:

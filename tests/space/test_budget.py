@@ -221,6 +221,27 @@ def test_latency_values_match_the_table_and_repair_fits() -> None:
         assert constraint(repaired)[0] <= 0
 
 
+def test_latency_of_a_tied_space_reads_every_layer_of_a_tie() -> None:
+    space = _space().tied([("l0", "l3", "l5"), ("l1", "l2")])
+    table = _table(space)
+    budget = 1.05 * table.predict(space.uniform(3))
+    constraint = space.latency_constraint(table, budget, size_ratio=0.2)
+    assert set(constraint.distributions) == set(space.distributions)
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        params = {
+            n: d.choices[rng.integers(len(d.choices))] for n, d in space.distributions.items()
+        }
+        config = space.config_from_params(params)
+        size, latency = constraint(params)
+        # The followers' entries are read at their leader's bit-width.
+        assert latency == pytest.approx(table.predict(config) / budget - 1)
+        assert size == pytest.approx(space.size(config) / (0.2 * space.fp32_bits) - 1)
+        repaired = space.config_from_params(constraint.repair(params))
+        assert all(v <= 0 for v in constraint(space.to_params(repaired)))
+        assert repaired.bits["l3"] == repaired.bits["l5"] == repaired.bits["l0"]
+
+
 def test_latency_and_size_together() -> None:
     space = _space()
     table = _table(space)
