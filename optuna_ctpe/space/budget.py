@@ -341,7 +341,7 @@ class BudgetConstraint:
         while excess > 0:
             best: tuple[float, str, Any, list[float]] | None = None
             for name in free:
-                table = option_costs(name)
+                table, omega = option_costs(name), self._param_omega[name]
                 current = values[name]
                 before = table[current]
                 for option, after in table.items():
@@ -351,8 +351,7 @@ class BudgetConstraint:
                     saved = excess - _total(self._excesses(new_costs))
                     if saved <= 1e-12:
                         continue
-                    table = self._param_omega[name]
-                    rate = (table[option] - table[current]) / saved
+                    rate = (omega[option] - omega[current]) / saved
                     if best is None or rate < best[0]:
                         best = (rate, name, option, new_costs)
             if best is None:
