@@ -29,7 +29,8 @@ Tasks: ``digits`` (the embedded CNN, groups of 32: its rows have 9 to 512 inputs
 ``minilm`` (all-MiniLM-L6-v2, every Linear layer and the embeddings searched, groups of 128,
 metric the mean cosine to the FP32 embeddings on held-out sentences), ``resnet18`` and
 ``mobilenet_v2`` (on upscaled digits, first and last layers fixed at 8 bits, groups of 128,
-metric top-1 accuracy). Widths stay full (the formats are the question). Seeds run in parallel processes (``--workers``).
+metric top-1 accuracy). Widths stay full (the formats are the question). Seeds run in
+parallel processes (``--workers``).
 
 Run::
 
@@ -236,7 +237,9 @@ def run_seed(job: tuple[str, int, list[float], int]) -> dict[str, Any]:
             values[label][method] = curve[-1] if math.isfinite(curve[-1]) else math.nan
             curves.setdefault(label, {})[method] = curve
             seconds.setdefault(label, {})[method] = secs
-        print(task_name, seed, label, {k: round(v, 4) for k, v in values[label].items()}, flush=True)
+        print(
+            task_name, seed, label, {k: round(v, 4) for k, v in values[label].items()}, flush=True
+        )
     return {
         "seed": seed,
         "values": values,

@@ -35,9 +35,7 @@ from optuna_ctpe.sampler import _parzen
 
 
 SPACES = {
-    "40 categorical": {
-        f"p{i}": CategoricalDistribution([2, 3, 4, 5, 6, 7, 8]) for i in range(40)
-    },
+    "40 categorical": {f"p{i}": CategoricalDistribution([2, 3, 4, 5, 6, 7, 8]) for i in range(40)},
     "10 float": {f"x{i}": FloatDistribution(-5.0, 5.0) for i in range(10)},
     "mixed 12": {
         **{f"f{i}": FloatDistribution(-5.0, 5.0) for i in range(2)},

@@ -89,4 +89,3 @@ def test_every_public_module_is_in_the_reference() -> None:
     assert "optuna_ctpe.nn.sensitivity" in modules  # the walk found the wings
     missing = [module for module in modules if not documented(module)]
     assert not missing, f"public modules missing from docs/reference/*.rst: {missing}"
-

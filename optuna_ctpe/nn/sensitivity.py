@@ -27,9 +27,9 @@ probes, where Hutchinson needs about 100 for 0.94; at a least-squares loss whose
 zero (the MiniLM task) the GGN is the Hessian; elsewhere near a minimum it is the positive
 part of the Hessian that HAWQ's second-order model needs, without negative traces.
 
-All four evaluate the model in eval mode (batch norm uses its running statistics, dropout is off, so
-the loss is a deterministic function of the weights) and leave the model exactly as they found
-it: parameters, ``.grad`` fields, ``requires_grad`` flags and train/eval modes.
+All four evaluate the model in eval mode (batch norm uses its running statistics, dropout is
+off, so the loss is a deterministic function of the weights) and leave the model exactly as they
+found it: parameters, ``.grad`` fields, ``requires_grad`` flags and train/eval modes.
 
 Requires the ``torch`` extra.
 """

@@ -142,9 +142,7 @@ class ParzenEstimator(NamedTuple):
             sigmas = np.asarray([k.sigma[active] for k in numerical.values()])
             lows = np.asarray([k.low for k in numerical.values()])[:, np.newaxis]
             highs = np.asarray([k.high for k in numerical.values()])[:, np.newaxis]
-            draws = _truncnorm.rvs(
-                (lows - mus) / sigmas, (highs - mus) / sigmas, mus, sigmas, rng
-            )
+            draws = _truncnorm.rvs((lows - mus) / sigmas, (highs - mus) / sigmas, mus, sigmas, rng)
             for (name, kernels), x in zip(numerical.items(), draws):
                 samples[name] = _to_value(x, kernels)
         return {name: samples[name] for name in self.kernels}

@@ -152,9 +152,7 @@ def _by_tie_size(spec: SpaceSpec, tie: tuple[str, ...], options: list[Any]) -> l
         return sorted(options)
     full = dict.fromkeys(spec.groups, 1.0)
     rank = {c: i for i, c in enumerate(spec.grid)}
-    return sorted(
-        options, key=lambda c: (sum(layer_bits(spec, n, c, full) for n in tie), rank[c])
-    )
+    return sorted(options, key=lambda c: (sum(layer_bits(spec, n, c, full) for n in tie), rank[c]))
 
 
 def _kept_formats(spec: SpaceSpec, omega: OmegaTable, limit: float) -> dict[str, list[Any]]:

@@ -25,7 +25,7 @@ from optuna_ctpe.search_space import HessianSearchSpace  # noqa: E402
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 # A task of a tiny random-init Llama: its loss is the language-model loss, its metric minus it.
-TASK = '''
+TASK = """
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,7 +48,7 @@ def make(*, seed=0, **_):
             return -float(loss_fn(net, ids))
 
     return Task("tiny-llama", model, loss_fn, [ids], [ids], ids, evaluate)
-'''
+"""
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -107,6 +107,8 @@ def test_a_study_without_ties_refuses_tie_fused() -> None:
 
     stored = Settings(**DEFAULTS).to_attr()
     requested = {**dict.fromkeys(DEFAULTS), "tie_fused": True}
-    with pytest.raises(UsageError, match="--tie-fused conflicts with study 's', which was "
-                       "created with no --tie-fused"):
+    with pytest.raises(
+        UsageError,
+        match="--tie-fused conflicts with study 's', which was created with no --tie-fused",
+    ):
         resolve(requested, stored, "s", lambda settings: None)

@@ -114,9 +114,7 @@ def test_the_state_is_restored_when_the_computation_raises(handled: None) -> Non
 # -- the search loop -----------------------------------------------------------------------------
 
 
-def _signal_on_write(
-    study: optuna.Study, table: str, key: str, signum: int
-) -> Callable[[], int]:
+def _signal_on_write(study: optuna.Study, table: str, key: str, signum: int) -> Callable[[], int]:
     """Send ``signum`` to this process from inside SQLAlchemy's first write of a row about
     ``key`` to ``table``; returns a function giving how many signals were sent."""
     from sqlalchemy import event

@@ -165,7 +165,9 @@ def test_save_packed_writes_a_format_configuration_that_loads_as_apply_makes_it(
 
 def test_save_packed_refuses_a_pruned_format_configuration(built, tmp_path) -> None:  # type: ignore[no-untyped-def]
     model, _, _, space = built
-    config = space.config_from_params({name: d.choices[0] for name, d in space.distributions.items()})
+    config = space.config_from_params(
+        {name: d.choices[0] for name, d in space.distributions.items()}
+    )
     pruned = type(config)(config.bits, {"0": 0.5}, config.formats)
     with pytest.raises(ValueError, match="pruned"):
         space.save_packed(model, pruned, tmp_path / "net.safetensors")

@@ -94,9 +94,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("prior_weight", [1.0, 0.05])
-@pytest.mark.parametrize(
-    "search_space, n", CASES, ids=[f"{'+'.join(s)}-{n}" for s, n in CASES]
-)
+@pytest.mark.parametrize("search_space, n", CASES, ids=[f"{'+'.join(s)}-{n}" for s, n in CASES])
 def test_equal_to_optunas_estimator(search_space, n, prior_weight):
     observations = _observations(search_space, n, seed=n)
     ours = _parzen.fit_parzen_estimator(observations, search_space, prior_weight)

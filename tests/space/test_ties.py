@@ -50,8 +50,7 @@ def _layers(grid=BITS) -> list[LayerSensitivity]:  # type: ignore[no-untyped-def
         else:
             base = {f: 4.0 ** (-int(f[3])) for f in FORMATS}
             errors = {
-                f: size * e * (1 + i / 10) * (0.7 if "gptq" in f else 1.0)
-                for f, e in base.items()
+                f: size * e * (1 + i / 10) * (0.7 if "gptq" in f else 1.0) for f, e in base.items()
             }
         out.append(LayerSensitivity(n, t, size, errors))
     return out
@@ -255,9 +254,7 @@ def test_warm_starts_tie_and_fit(make) -> None:  # type: ignore[no-untyped-def]
     ratio = 0.6 if make is _grouped_space else 0.4
     target = ratio * untied.size(untied.uniform(untied.spec.grid[-1]))
     # Untied, the ILP gives tied layers different choices: the test can fail.
-    untied_configs = warm_start_configs(
-        untied.spec, untied.choices, untied.omega, target, 3
-    )
+    untied_configs = warm_start_configs(untied.spec, untied.choices, untied.omega, target, 3)
     assert not all(_tied(c, ties) for c in untied_configs)
     configs = warm_start_configs(tied.spec, tied.choices, tied.omega, target, 3)
     assert configs and all(_tied(c, ties) for c in configs)
