@@ -91,24 +91,28 @@ def _mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Te
 @pytest.fixture
 def tiny() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Four hidden channels of clearly ordered magnitude (1, 10, 100, 1000): pruning to a
-    ratio keeps the largest ones, so the expected pruned loss is known without the pruner."""
+    ratio keeps the largest ones, so the expected pruned loss is known without the pruner.
+
+    In float64: outputs reach 1e5-1e6 while the residual is about 0.1, so in float32 the
+    rounding of the output (ulp 0.06 at 8e5) alone moves the loss by tenths, and a matmul kernel
+    that sums in another order (three kept channels against four masked ones) fails the test."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)).double()
     with torch.no_grad():
         for k in range(4):
             model[0].weight[k] *= 10.0**k
             model[0].bias[k] = model[0].bias[k].abs() * 10.0**k
             model[2].weight[0, k] = 10.0**k
-    inputs = [torch.randn(8, 2) for _ in range(2)]
+    inputs = [torch.randn(8, 2, dtype=torch.float64) for _ in range(2)]
     # Targets near the model's own outputs: a trained model, whose loss pruning increases.
     with torch.no_grad():
-        batches = [(x, model(x) + 0.1 * torch.randn(8, 1)) for x in inputs]
+        batches = [(x, model(x) + 0.1 * torch.randn(8, 1, dtype=torch.float64)) for x in inputs]
     return model, batches
 
 
 def _loss_without(model: nn.Module, batches: list, removed: list[int]) -> float:
     """The loss with the hidden channels ``removed`` cut from the output layer, by hand."""
-    keep = torch.ones(4)
+    keep = torch.ones(4, dtype=torch.float64)
     keep[removed] = 0.0
     total = 0.0
     with torch.no_grad():
