@@ -680,21 +680,7 @@ class HessianSearchSpace:
         """
         grid = self._spec.grid
         checked = [_grid_choice(c, grid) for c in choices]
-        kept = (*self._spec.always_kept, *checked)
-        spec = make_spec(
-            list(self._spec.layers.values()),
-            list(self._spec.groups.values()),
-            self._spec.tensors,
-            self._spec.bits,
-            self._spec.widths,
-            self._spec.budget,
-            self._spec.fixed_bits,
-            self._spec.trace_z,
-            self._spec.formats or None,
-            kept,
-            self._spec.ties,
-        )
-        return self._from_spec(spec, self._quantizer)
+        return self._remade(always_kept=(*self._spec.always_kept, *checked))
 
     def tied(self, ties: Sequence[Sequence[str]]) -> HessianSearchSpace:
         """The same sensitivities with ``ties`` as the space's ties (replacing any): each tie
@@ -752,20 +738,32 @@ class HessianSearchSpace:
             if unknown:
                 raise ValueError(f"ties[{i}] names unknown layers {unknown}.")
             fixed.update(dict.fromkeys(tie, pinned.pop()))
-        spec = make_spec(
-            list(self._spec.layers.values()),
-            list(self._spec.groups.values()),
-            self._spec.tensors,
-            self._spec.bits,
-            self._spec.widths,
-            self._spec.budget,
-            fixed,
-            self._spec.trace_z,
-            self._spec.formats or None,
-            self._spec.always_kept,
-            searched_ties,
+        return self._remade(fixed_bits=fixed, ties=searched_ties)
+
+    def _remade(
+        self,
+        *,
+        fixed_bits: Mapping[str, int] | None = None,
+        always_kept: Sequence[Any] | None = None,
+        ties: Sequence[Sequence[str]] | None = None,
+    ) -> HessianSearchSpace:
+        """This space's records validated again by ``make_spec``, with the fields given
+        changed (None keeps a field), and the same format quantizer."""
+        spec = self._spec
+        remade = make_spec(
+            list(spec.layers.values()),
+            list(spec.groups.values()),
+            spec.tensors,
+            spec.bits,
+            spec.widths,
+            spec.budget,
+            spec.fixed_bits if fixed_bits is None else fixed_bits,
+            spec.trace_z,
+            spec.formats or None,
+            spec.always_kept if always_kept is None else always_kept,
+            spec.ties if ties is None else ties,
         )
-        return self._from_spec(spec, self._quantizer)
+        return self._from_spec(remade, self._quantizer)
 
     def uniform_formats(
         self, size_ratio: float | None = None, *, size_bits: int | None = None
