@@ -37,7 +37,8 @@ Run::
     python benchmarks/format_search.py --task minilm --seeds 0 1 2 --targets 3.25 4.25 \
         --trials 100 --workers 2
 
-Writes ``results/format_search<tag>.md`` and ``.json``.
+Writes ``results/format_search<tag>.md`` and ``.json``. Seeds run separately are joined with
+``--report-only --tag _minilm --merge _minilm_b`` (the JSON of ``_minilm`` then holds both).
 """
 
 from __future__ import annotations
@@ -308,6 +309,27 @@ def report(data: dict[str, Any], command: list[str]) -> str:
     return header + notes + table + "\n" + footer
 
 
+def merged(data: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the seeds of ``more``, a run of the same task and settings on other seeds.
+
+    Raises:
+        ValueError: If the two runs differ in anything but their seeds, or share a seed.
+    """
+    for key in ("task", "group", "trials", "targets", "formats"):
+        if data[key] != more[key]:
+            raise ValueError(f"cannot merge runs of different {key}: {data[key]} / {more[key]}")
+    seeds = {r["seed"] for r in data["per_seed"]}
+    shared = sorted(seeds & {r["seed"] for r in more["per_seed"]})
+    if shared:
+        raise ValueError(f"cannot merge runs that share seeds {shared}")
+    return {
+        **data,
+        "seconds": data["seconds"] + more["seconds"],
+        "command": [*data["command"], "+", *more["command"]],
+        "per_seed": sorted([*data["per_seed"], *more["per_seed"]], key=lambda r: r["seed"]),
+    }
+
+
 def main(argv: list[str]) -> None:
     """Run the seeds, print and write the report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -318,10 +340,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--report-only", action="store_true", help="re-render the JSON")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="TAG",
+        help="with --report-only: add the seeds of these runs' JSON (same task and settings)",
+    )
     args = parser.parse_args(argv)
     out = RESULTS_DIR / f"format_search{args.tag}"
     if args.report_only:
         data = json.loads(out.with_suffix(".json").read_text())
+        for tag in args.merge:
+            data = merged(data, json.loads((RESULTS_DIR / f"format_search{tag}.json").read_text()))
+        if args.merge:
+            out.with_suffix(".json").write_text(json.dumps(data))
         text = report(data, data["command"])
     else:
         start = time.perf_counter()
