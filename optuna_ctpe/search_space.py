@@ -49,6 +49,7 @@ from optuna_ctpe.space.records import DEFAULT_BUDGET
 from optuna_ctpe.space.records import DEFAULT_TRACE_Z
 from optuna_ctpe.space.records import DEFAULT_WIDTHS
 from optuna_ctpe.space.records import LayerSensitivity
+from optuna_ctpe.space.records import check_ties
 from optuna_ctpe.space.records import make_spec
 from optuna_ctpe.space.records import ParamTensor
 from optuna_ctpe.space.records import QuantConfig
@@ -720,23 +721,19 @@ class HessianSearchSpace:
             ValueError: If a tie is not two or more known layers, a layer is in two ties, or
                 the fixed layers of one tie have different bit-widths.
         """
+        # Every rule but "searched" first (make_spec checks the ties left searched again).
         fixed = dict(self._spec.fixed_bits)
-        if isinstance(ties, (str, Mapping)) or not isinstance(ties, (list, tuple)):
-            raise ValueError(f"ties must be a sequence of sequences of layer names, got {ties!r}.")
         searched_ties = []
-        for i, tie in enumerate(ties):
-            pinned = {fixed[n] for n in tie if isinstance(n, str) and n in fixed}
+        for tie in check_ties(ties, self._spec.layers, {}):
+            pinned = {fixed[n] for n in tie if n in fixed}
             if not pinned:
                 searched_ties.append(tie)
                 continue
             if len(pinned) > 1:
                 raise ValueError(
-                    f"ties[{i}] holds fixed layers of different bit-widths {sorted(pinned)} "
-                    f"({list(tie)}); they cannot share one choice."
+                    f"the tie {list(tie)} holds fixed layers of different bit-widths "
+                    f"{sorted(pinned)}; they cannot share one choice."
                 )
-            unknown = [n for n in tie if n not in self._spec.layers]
-            if unknown:
-                raise ValueError(f"ties[{i}] names unknown layers {unknown}.")
             fixed.update(dict.fromkeys(tie, pinned.pop()))
         return self._remade(fixed_bits=fixed, ties=searched_ties)
 

@@ -58,7 +58,7 @@ def to_json(spec: SpaceSpec, choices: Choices | None = None) -> str:
     extended = bool(spec.formats or spec.always_kept)
     data = {
         "schema": SCHEMA,
-        "version": 3 if spec.ties else 2 if extended else 1,
+        "version": SCHEMA_VERSION if spec.ties else 2 if extended else 1,
         "bits": list(spec.bits),
         "widths": list(spec.widths),
         "budget": spec.budget if math.isfinite(spec.budget) else "inf",

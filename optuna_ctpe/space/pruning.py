@@ -77,6 +77,7 @@ from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.size import layer_bits
 from optuna_ctpe.space.size import fp32_bits
 from optuna_ctpe.space.size import smallest_size
+from optuna_ctpe.space.size import tie_bits
 
 #: Parameter name -> ``{choice: Ω}``, what the rule reads is
 #: ``optuna_ctpe.space.omega.omega_table(spec, upper=True)``, Ω at each layer's upper trace.
@@ -125,7 +126,7 @@ def prune(spec: SpaceSpec, omega: OmegaTable) -> dict[str, tuple[Any, ...]]:
     for tie in spec.ties:
         common = [c for c in kept[tie[0]] if all(c in kept[n] for n in tie[1:])]
         merged = common or list(dict.fromkeys(c for n in tie for c in kept[n]))
-        kept[tie[0]] = _by_tie_size(spec, tie, merged)
+        kept[tie[0]] = _by_layer_size(spec, tie[0], merged)
     choices: dict[str, tuple[Any, ...]] = {
         layer_param(spec, name): tuple(kept[name]) if name in kept else (spec.fixed_choice(name),)
         for name in spec.leaders()
@@ -138,21 +139,13 @@ def prune(spec: SpaceSpec, omega: OmegaTable) -> dict[str, tuple[Any, ...]]:
 
 
 def _by_layer_size(spec: SpaceSpec, layer: str, options: list[Any]) -> list[Any]:
-    """``options`` smallest first: by the layer's stored bits in each, ties in grid order."""
+    """``options`` smallest first: by the stored bits of the layer's parameter in each (its
+    tie's, when tied: :func:`~optuna_ctpe.space.size.tie_bits`), equal sizes in grid order."""
     if not spec.formats:
         return sorted(options)
     full = dict.fromkeys(spec.groups, 1.0)
     rank = {c: i for i, c in enumerate(spec.grid)}
-    return sorted(options, key=lambda c: (layer_bits(spec, layer, c, full), rank[c]))
-
-
-def _by_tie_size(spec: SpaceSpec, tie: tuple[str, ...], options: list[Any]) -> list[Any]:
-    """``options`` smallest first by the tie's summed stored bits, ties in grid order."""
-    if not spec.formats:
-        return sorted(options)
-    full = dict.fromkeys(spec.groups, 1.0)
-    rank = {c: i for i, c in enumerate(spec.grid)}
-    return sorted(options, key=lambda c: (sum(layer_bits(spec, n, c, full) for n in tie), rank[c]))
+    return sorted(options, key=lambda c: (tie_bits(spec, layer, c, full), rank[c]))
 
 
 def _kept_formats(spec: SpaceSpec, omega: OmegaTable, limit: float) -> dict[str, list[Any]]:
@@ -302,10 +295,7 @@ def prior_weights(
         options = list(choices[name])
         # A format's saving is that of the layer's (the tie's) stored bits, priced exactly.
         amount = (
-            [
-                sum(layer_bits(spec, n, c, full) for n in spec.tie_of(name[len(FORMAT_PREFIX) :]))
-                for c in options
-            ]
+            [tie_bits(spec, name[len(FORMAT_PREFIX) :], c, full) for c in options]
             if name.startswith(FORMAT_PREFIX)
             else options
         )

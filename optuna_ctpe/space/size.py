@@ -167,6 +167,13 @@ def layer_bits(spec: SpaceSpec, layer: str, choice: Any, widths: Mapping[str, fl
     return total
 
 
+def tie_bits(spec: SpaceSpec, layer: str, choice: Any, widths: Mapping[str, float]) -> int:
+    """Exact stored bits of ``layer``'s tie at ``choice``, the layer alone when untied
+    (:meth:`~optuna_ctpe.space.records.SpaceSpec.tie_of`): what one choice of its parameter
+    stores."""
+    return sum(layer_bits(spec, m, choice, widths) for m in spec.tie_of(layer))
+
+
 def smallest_size(spec: SpaceSpec, choices: Choices) -> int:
     """Storage of the smallest configuration the kept ``choices`` allow, in bits.
 

@@ -23,6 +23,7 @@ from scipy.optimize import Bounds
 from scipy.optimize import LinearConstraint
 from scipy.optimize import milp
 
+from optuna_ctpe.space.omega import tied_table
 from optuna_ctpe.space.params import Choices
 from optuna_ctpe.space.params import extreme_config
 from optuna_ctpe.space.params import layer_param
@@ -31,7 +32,7 @@ from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import SpaceSpec
 from optuna_ctpe.space.size import FLOAT_BITS
-from optuna_ctpe.space.size import layer_bits
+from optuna_ctpe.space.size import tie_bits
 from optuna_ctpe.space.size import numel_after
 from optuna_ctpe.space.size import perturbation
 from optuna_ctpe.space.size import scales_after
@@ -169,7 +170,8 @@ def _linear_problem(
     groups: Sequence[str],
 ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
     """The knapsack of the size linearised around ``point``: Ω and cost arrays, and the cost
-    left out of them (float tensors and scales, and the smallest size change of each group)."""
+    left out of them (float tensors and scales, and the smallest size change of each group).
+    ``omega`` is per parameter (:func:`~optuna_ctpe.space.omega.tied_table`)."""
     # Per-layer weight elements at the point's widths: the size of 1 bit for that layer.
     per_bit = dict.fromkeys(spec.layers, 0)
     constant = 0.0
@@ -186,22 +188,16 @@ def _linear_problem(
     for n in spec.leaders():
         param = layer_param(spec, n)
         options = choices[param]
-        tie = spec.tie_of(n)
         # A fixed layer has one choice, possibly off the grid: its Ω is a constant.
         omegas.append(
-            np.zeros(1)
-            if n in spec.fixed_bits
-            else np.array(
-                [sum(omega[layer_param(spec, m)][c] for m in tie) for c in options], dtype=float
-            )
+            np.zeros(1) if n in spec.fixed_bits else np.array([omega[param][c] for c in options])
         )
         if spec.formats:
             # A format's scales and zero points depend on it: each choice is priced whole.
-            per_choice = np.array(
-                [sum(layer_bits(spec, m, c, point.widths) for m in tie) for c in options], float
-            )
+            per_choice = np.array([tie_bits(spec, n, c, point.widths) for c in options], float)
         else:
-            per_choice = np.array([sum(per_bit[m] for m in tie) * b for b in options], float)
+            elements = sum(per_bit[m] for m in spec.tie_of(n))
+            per_choice = np.array([elements * b for b in options], dtype=float)
         costs.append(per_choice)
     base = size_bits(spec, point)
     for g in groups:
@@ -248,10 +244,11 @@ def linearised_ilp(
     best: QuantConfig | None = None
     best_omega = math.inf
     point = extreme_config(choices, largest=True, ties=spec.ties)
+    param_omega = tied_table(spec, omega)  # a tie's choice weighs its layers' summed Ω
     seen: set[QuantConfig] = set()
     leaders = spec.leaders()
     for _ in range(_MAX_LINEARISATIONS):
-        omegas, costs, constant = _linear_problem(spec, choices, omega, point, groups)
+        omegas, costs, constant = _linear_problem(spec, choices, param_omega, point, groups)
         try:
             picks = ilp_allocation(omegas, costs, target - constant)
         except ValueError:
