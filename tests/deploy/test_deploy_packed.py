@@ -541,7 +541,7 @@ def test_transformer_encoder_with_pruned_widths(builders, tmp_path: Path) -> Non
 
 
 def test_bert_with_pruned_heads(builders, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    model, ids = builders._bert_heads("eager"), builders._ids()
+    model, ids = builders._bert_heads("eager"), builders.token_ids()
     loss = lambda net, batch: net(input_ids=batch[0], labels=batch[1]).loss  # noqa: E731
     inputs = {"input_ids": ids}
     space = _space_of(model, loss, (ids, torch.tensor([0, 1, 2, 0])), inputs, widths=(0.5, 1.0))
@@ -551,7 +551,7 @@ def test_bert_with_pruned_heads(builders, tmp_path: Path) -> None:  # type: igno
 
 
 def test_tied_weights_are_stored_once(builders, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    model, ids = builders._gpt2().eval(), builders._ids()
+    model, ids = builders._gpt2().eval(), builders.token_ids()
     space = _space_of(model, builders._lm_loss, ids, None, widths=(1.0,), include_embeddings=True)
     config = _mixed_bits(space, 1.0)
     inputs = {"input_ids": ids}

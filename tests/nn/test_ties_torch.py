@@ -18,29 +18,13 @@ from optuna_ctpe import HessianSearchSpace  # noqa: E402
 from optuna_ctpe.nn import fused_layer_sets  # noqa: E402
 from optuna_ctpe.space.records import QuantConfig  # noqa: E402
 from _quiet import quiet  # noqa: E402
+from _tiny_hf import tiny_llama  # noqa: E402
+from _tiny_hf import token_ids  # noqa: E402
 
 
 pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_torch_thread")]
 
 VOCAB = 64
-
-
-def _ids() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
-
-
-def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 def test_fused_sets_of_bert() -> None:
@@ -59,7 +43,7 @@ def test_fused_sets_of_bert() -> None:
 
 
 def test_fused_sets_of_llama() -> None:
-    sets = fused_layer_sets(_llama())
+    sets = fused_layer_sets(tiny_llama())
     expected = []
     for i in range(2):
         attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
@@ -85,7 +69,7 @@ def _lm_loss(net: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_from_model_ties_the_fused_sets_of_llama() -> None:
-    model, ids = _llama(), _ids()
+    model, ids = tiny_llama(), token_ids(batch=2)
     space = quiet(
         HessianSearchSpace.from_model,
         model,

@@ -26,15 +26,12 @@ from optuna_ctpe.nn.quantize import model_size  # noqa: E402
 from optuna_ctpe.nn.quantize import quantize_model  # noqa: E402
 from optuna_ctpe.nn.sensitivity import hutchinson_traces  # noqa: E402
 from _quiet import quiet  # noqa: E402
+from _tiny_hf import tiny_llama  # noqa: E402
+from _tiny_hf import token_ids  # noqa: E402
+from _tiny_hf import VOCAB  # noqa: E402
 
 
 pytestmark = pytest.mark.torch
-
-VOCAB = 100
-
-
-def _ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(seed))
 
 
 def _bert(attn: str, *, head: bool, n_heads: int = 2) -> nn.Module:
@@ -64,20 +61,6 @@ def _gpt2() -> nn.Module:
         eos_token_id=0,
     )
     return transformers.GPT2LMHeadModel(config)
-
-
-def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 def _lm_loss(net: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -166,7 +149,7 @@ def _check_space(space: HessianSearchSpace, model: nn.Module, loss) -> None:  # 
 @pytest.mark.parametrize("estimator", ["hutchinson", "fisher"])
 def test_bert_classifier(attn: str, estimator: str) -> None:
     model = _bert(attn, head=True)
-    ids, labels = _ids(), torch.tensor([0, 1, 2, 0])
+    ids, labels = token_ids(), torch.tensor([0, 1, 2, 0])
 
     def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return net(input_ids=batch[0], labels=batch[1]).loss
@@ -191,7 +174,7 @@ def test_bert_classifier(attn: str, estimator: str) -> None:
 
 
 def test_bert_model_restores_the_users_attention_kernels() -> None:
-    model, ids = _bert("sdpa", head=False), _ids()
+    model, ids = _bert("sdpa", head=False), token_ids()
 
     def loss_fn(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return net(input_ids=batch).last_hidden_state.pow(2).mean()
@@ -208,7 +191,7 @@ def test_bert_model_restores_the_users_attention_kernels() -> None:
 
 @pytest.mark.parametrize("include_embeddings", [False, True])
 def test_gpt2_conv1d_and_tied_head(include_embeddings: bool) -> None:
-    model, ids = _gpt2(), _ids()
+    model, ids = _gpt2(), token_ids()
     assert model.lm_head.weight is model.transformer.wte.weight
     space = quiet(
         HessianSearchSpace.from_model,
@@ -234,7 +217,7 @@ def test_gpt2_conv1d_is_quantized_per_output_column() -> None:
     w = q.transformer.h[0].attn.c_attn.weight.detach()  # (in, out): outputs along dim 1
     assert all(len(torch.unique(w[:, j])) <= 3 for j in range(w.shape[1]))
     assert max(len(torch.unique(w[i])) for i in range(w.shape[0])) > 3
-    assert bops(model, {"transformer.h.0.attn.c_attn": 4}, _ids()) > 0
+    assert bops(model, {"transformer.h.0.attn.c_attn": 4}, token_ids()) > 0
 
 
 def test_tied_weights_take_one_bit_width() -> None:
@@ -257,7 +240,7 @@ def test_embeddings_are_quantized_per_row() -> None:
 
 
 def test_llama() -> None:
-    model, ids = _llama(), _ids()
+    model, ids = tiny_llama(), token_ids()
     space = quiet(
         HessianSearchSpace.from_model, model, _lm_loss, [ids], widths=(1.0,), max_probes=4
     )
@@ -371,7 +354,7 @@ def _bert_heads(attn: str) -> nn.Module:
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_bert_widths_prune_whole_heads_and_mlp_hidden_sizes(attn: str) -> None:
-    model, ids, labels = _bert_heads(attn), _ids(), torch.tensor([0, 1, 2, 0])
+    model, ids, labels = _bert_heads(attn), token_ids(), torch.tensor([0, 1, 2, 0])
     inputs = {"input_ids": ids}
 
     def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -439,7 +422,7 @@ def test_widths_of_transformer_encoder_llama_and_timm() -> None:
     assert set(space.groups) == {"embed", "encoder.layers.0.linear1", "encoder.layers.1.linear1"}
     _check_half_width(space, encoder, lambda net: _ce(net, (x, y)), x)
 
-    llama, ids = _llama(), _ids()
+    llama, ids = tiny_llama(), token_ids()
     space = _widths_space(llama, _lm_loss, ids, {"input_ids": ids})
     # Grouped-query attention (2 key/value heads for 4 query heads): projections kept whole.
     assert {"model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"} <= set(space.groups)
@@ -467,7 +450,7 @@ def test_a_width_group_the_pruner_breaks_is_named_in_a_warning() -> None:
 
 
 def test_gpt2_widths_are_refused_clearly() -> None:
-    model, ids = _gpt2(), _ids()
+    model, ids = _gpt2(), token_ids()
     with pytest.raises(
         ValueError, match=r"cannot prune the transformers Conv1D layers.*widths=\(1\.0,\)"
     ):
