@@ -74,15 +74,15 @@ from optuna_ctpe.nn.apply import apply_config
 from optuna_ctpe.nn.layers import resolve_layers
 from optuna_ctpe.nn.quantize import resolve_quantized_layers
 from optuna_ctpe.space import io
-from optuna_ctpe.space.records import check_config
-from optuna_ctpe.space.records import HasSpec
-from optuna_ctpe.space.records import QuantConfig
+from optuna_ctpe.space.checks import check_config
 from optuna_ctpe.space.formats import as_format
 from optuna_ctpe.space.formats import format_bits
 from optuna_ctpe.space.formats import parse_format
 from optuna_ctpe.space.formats import WeightFormat
-from optuna_ctpe.space.records import spec_of
+from optuna_ctpe.space.records import HasSpec
+from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import SpaceSpec
+from optuna_ctpe.space.records import spec_of
 from optuna_ctpe.space.size import fp32_bits
 from optuna_ctpe.space.size import size_bits
 

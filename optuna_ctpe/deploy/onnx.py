@@ -56,7 +56,7 @@ from torch.utils import _pytree as pytree
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe.nn.apply import apply_config
 from optuna_ctpe.nn.layers import resolve_layers
-from optuna_ctpe.space.records import check_config
+from optuna_ctpe.space.checks import check_config
 from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import spec_of
 from optuna_ctpe.space.size import size_bits

@@ -35,12 +35,12 @@ from optuna_ctpe.nn.quantize import quantize_model
 from optuna_ctpe.nn.quantize import quantize_weight
 from optuna_ctpe.nn.quantize import resolve_quantized_layers
 from optuna_ctpe.nn.width import prune_widths
-from optuna_ctpe.space.records import check_config
+from optuna_ctpe.space.checks import check_config
 from optuna_ctpe.space.records import HasSpec
 from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import QuantConfig
-from optuna_ctpe.space.records import spec_of
 from optuna_ctpe.space.records import SpaceSpec
+from optuna_ctpe.space.records import spec_of
 
 
 __all__ = [

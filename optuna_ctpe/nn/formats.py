@@ -36,14 +36,14 @@ import torch
 from torch import nn
 
 from optuna_ctpe._validation import check_integer
+from optuna_ctpe.nn._weight_store import WeightStore
 from optuna_ctpe.nn.apply import check_model
 from optuna_ctpe.nn.apply import configured_copy
 from optuna_ctpe.nn.apply import DEFAULT_CACHE_BYTES
-from optuna_ctpe.nn._weight_store import WeightStore
 from optuna_ctpe.nn.gptq import collect_hessians
-from optuna_ctpe.nn.gptq import GPTQSettings
 from optuna_ctpe.nn.gptq import gptq_rows
 from optuna_ctpe.nn.gptq import gptq_unsupported
+from optuna_ctpe.nn.gptq import GPTQSettings
 from optuna_ctpe.nn.gptq import hessian_factor
 from optuna_ctpe.nn.gptq import HessianFactor
 from optuna_ctpe.nn.gptq import InputHessian
@@ -57,15 +57,15 @@ from optuna_ctpe.nn.grids import round_to_grid
 from optuna_ctpe.nn.layers import LayerWeight
 from optuna_ctpe.nn.layers import model_layers
 from optuna_ctpe.nn.layers import resolve_layers
+from optuna_ctpe.space.checks import check_config
 from optuna_ctpe.space.formats import as_format
 from optuna_ctpe.space.formats import FormatFallbackWarning
 from optuna_ctpe.space.formats import group_fallback
 from optuna_ctpe.space.formats import WeightFormat
-from optuna_ctpe.space.records import check_config
 from optuna_ctpe.space.records import HasSpec
 from optuna_ctpe.space.records import QuantConfig
-from optuna_ctpe.space.records import spec_of
 from optuna_ctpe.space.records import SpaceSpec
+from optuna_ctpe.space.records import spec_of
 
 
 __all__ = [

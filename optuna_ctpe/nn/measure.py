@@ -32,10 +32,10 @@ from optuna_ctpe.nn.sensitivity import estimator as _estimator
 from optuna_ctpe.nn.sensitivity import resolve_estimator
 from optuna_ctpe.nn.traces import LayerTrace
 from optuna_ctpe.nn.width_calibration import calibrate_groups
-from optuna_ctpe.space.records import check_bit
-from optuna_ctpe.space.records import check_bits_grid
-from optuna_ctpe.space.records import check_formats_grid
-from optuna_ctpe.space.records import check_widths_grid
+from optuna_ctpe.space.checks import check_bit
+from optuna_ctpe.space.checks import check_bits_grid
+from optuna_ctpe.space.checks import check_formats_grid
+from optuna_ctpe.space.checks import check_widths_grid
 from optuna_ctpe.space.records import LayerSensitivity
 from optuna_ctpe.space.records import ParamTensor
 from optuna_ctpe.space.records import WidthGroupSensitivity

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING
 
 from optuna_ctpe import _attrs
 from optuna_ctpe._validation import is_integer
+from optuna_ctpe.space.checks import make_spec
 from optuna_ctpe.space.omega import omega_table
 from optuna_ctpe.space.params import Choices
 from optuna_ctpe.space.pruning import prune
-from optuna_ctpe.space.records import make_spec
 from optuna_ctpe.space.records import SpaceSpec
 
 

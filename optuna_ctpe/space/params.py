@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from optuna_ctpe._validation import check_ratio
+from optuna_ctpe.space.checks import check_bit
 from optuna_ctpe.space.formats import as_format
-from optuna_ctpe.space.records import check_bit
 from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import SpaceSpec
 

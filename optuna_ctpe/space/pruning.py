@@ -74,8 +74,8 @@ from optuna_ctpe.space.params import layer_param
 from optuna_ctpe.space.params import searched
 from optuna_ctpe.space.params import width_param
 from optuna_ctpe.space.records import SpaceSpec
-from optuna_ctpe.space.size import layer_bits
 from optuna_ctpe.space.size import fp32_bits
+from optuna_ctpe.space.size import layer_bits
 from optuna_ctpe.space.size import smallest_size
 from optuna_ctpe.space.size import tie_bits
 
@@ -186,8 +186,9 @@ def uncertain_layers(spec: SpaceSpec) -> list[str]:
     Example:
         .. code-block:: python
 
+            from optuna_ctpe.space.checks import make_spec
             from optuna_ctpe.space.pruning import uncertain_layers
-            from optuna_ctpe.space.records import LayerSensitivity, make_spec
+            from optuna_ctpe.space.records import LayerSensitivity
 
             layers = [
                 LayerSensitivity("a", 2.0, 10, {4: 1e-3, 8: 1e-5}, trace_stderr=0.1),

@@ -26,6 +26,7 @@ from typing import Any
 
 from optuna_ctpe._validation import check_integer
 from optuna_ctpe._validation import check_ratio
+from optuna_ctpe.space.checks import check_config
 from optuna_ctpe.space.formats import as_format
 from optuna_ctpe.space.formats import format_bits
 from optuna_ctpe.space.formats import legacy_format
@@ -33,7 +34,6 @@ from optuna_ctpe.space.params import Choices
 from optuna_ctpe.space.params import extreme_config
 from optuna_ctpe.space.params import layer_param
 from optuna_ctpe.space.params import width_param
-from optuna_ctpe.space.records import check_config
 from optuna_ctpe.space.records import ParamTensor
 from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import SpaceSpec
@@ -47,7 +47,7 @@ def numel_after(spec: SpaceSpec, tensor: ParamTensor, widths: Mapping[str, float
     """Elements of ``tensor`` left after pruning to ``widths``.
 
     Exact: a tensor's numel is a multiple of the channels of each pruned dimension
-    (:func:`~optuna_ctpe.space.records.check_tensors` makes sure).
+    (:func:`~optuna_ctpe.space.checks.check_tensors` makes sure).
     """
     numel = tensor.numel
     for g in (tensor.out_group, tensor.in_group):
@@ -95,7 +95,8 @@ def size_bits_formats(
     Example:
         .. code-block:: python
 
-            from optuna_ctpe.space.records import LayerSensitivity, ParamTensor, make_spec
+            from optuna_ctpe.space.checks import make_spec
+            from optuna_ctpe.space.records import LayerSensitivity, ParamTensor
             from optuna_ctpe.space.size import size_bits_formats
 
             layer = LayerSensitivity("fc", 1.0, 384 * 384, {4: 1.0})

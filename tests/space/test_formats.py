@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from optuna_ctpe.space.checks import make_spec
 from optuna_ctpe.space.formats import as_format
 from optuna_ctpe.space.formats import effective_bits
 from optuna_ctpe.space.formats import format_bits
@@ -21,7 +22,6 @@ from optuna_ctpe.space.formats import legacy_format
 from optuna_ctpe.space.formats import parse_format
 from optuna_ctpe.space.formats import WeightFormat
 from optuna_ctpe.space.records import LayerSensitivity
-from optuna_ctpe.space.records import make_spec
 from optuna_ctpe.space.records import ParamTensor
 from optuna_ctpe.space.records import QuantConfig
 from optuna_ctpe.space.records import SpaceSpec

@@ -9,11 +9,11 @@ import pytest
 
 from optuna_ctpe.search_space import HessianSearchSpace
 from optuna_ctpe.search_space import LayerSensitivity
+from optuna_ctpe.space.checks import make_spec
 from optuna_ctpe.space.omega import omega_table
 from optuna_ctpe.space.omega import upper_trace
 from optuna_ctpe.space.pruning import uncertain_layers
 from optuna_ctpe.space.records import DEFAULT_TRACE_Z
-from optuna_ctpe.space.records import make_spec
 from optuna_ctpe.space.records import ParamTensor
 from optuna_ctpe.space.records import WidthGroupSensitivity
 
