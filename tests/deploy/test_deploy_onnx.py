@@ -136,17 +136,10 @@ def test_digits_mixed_bits_and_widths_run_in_onnxruntime(
 
 
 def _bert() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
+    pytest.importorskip("transformers")
+    from _tiny_hf import tiny_bert
+
+    return tiny_bert().eval()
 
 
 def test_tiny_bert_with_pruned_heads_runs_every_linear_as_matmulnbits(tmp_path: Path) -> None:

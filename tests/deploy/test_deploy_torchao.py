@@ -141,18 +141,10 @@ def test_outputs_match_fake_quantization_at_8_bits_and_drift_below(
 
 
 def test_tiny_bert_quantizes_every_linear(tmp_path_factory: pytest.TempPathFactory) -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(
-        transformers.BertConfig(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            num_labels=3,
-        )
-    ).eval()
+    pytest.importorskip("transformers")
+    from _tiny_hf import tiny_bert
+
+    model = tiny_bert().eval()
     ids = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids}
 

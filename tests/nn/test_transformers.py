@@ -26,27 +26,13 @@ from optuna_ctpe.nn.quantize import model_size  # noqa: E402
 from optuna_ctpe.nn.quantize import quantize_model  # noqa: E402
 from optuna_ctpe.nn.sensitivity import hutchinson_traces  # noqa: E402
 from _quiet import quiet  # noqa: E402
+from _tiny_hf import tiny_bert  # noqa: E402
 from _tiny_hf import tiny_llama  # noqa: E402
 from _tiny_hf import token_ids  # noqa: E402
 from _tiny_hf import VOCAB  # noqa: E402
 
 
 pytestmark = pytest.mark.torch
-
-
-def _bert(attn: str, *, head: bool, n_heads: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=n_heads,
-        intermediate_size=64,
-        num_labels=3,
-        attn_implementation=attn,
-    )
-    cls = transformers.BertForSequenceClassification if head else transformers.BertModel
-    return cls(config)
 
 
 def _gpt2() -> nn.Module:
@@ -148,7 +134,7 @@ def _check_space(space: HessianSearchSpace, model: nn.Module, loss) -> None:  # 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("estimator", ["hutchinson", "fisher"])
 def test_bert_classifier(attn: str, estimator: str) -> None:
-    model = _bert(attn, head=True)
+    model = tiny_bert(attn=attn, n_heads=2)
     ids, labels = token_ids(), torch.tensor([0, 1, 2, 0])
 
     def loss_fn(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -174,7 +160,7 @@ def test_bert_classifier(attn: str, estimator: str) -> None:
 
 
 def test_bert_model_restores_the_users_attention_kernels() -> None:
-    model, ids = _bert("sdpa", head=False), token_ids()
+    model, ids = tiny_bert(attn="sdpa", head=False, n_heads=2), token_ids()
 
     def loss_fn(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return net(input_ids=batch).last_hidden_state.pow(2).mean()
@@ -349,7 +335,7 @@ def test_a_loss_not_twice_differentiable_is_explained() -> None:
 
 
 def _bert_heads(attn: str) -> nn.Module:
-    return _bert(attn, head=True, n_heads=4).eval()
+    return tiny_bert(attn=attn).eval()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
